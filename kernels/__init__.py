@@ -1,0 +1,1 @@
+"""Pallas GPU kernels: attention, sparse persistent RNN, and the tuning harness."""

@@ -1,0 +1,1 @@
+"""Lowering TaskGraphs to Plans, and the executors that follow them."""

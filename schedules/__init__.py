@@ -1,0 +1,1 @@
+"""Schedule DSL: IR, builders, text/CSV formats, validation, simulator, rendering. JAX-free."""
