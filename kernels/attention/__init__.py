@@ -1,1 +1,18 @@
-"""kernels/attention."""
+"""kernels/attention: FlashAttention for Hopper (Pallas Mosaic GPU) with an XLA reference.
+
+`dot_product_attention` is the entry point (BTNH, GQA/MQA, causal, forward and backward).
+"""
+
+from jaxpp.kernels.attention._api import dot_product_attention as dot_product_attention
+from jaxpp.kernels.attention._configs import default_configs as default_configs
+from jaxpp.kernels.attention._mosaic import BackwardConfig as BackwardConfig
+from jaxpp.kernels.attention._mosaic import ForwardConfig as ForwardConfig
+from jaxpp.kernels.attention._reference import xla_attention as xla_attention
+
+__all__ = [
+    "BackwardConfig",
+    "ForwardConfig",
+    "default_configs",
+    "dot_product_attention",
+    "xla_attention",
+]

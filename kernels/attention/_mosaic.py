@@ -1,0 +1,618 @@
+"""FlashAttention forward and backward for Hopper (sm_90a) on Pallas Mosaic GPU.
+
+Layout of every kernel: one CTA = `compute_wgs` consumer warpgroups, each owning one
+tile of rows (q rows in the forward and dQ kernels, kv rows in the dK/dV kernel), plus
+one producer warpgroup that streams the other operand's blocks through a ring of
+`num_stages` SMEM slots with TMA. Slot `s` is guarded by a "loaded" mbarrier (TMA
+completion) and a "free" mbarrier that every consumer arrives at once it is done
+with the slot. A consumer that has no work on a streamed block (causal edges) still
+waits for it and frees it, so all warpgroups move through the barrier phases in step.
+
+Inputs arrive padded to whole tiles; `kv_len` (static) masks padded keys. Softmax uses
+exp2 with `scale * log2(e)` folded into one multiply; the saved log-sum-exp is in the
+same base-2 scaled domain (`lse2`), so the backward recomputes P = exp2(s * c - lse2).
+
+In interpret mode (CPU tests), `wgmma` can read its A operand only from SMEM and
+accumulators cannot be seeded from registers, so `_mma_acc` routes register operands
+through an SMEM scratch and adds the product; on the GPU it issues the register-A
+`wgmma` on an accumulator seeded with the running value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+LOG2E = math.log2(math.e)
+_NEG_INF = float("-inf")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ForwardConfig:
+    """Tiles of the forward kernel.
+
+    Attributes:
+        block_q: q rows per consumer warpgroup (multiple of 64).
+        block_kv: kv rows per streamed block (multiple of 64 here; wgmma N <= 256).
+        num_stages: SMEM slots in the K/V ring.
+        compute_wgs: consumer warpgroups per CTA (each its own q tile).
+        longest_first: with causal, launch the q tiles with most kv blocks first.
+    """
+
+    block_q: int = 64
+    block_kv: int = 128
+    num_stages: int = 2
+    compute_wgs: int = 2
+    longest_first: bool = True
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class BackwardConfig:
+    """Tiles of the two backward kernels (dQ, and dK/dV).
+
+    Attributes:
+        block_q: q rows per tile (dQ kernel: per warpgroup; dK/dV kernel: per streamed block).
+        block_kv: kv rows per tile (dK/dV kernel: per warpgroup; dQ kernel: per streamed block).
+        num_stages: SMEM slots of each ring.
+        dq_compute_wgs: consumer warpgroups of the dQ kernel.
+        dkv_compute_wgs: consumer warpgroups of the dK/dV kernel.
+        split_dkv: compute dK and dV in two passes (each recomputes P); frees registers
+            for head dim 256.
+    """
+
+    block_q: int = 64
+    block_kv: int = 64
+    num_stages: int = 2
+    dq_compute_wgs: int = 2
+    dkv_compute_wgs: int = 2
+    split_dkv: bool = False
+
+
+def _smem(shape: tuple[int, ...], dtype: Any) -> Any:
+    minor = shape[-1] * jnp.dtype(dtype).itemsize
+    swizzle = 128 if minor % 128 == 0 else 64 if minor % 64 == 0 else 32
+    tile = swizzle // jnp.dtype(dtype).itemsize
+    return plgpu.SMEM(
+        shape,
+        dtype,
+        transforms=(plgpu.TilingTransform((8, tile)), plgpu.SwizzleTransform(swizzle)),
+    )
+
+
+def _mma(a_ref: Any, b_ref: Any, shape: tuple[int, int]) -> jax.Array:
+    """a_ref @ b_ref (both SMEM) into a fresh float32 accumulator, returned as registers."""
+
+    def body(acc_ref: Any) -> jax.Array:
+        plgpu.wgmma(acc_ref, a_ref, b_ref)
+        return acc_ref[...]
+
+    return pl.run_scoped(body, plgpu.ACC(shape, jnp.float32))
+
+
+def _mma_acc(acc: jax.Array, a: jax.Array, b_ref: Any, a_smem: Any, interpret: bool) -> jax.Array:
+    """acc + a @ b_ref, with `a` in registers (routed through `a_smem` in interpret mode)."""
+    if interpret:
+        a_smem[...] = a
+        return acc + _mma(a_smem, b_ref, acc.shape)
+
+    def body(acc_ref: Any) -> None:
+        plgpu.wgmma(acc_ref, a, b_ref)
+
+    return pl.run_state(body)(plgpu.ACC.init(acc))
+
+
+def _zeros(shape: tuple[int, ...]) -> jax.Array:
+    return plgpu.layout_cast(jnp.zeros(shape, jnp.float32), plgpu.Layout.WGMMA)
+
+
+def _row_vector(value: float, n: int) -> jax.Array:
+    return plgpu.layout_cast(jnp.full((n,), value, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+
+
+def _iota(shape: tuple[int, int], dim: int) -> jax.Array:
+    return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=plgpu.Layout.WGMMA)
+
+
+def _cdiv(a: Any, b: int) -> Any:
+    return (a + b - 1) // b
+
+
+def _stream(
+    refs_at_step: Callable[[Any, Any], None],
+    num_steps: Any,
+    first_step: Any,
+    num_stages: int,
+    free_barriers: tuple[Any, ...],
+) -> None:
+    """Producer loop: TMA blocks first_step..num_steps-1 into ring slots (step - first) % stages.
+
+    `refs_at_step(step, slot)` issues the copies of one block; before reusing a slot the
+    producer waits on each of `free_barriers` at that slot.
+    """
+    for i in range(num_stages):
+
+        @pl.when(first_step + i < num_steps)
+        def _prologue(i: int = i) -> None:
+            refs_at_step(first_step + i, i)
+
+    @pl.loop(first_step + num_stages, num_steps)
+    def _steady(step: Any) -> None:
+        slot = lax.rem(step - first_step, num_stages)
+        for barrier in free_barriers:
+            plgpu.barrier_wait(barrier.at[slot])
+        refs_at_step(step, slot)
+
+    # Observe the last frees too, so every barrier phase is waited on once per thread.
+    @pl.loop(jnp.maximum(first_step + num_stages, num_steps), num_steps + num_stages)
+    def _drain(step: Any) -> None:
+        slot = lax.rem(step - first_step, num_stages)
+        for barrier in free_barriers:
+            plgpu.barrier_wait(barrier.at[slot])
+
+
+# --------------------------------------------------------------------------- forward
+
+
+def forward(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    causal: bool,
+    scale: float,
+    kv_len: int,
+    config: ForwardConfig,
+    interpret: bool,
+) -> tuple[jax.Array, jax.Array]:
+    """Runs the forward kernel on tile-padded BTNH inputs; returns (out, lse2[B, N, T])."""
+    batch, t_pad, num_heads, head_dim = q.shape
+    s_pad, num_kv_heads = k.shape[1], k.shape[2]
+    group = num_heads // num_kv_heads
+    bq, bkv, stages, wgs = config.block_q, config.block_kv, config.num_stages, config.compute_wgs
+    num_q_tiles = t_pad // (bq * wgs)
+    total_kv_steps = _cdiv(kv_len, bkv)
+    assert t_pad % (bq * wgs) == 0 and s_pad % bkv == 0 and s_pad >= total_kv_steps * bkv
+    dtype = q.dtype
+    c = scale * LOG2E
+
+    def steps_to(q_end: Any) -> Any:
+        if not causal:
+            return total_kv_steps
+        return jnp.minimum(_cdiv(q_end, bkv), total_kv_steps)
+
+    def kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, scratch):
+        q_smem, k_smem, v_smem, lse_smem, a_smem, barriers = scratch
+        q_bar, k_bar, v_bar, k_free, v_free = barriers
+        b = lax.axis_index("batch")
+        h = lax.axis_index("heads")
+        wg = lax.axis_index("wg")
+        tile = lax.axis_index("q_tiles")
+        if causal and config.longest_first:
+            tile = num_q_tiles - 1 - tile
+        kv_h = lax.div(h, group)
+        cta_steps = steps_to((tile + 1) * (wgs * bq))
+
+        @pl.when(wg < wgs)
+        def _consumer():
+            if not interpret:
+                plgpu.set_max_registers(232 if wgs == 2 else 240, action="increase")
+            q_base = tile * (wgs * bq) + wg * bq
+            my_q = q_smem.at[wg]
+            my_a = a_smem.at[wg] if a_smem is not None else None
+            plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(q_base, bq), h], my_q, q_bar.at[wg])
+            plgpu.barrier_wait(q_bar.at[wg])
+            my_steps = steps_to(q_base + bq)
+            if causal:
+                full_steps = jnp.minimum((q_base + 1) // bkv, kv_len // bkv)
+            else:
+                full_steps = kv_len // bkv
+
+            def step(s, carry, *, masked: bool):
+                acc, m, l = carry
+                slot = lax.rem(s, stages)
+                plgpu.barrier_wait(k_bar.at[slot])
+                logits = _mma(my_q, k_smem.at[slot].T, (bq, bkv))
+                plgpu.barrier_arrive(k_free.at[slot])
+                logits = logits * c
+                if masked:
+                    kv_idx = _iota((bq, bkv), 1) + s * bkv
+                    keep = kv_idx < kv_len
+                    if causal:
+                        keep = keep & (_iota((bq, bkv), 0) + q_base >= kv_idx)
+                    logits = jnp.where(keep, logits, _NEG_INF)
+                m_new = jnp.maximum(m, logits.max(axis=1))
+                alpha = jnp.exp2(m - m_new)
+                p = jnp.exp2(logits - lax.broadcast_in_dim(m_new, (bq, bkv), (0,)))
+                l = l * alpha + p.sum(axis=1)
+                acc = acc * lax.broadcast_in_dim(alpha, (bq, head_dim), (0,))
+                plgpu.barrier_wait(v_bar.at[slot])
+                acc = _mma_acc(acc, p.astype(dtype), v_smem.at[slot], my_a, interpret)
+                plgpu.barrier_arrive(v_free.at[slot])
+                return acc, m_new, l
+
+            def skip(s, _):
+                slot = lax.rem(s, stages)
+                plgpu.barrier_wait(k_bar.at[slot])
+                plgpu.barrier_arrive(k_free.at[slot])
+                plgpu.barrier_wait(v_bar.at[slot])
+                plgpu.barrier_arrive(v_free.at[slot])
+
+            carry = (_zeros((bq, head_dim)), _row_vector(_NEG_INF, bq), _row_vector(0.0, bq))
+            carry = lax.fori_loop(0, full_steps, lambda s, cr: step(s, cr, masked=False), carry)
+            carry = lax.fori_loop(
+                full_steps, my_steps, lambda s, cr: step(s, cr, masked=True), carry
+            )
+            lax.fori_loop(my_steps, cta_steps, skip, None)
+            acc, m, l = carry
+            inv_l = 1.0 / l
+            out = acc * lax.broadcast_in_dim(inv_l, (bq, head_dim), (0,))
+            my_q[...] = out.astype(dtype)
+            lse_smem.at[wg][...] = m + jnp.log2(l)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(my_q, o_ref.at[b, pl.ds(q_base, bq), h])
+            plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[b, h, pl.ds(q_base, bq)])
+            plgpu.wait_smem_to_gmem(0)
+
+        @pl.when(wg == wgs)
+        def _producer():
+            if not interpret:
+                plgpu.set_max_registers(40, action="decrease")
+
+            def load(step, slot):
+                rows = (b, pl.ds(step * bkv, bkv), kv_h)
+                plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem.at[slot], k_bar.at[slot])
+                plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem.at[slot], v_bar.at[slot])
+
+            _stream(load, cta_steps, 0, stages, (k_free, v_free))
+
+    scratch = (
+        _smem((wgs, bq, head_dim), dtype),
+        _smem((stages, bkv, head_dim), dtype),
+        _smem((stages, bkv, head_dim), dtype),
+        plgpu.SMEM((wgs, bq), jnp.float32),
+        _smem((wgs, bq, bkv), dtype) if interpret else None,
+        (
+            plgpu.Barrier(num_barriers=wgs),
+            plgpu.Barrier(num_barriers=stages),
+            plgpu.Barrier(num_barriers=stages),
+            plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
+            plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
+        ),
+    )
+    return plgpu.kernel(
+        kernel,
+        out_type=(
+            jax.ShapeDtypeStruct(q.shape, dtype),
+            jax.ShapeDtypeStruct((batch, num_heads, t_pad), jnp.float32),
+        ),
+        scratch_types=(scratch,),
+        grid=(num_heads, num_q_tiles, batch),
+        grid_names=("heads", "q_tiles", "batch"),
+        num_threads=wgs + 1,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+        interpret=plgpu.InterpretGPUParams() if interpret else None,
+    )(q, k, v)
+
+
+# -------------------------------------------------------------------------- backward
+
+
+def backward_dq(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    do: jax.Array,
+    lse: jax.Array,
+    delta: jax.Array,
+    *,
+    causal: bool,
+    scale: float,
+    kv_len: int,
+    config: BackwardConfig,
+    interpret: bool,
+) -> jax.Array:
+    """dQ for tile-padded inputs: each warpgroup owns block_q rows and streams K/V."""
+    batch, t_pad, num_heads, head_dim = q.shape
+    num_kv_heads = k.shape[2]
+    group = num_heads // num_kv_heads
+    bq, bkv, stages, wgs = config.block_q, config.block_kv, config.num_stages, config.dq_compute_wgs
+    num_q_tiles = t_pad // (bq * wgs)
+    total_kv_steps = _cdiv(kv_len, bkv)
+    dtype = q.dtype
+    c = scale * LOG2E
+
+    def steps_to(q_end: Any) -> Any:
+        if not causal:
+            return total_kv_steps
+        return jnp.minimum(_cdiv(q_end, bkv), total_kv_steps)
+
+    def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, scratch):
+        q_smem, do_smem, lse_smem, delta_smem, k_smem, v_smem, a_smem, barriers = scratch
+        in_bar, k_bar, v_bar, k_free, v_free = barriers
+        b = lax.axis_index("batch")
+        h = lax.axis_index("heads")
+        wg = lax.axis_index("wg")
+        tile = lax.axis_index("q_tiles")
+        if causal:
+            tile = num_q_tiles - 1 - tile
+        kv_h = lax.div(h, group)
+        cta_steps = steps_to((tile + 1) * (wgs * bq))
+
+        @pl.when(wg < wgs)
+        def _consumer():
+            if not interpret:
+                plgpu.set_max_registers(232 if wgs == 2 else 240, action="increase")
+            q_base = tile * (wgs * bq) + wg * bq
+            rows = (b, pl.ds(q_base, bq), h)
+            my_q, my_do = q_smem.at[wg], do_smem.at[wg]
+            my_a = a_smem.at[wg] if a_smem is not None else None
+            plgpu.copy_gmem_to_smem(q_ref.at[rows], my_q, in_bar.at[wg])
+            plgpu.copy_gmem_to_smem(do_ref.at[rows], my_do, in_bar.at[wg])
+            plgpu.copy_gmem_to_smem(
+                lse_ref.at[b, h, pl.ds(q_base, bq)], lse_smem.at[wg], in_bar.at[wg]
+            )
+            plgpu.copy_gmem_to_smem(
+                delta_ref.at[b, h, pl.ds(q_base, bq)], delta_smem.at[wg], in_bar.at[wg]
+            )
+            plgpu.barrier_wait(in_bar.at[wg])
+            lse = plgpu.load(lse_smem.at[wg], (), layout=plgpu.Layout.WGMMA.reduce(1))
+            delta = plgpu.load(delta_smem.at[wg], (), layout=plgpu.Layout.WGMMA.reduce(1))
+            lse_b = lax.broadcast_in_dim(lse, (bq, bkv), (0,))
+            delta_b = lax.broadcast_in_dim(delta, (bq, bkv), (0,))
+            my_steps = steps_to(q_base + bq)
+            if causal:
+                full_steps = jnp.minimum((q_base + 1) // bkv, kv_len // bkv)
+            else:
+                full_steps = kv_len // bkv
+
+            def step(s, dq, *, masked: bool):
+                slot = lax.rem(s, stages)
+                plgpu.barrier_wait(k_bar.at[slot])
+                logits = _mma(my_q, k_smem.at[slot].T, (bq, bkv))
+                p = jnp.exp2(logits * c - lse_b)
+                if masked:
+                    kv_idx = _iota((bq, bkv), 1) + s * bkv
+                    keep = kv_idx < kv_len
+                    if causal:
+                        keep = keep & (_iota((bq, bkv), 0) + q_base >= kv_idx)
+                    p = jnp.where(keep, p, 0.0)
+                plgpu.barrier_wait(v_bar.at[slot])
+                dp = _mma(my_do, v_smem.at[slot].T, (bq, bkv))
+                plgpu.barrier_arrive(v_free.at[slot])
+                ds = p * (dp - delta_b)
+                dq = _mma_acc(dq, ds.astype(dtype), k_smem.at[slot], my_a, interpret)
+                plgpu.barrier_arrive(k_free.at[slot])
+                return dq
+
+            def skip(s, _):
+                slot = lax.rem(s, stages)
+                plgpu.barrier_wait(k_bar.at[slot])
+                plgpu.barrier_wait(v_bar.at[slot])
+                plgpu.barrier_arrive(v_free.at[slot])
+                plgpu.barrier_arrive(k_free.at[slot])
+
+            dq = _zeros((bq, head_dim))
+            dq = lax.fori_loop(0, full_steps, lambda s, a: step(s, a, masked=False), dq)
+            dq = lax.fori_loop(full_steps, my_steps, lambda s, a: step(s, a, masked=True), dq)
+            lax.fori_loop(my_steps, cta_steps, skip, None)
+            my_q[...] = (dq * scale).astype(dtype)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(my_q, dq_ref.at[rows])
+            plgpu.wait_smem_to_gmem(0)
+
+        @pl.when(wg == wgs)
+        def _producer():
+            if not interpret:
+                plgpu.set_max_registers(40, action="decrease")
+
+            def load(step, slot):
+                rows = (b, pl.ds(step * bkv, bkv), kv_h)
+                plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem.at[slot], k_bar.at[slot])
+                plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem.at[slot], v_bar.at[slot])
+
+            _stream(load, cta_steps, 0, stages, (k_free, v_free))
+
+    scratch = (
+        _smem((wgs, bq, head_dim), dtype),
+        _smem((wgs, bq, head_dim), dtype),
+        plgpu.SMEM((wgs, bq), jnp.float32),
+        plgpu.SMEM((wgs, bq), jnp.float32),
+        _smem((stages, bkv, head_dim), dtype),
+        _smem((stages, bkv, head_dim), dtype),
+        _smem((wgs, bq, bkv), dtype) if interpret else None,
+        (
+            plgpu.Barrier(num_arrivals=4, num_barriers=wgs),
+            plgpu.Barrier(num_barriers=stages),
+            plgpu.Barrier(num_barriers=stages),
+            plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
+            plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
+        ),
+    )
+    return plgpu.kernel(
+        kernel,
+        out_type=jax.ShapeDtypeStruct(q.shape, dtype),
+        scratch_types=(scratch,),
+        grid=(num_heads, num_q_tiles, batch),
+        grid_names=("heads", "q_tiles", "batch"),
+        num_threads=wgs + 1,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+        interpret=plgpu.InterpretGPUParams() if interpret else None,
+    )(q, k, v, do, lse, delta)
+
+
+def backward_dkv(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    do: jax.Array,
+    lse: jax.Array,
+    delta: jax.Array,
+    *,
+    causal: bool,
+    scale: float,
+    q_len: int,
+    config: BackwardConfig,
+    interpret: bool,
+    outputs: str = "dkv",
+) -> tuple[jax.Array, ...]:
+    """dK and/or dV per q head ([B, S, N, H] each) for tile-padded inputs.
+
+    Each warpgroup owns block_kv rows of K and V and streams Q, dO, lse and delta.
+    Padded q rows carry dO = 0 and delta = 0, so they add nothing. `outputs` is "dkv",
+    "dk" or "dv".
+    """
+    batch, t_pad, num_heads, head_dim = q.shape
+    s_pad, num_kv_heads = k.shape[1], k.shape[2]
+    group = num_heads // num_kv_heads
+    bq, bkv, stages, wgs = (
+        config.block_q,
+        config.block_kv,
+        config.num_stages,
+        config.dkv_compute_wgs,
+    )
+    num_kv_tiles = s_pad // (bkv * wgs)
+    total_q_steps = _cdiv(q_len, bq)
+    dtype = q.dtype
+    c = scale * LOG2E
+    if outputs not in ("dkv", "dk", "dv"):
+        raise ValueError(f"outputs={outputs!r}; use 'dkv', 'dk' or 'dv'.")
+    want_dk, want_dv = outputs in ("dkv", "dk"), outputs in ("dkv", "dv")
+    num_out = int(want_dk) + int(want_dv)
+
+    def first_step(kv_base: Any) -> Any:
+        return kv_base // bq if causal else 0
+
+    def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs):
+        out_refs, scratch = refs[:num_out], refs[num_out]
+        k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, a_smem, barriers = scratch
+        in_bar, q_bar, do_bar, q_free, do_free = barriers
+        b = lax.axis_index("batch")
+        h = lax.axis_index("heads")
+        wg = lax.axis_index("wg")
+        tile = lax.axis_index("kv_tiles")
+        kv_h = lax.div(h, group)
+        cta_first = first_step(tile * (wgs * bkv))
+
+        @pl.when(wg < wgs)
+        def _consumer():
+            if not interpret:
+                plgpu.set_max_registers(232 if wgs == 2 else 240, action="increase")
+            kv_base = tile * (wgs * bkv) + wg * bkv
+            rows = (b, pl.ds(kv_base, bkv), kv_h)
+            my_k, my_v = k_smem.at[wg], v_smem.at[wg]
+            my_a = a_smem.at[wg] if a_smem is not None else None
+            plgpu.copy_gmem_to_smem(k_ref.at[rows], my_k, in_bar.at[wg])
+            plgpu.copy_gmem_to_smem(v_ref.at[rows], my_v, in_bar.at[wg])
+            plgpu.barrier_wait(in_bar.at[wg])
+            my_first = first_step(kv_base)
+            # q blocks at or after this step see every key of the tile.
+            full_from = _cdiv(kv_base + bkv - 1, bq) if causal else 0
+            full_from = jnp.maximum(jnp.minimum(full_from, total_q_steps), my_first)
+
+            def step(s, carry, *, masked: bool):
+                dk, dv = carry
+                slot = lax.rem(s - cta_first, stages)
+                plgpu.barrier_wait(q_bar.at[slot])
+                logits_t = _mma(my_k, q_smem.at[slot].T, (bkv, bq))
+                lse = plgpu.load(lse_smem.at[slot], (), layout=plgpu.Layout.WGMMA.reduce(0))
+                p_t = jnp.exp2(logits_t * c - lax.broadcast_in_dim(lse, (bkv, bq), (1,)))
+                if masked:
+                    q_idx = _iota((bkv, bq), 1) + s * bq
+                    p_t = jnp.where(q_idx >= _iota((bkv, bq), 0) + kv_base, p_t, 0.0)
+                plgpu.barrier_wait(do_bar.at[slot])
+                if want_dv:
+                    dv = _mma_acc(dv, p_t.astype(dtype), do_smem.at[slot], my_a, interpret)
+                if want_dk:
+                    dp_t = _mma(my_v, do_smem.at[slot].T, (bkv, bq))
+                    delta = plgpu.load(delta_smem.at[slot], (), layout=plgpu.Layout.WGMMA.reduce(0))
+                    ds_t = p_t * (dp_t - lax.broadcast_in_dim(delta, (bkv, bq), (1,)))
+                    dk = _mma_acc(dk, ds_t.astype(dtype), q_smem.at[slot], my_a, interpret)
+                plgpu.barrier_arrive(do_free.at[slot])
+                plgpu.barrier_arrive(q_free.at[slot])
+                return dk, dv
+
+            def skip(s, _):
+                slot = lax.rem(s - cta_first, stages)
+                plgpu.barrier_wait(q_bar.at[slot])
+                plgpu.barrier_wait(do_bar.at[slot])
+                plgpu.barrier_arrive(do_free.at[slot])
+                plgpu.barrier_arrive(q_free.at[slot])
+
+            lax.fori_loop(cta_first, my_first, skip, None)
+            carry = (
+                _zeros((bkv, head_dim)) if want_dk else None,
+                _zeros((bkv, head_dim)) if want_dv else None,
+            )
+            carry = lax.fori_loop(my_first, full_from, lambda s, a: step(s, a, masked=True), carry)
+            carry = lax.fori_loop(
+                full_from, total_q_steps, lambda s, a: step(s, a, masked=False), carry
+            )
+            dk, dv = carry
+            results = []
+            if want_dk:
+                results.append((dk * scale, my_k))
+            if want_dv:
+                results.append((dv, my_v))
+            out_rows = (b, pl.ds(kv_base, bkv), h)
+            for (value, buf), out_ref in zip(results, out_refs, strict=True):
+                buf[...] = value.astype(dtype)
+            plgpu.commit_smem()
+            for (_, buf), out_ref in zip(results, out_refs, strict=True):
+                plgpu.copy_smem_to_gmem(buf, out_ref.at[out_rows])
+            plgpu.wait_smem_to_gmem(0)
+
+        @pl.when(wg == wgs)
+        def _producer():
+            if not interpret:
+                plgpu.set_max_registers(40, action="decrease")
+
+            def load(step, slot):
+                rows = (b, pl.ds(step * bq, bq), h)
+                vec = (b, h, pl.ds(step * bq, bq))
+                plgpu.copy_gmem_to_smem(q_ref.at[rows], q_smem.at[slot], q_bar.at[slot])
+                plgpu.copy_gmem_to_smem(lse_ref.at[vec], lse_smem.at[slot], q_bar.at[slot])
+                plgpu.copy_gmem_to_smem(do_ref.at[rows], do_smem.at[slot], do_bar.at[slot])
+                plgpu.copy_gmem_to_smem(delta_ref.at[vec], delta_smem.at[slot], do_bar.at[slot])
+
+            _stream(load, total_q_steps, cta_first, stages, (q_free, do_free))
+
+    scratch = (
+        _smem((wgs, bkv, head_dim), dtype),
+        _smem((wgs, bkv, head_dim), dtype),
+        _smem((stages, bq, head_dim), dtype),
+        _smem((stages, bq, head_dim), dtype),
+        plgpu.SMEM((stages, bq), jnp.float32),
+        plgpu.SMEM((stages, bq), jnp.float32),
+        _smem((wgs, bkv, bq), dtype) if interpret else None,
+        (
+            plgpu.Barrier(num_arrivals=2, num_barriers=wgs),
+            plgpu.Barrier(num_arrivals=2, num_barriers=stages),
+            plgpu.Barrier(num_arrivals=2, num_barriers=stages),
+            plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
+            plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
+        ),
+    )
+    out_type = tuple(
+        jax.ShapeDtypeStruct((batch, s_pad, num_heads, head_dim), dtype) for _ in range(num_out)
+    )
+    return plgpu.kernel(
+        kernel,
+        out_type=out_type,
+        scratch_types=(scratch,),
+        grid=(num_heads, num_kv_tiles, batch),
+        grid_names=("heads", "kv_tiles", "batch"),
+        num_threads=wgs + 1,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+        interpret=plgpu.InterpretGPUParams() if interpret else None,
+    )(q, k, v, do, lse, delta)
