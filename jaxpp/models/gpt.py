@@ -1,0 +1,314 @@
+"""A small decoder-only GPT in Flax linen: the example model jaxpp pipelines.
+
+`GPT` = `Embed` (token + learned position embedding), `num_layers` pre-norm `Block`s
+(causal GQA attention through `jaxpp.kernels.attention`, then a GELU MLP) and `Head`
+(final norm + unembedding, optionally tied to the token embedding). With
+`scan_layers=True` the blocks are one `nn.scan` over stacked parameters.
+
+The helpers at the bottom give the next-token loss, the parameter count and the
+analytic training FLOPs used by the throughput benchmark.
+"""
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Protocol
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+NORMS = ("rms", "layer")
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class GPTConfig:
+    """The shape and numerics of a `GPT`.
+
+    Attributes:
+        vocab_size: number of token ids.
+        num_layers: number of transformer blocks.
+        d_model: width of the residual stream.
+        num_heads: query heads; `d_model` must be a multiple of it.
+        num_kv_heads: key/value heads (GQA); `num_heads` must be a multiple of it.
+        d_ff: hidden width of the MLP.
+        max_seq_len: longest sequence the position embedding covers.
+        tie_embeddings: unembed with the transposed token embedding.
+        scan_layers: run the blocks as one `nn.scan` over stacked parameters.
+        dtype: compute dtype of the activations.
+        param_dtype: dtype of the parameters.
+        remat: recompute each block's activations in the backward pass.
+        norm: "rms" (RMSNorm) or "layer" (LayerNorm).
+
+    Example:
+        >>> GPTConfig(num_layers=2, d_model=32, num_heads=4).head_dim
+        8
+    """
+
+    vocab_size: int = 64
+    num_layers: int = 4
+    d_model: int = 64
+    num_heads: int = 4
+    num_kv_heads: int | None = None
+    d_ff: int | None = None
+    max_seq_len: int = 128
+    tie_embeddings: bool = False
+    scan_layers: bool = False
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+    remat: bool = False
+    norm: str = "rms"
+
+    def __post_init__(self) -> None:
+        if self.num_kv_heads is None:
+            object.__setattr__(self, "num_kv_heads", self.num_heads)
+        if self.d_ff is None:
+            object.__setattr__(self, "d_ff", 4 * self.d_model)
+        for name in ("vocab_size", "num_layers", "d_model", "num_heads", "num_kv_heads", "d_ff"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"GPTConfig.{name}={getattr(self, name)} must be >= 1.")
+        if self.d_model % self.num_heads:
+            raise ValueError(
+                f"GPTConfig: d_model={self.d_model} is not a multiple of num_heads="
+                f"{self.num_heads}. Fix: pick num_heads dividing d_model."
+            )
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"GPTConfig: num_heads={self.num_heads} is not a multiple of num_kv_heads="
+                f"{self.num_kv_heads} (GQA groups query heads). Fix: pick num_kv_heads "
+                f"dividing num_heads."
+            )
+        if self.norm not in NORMS:
+            raise ValueError(f"GPTConfig.norm={self.norm!r}; expected one of {NORMS}.")
+
+    @property
+    def head_dim(self) -> int:
+        """Width of one attention head."""
+        return self.d_model // self.num_heads
+
+
+def _attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """Causal attention, BTNH; the jaxpp kernel when importable, else XLA's."""
+    try:
+        from jaxpp.kernels.attention import dot_product_attention
+    except ImportError:  # the kernels package is written in parallel; XLA until it lands
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True)
+    return dot_product_attention(q, k, v, causal=True)
+
+
+def _norm(config: GPTConfig, name: str) -> nn.Module:
+    cls = nn.RMSNorm if config.norm == "rms" else nn.LayerNorm
+    return cls(dtype=config.dtype, param_dtype=config.param_dtype, name=name)
+
+
+class Embed(nn.Module):
+    """Token plus learned position embedding: int tokens [B, T] -> [B, T, d_model]."""
+
+    config: GPTConfig
+
+    def setup(self) -> None:
+        cfg = self.config
+        init = nn.initializers.normal(0.02)
+        self.tokens = nn.Embed(
+            cfg.vocab_size, cfg.d_model, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+            embedding_init=init,
+        )  # fmt: skip
+        self.positions = self.param(
+            "positions", init, (cfg.max_seq_len, cfg.d_model), cfg.param_dtype
+        )
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        seq_len = tokens.shape[-1]
+        if seq_len > self.config.max_seq_len:
+            raise ValueError(
+                f"sequence length {seq_len} exceeds max_seq_len={self.config.max_seq_len}. "
+                f"Fix: raise GPTConfig.max_seq_len or shorten the batch."
+            )
+        h = self.tokens(tokens) + self.positions[:seq_len].astype(self.config.dtype)
+        return h.astype(self.config.dtype)
+
+    def attend(self, h: jax.Array) -> jax.Array:
+        """Logits against the token embedding (tied unembedding)."""
+        return self.tokens.attend(h)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: h + attn(norm(h)), then + mlp(norm(h))."""
+
+    config: GPTConfig
+
+    @nn.compact
+    def __call__(self, h: jax.Array) -> jax.Array:
+        cfg = self.config
+        dense = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, use_bias=False)
+        batch, seq_len, _ = h.shape
+        x = _norm(cfg, "attn_norm")(h)
+        q = nn.Dense(cfg.num_heads * cfg.head_dim, name="q", **dense)(x)
+        k = nn.Dense(cfg.num_kv_heads * cfg.head_dim, name="k", **dense)(x)
+        v = nn.Dense(cfg.num_kv_heads * cfg.head_dim, name="v", **dense)(x)
+        q = q.reshape(batch, seq_len, cfg.num_heads, cfg.head_dim)
+        k = k.reshape(batch, seq_len, cfg.num_kv_heads, cfg.head_dim)
+        v = v.reshape(batch, seq_len, cfg.num_kv_heads, cfg.head_dim)
+        attn = _attention(q, k, v).reshape(batch, seq_len, cfg.d_model)
+        h = h + nn.Dense(cfg.d_model, name="out", **dense)(attn)
+        x = _norm(cfg, "mlp_norm")(h)
+        x = nn.gelu(nn.Dense(cfg.d_ff, name="up", **dense)(x))
+        return h + nn.Dense(cfg.d_model, name="down", **dense)(x)
+
+
+class _ScanBlock(Block):
+    """`Block` in `nn.scan` form: (carry, None) -> (carry, None)."""
+
+    def __call__(self, h: jax.Array, _: None = None) -> tuple[jax.Array, None]:
+        return super().__call__(h), None
+
+
+class Head(nn.Module):
+    """Final norm and unembedding: [B, T, d_model] -> float32 logits [B, T, vocab]."""
+
+    config: GPTConfig
+
+    @nn.compact
+    def __call__(self, h: jax.Array, embed: Embed | None = None) -> jax.Array:
+        cfg = self.config
+        h = _norm(cfg, "norm")(h)
+        if cfg.tie_embeddings:
+            if embed is None:
+                raise ValueError("Head: tie_embeddings=True needs the Embed module as `embed`.")
+            logits = embed.attend(h)
+        else:
+            logits = nn.Dense(
+                cfg.vocab_size, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                name="unembed",
+            )(h)  # fmt: skip
+        return logits.astype(jnp.float32)
+
+
+class GPT(nn.Module):
+    """Decoder-only transformer: int tokens [B, T] -> float32 logits [B, T, vocab].
+
+    Example:
+        >>> cfg = GPTConfig(num_layers=2, d_model=32, num_heads=4, vocab_size=16)
+        >>> model = GPT(cfg)
+        >>> tokens = jnp.zeros((2, 8), jnp.int32)
+        >>> params = model.init(jax.random.key(0), tokens)["params"]
+        >>> model.apply({"params": params}, tokens).shape
+        (2, 8, 16)
+        >>> sorted(params)
+        ['embed', 'head', 'layers_0', 'layers_1']
+    """
+
+    config: GPTConfig
+
+    def setup(self) -> None:
+        cfg = self.config
+        self.embed = Embed(cfg)
+        if cfg.scan_layers:
+            block = nn.remat(_ScanBlock) if cfg.remat else _ScanBlock
+            self.layers = nn.scan(
+                block,
+                variable_axes={"params": 0},
+                split_rngs={"params": True},
+                length=cfg.num_layers,
+            )(cfg)
+        else:
+            block = nn.remat(Block) if cfg.remat else Block
+            self.layers = [block(cfg) for _ in range(cfg.num_layers)]
+        self.head = Head(cfg)
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        h = self.embed(tokens)
+        if self.config.scan_layers:
+            h, _ = self.layers(h, None)
+        else:
+            for layer in self.layers:
+                h = layer(h)
+        return self.head(h, self.embed)
+
+
+class ApplyModel(Protocol):
+    """Anything with linen's `apply(variables, *args)` (a `GPT` or its pipelined form)."""
+
+    def apply(self, variables: Mapping, *args: jax.Array) -> jax.Array: ...
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """Mean next-token cross-entropy in nats over all positions.
+
+    Example:
+        >>> logits = jnp.zeros((1, 3, 4))
+        >>> round(float(cross_entropy(logits, jnp.array([[0, 1, 2]]))), 4)  # ln 4
+        1.3863
+    """
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
+    return losses.mean()
+
+
+def make_loss_fn(model: ApplyModel) -> Callable[[Mapping, Mapping[str, jax.Array]], jax.Array]:
+    """`loss_fn(params, batch)`: next-token cross-entropy of `batch["tokens"]` [B, T+1].
+
+    The model reads tokens[:, :-1] and predicts tokens[:, 1:].
+
+    Example:
+        >>> cfg = GPTConfig(num_layers=1, d_model=16, num_heads=2, vocab_size=8)
+        >>> model = GPT(cfg)
+        >>> batch = {"tokens": jnp.ones((2, 5), jnp.int32)}
+        >>> params = model.init(jax.random.key(0), batch["tokens"][:, :-1])["params"]
+        >>> 1.5 < float(make_loss_fn(model)(params, batch)) < 2.7  # ~ ln 8 at init
+        True
+    """
+
+    def loss_fn(params: Mapping, batch: Mapping[str, jax.Array]) -> jax.Array:
+        tokens = batch["tokens"]
+        logits = model.apply({"params": params}, tokens[..., :-1])
+        return cross_entropy(logits, tokens[..., 1:])
+
+    return loss_fn
+
+
+def param_count(config: GPTConfig) -> int:
+    """Number of parameters of `GPT(config)` (analytic; equals the initialised tree).
+
+    Example:
+        >>> param_count(GPTConfig(num_layers=2, d_model=32, num_heads=4, vocab_size=16))
+        29856
+    """
+    d, kv = config.d_model, config.num_kv_heads * config.head_dim
+    norm = d if config.norm == "rms" else 2 * d
+    attention = d * d + 2 * d * kv + d * d
+    block = 2 * norm + attention + 2 * d * config.d_ff
+    embed = config.vocab_size * d + config.max_seq_len * d
+    head = norm + (0 if config.tie_embeddings else d * config.vocab_size)
+    return embed + config.num_layers * block + head
+
+
+def matmul_param_count(config: GPTConfig) -> int:
+    """Parameters used in matmuls per token: blocks' projections and the unembedding.
+
+    Embedding lookups and norms are excluded; this is the `N` of the `6 * N` FLOPs rule.
+
+    Example:
+        >>> matmul_param_count(GPTConfig(num_layers=2, d_model=32, num_heads=4, vocab_size=16))
+        25088
+    """
+    d, kv = config.d_model, config.num_kv_heads * config.head_dim
+    block = 2 * d * d + 2 * d * kv + 2 * d * config.d_ff
+    return config.num_layers * block + d * config.vocab_size
+
+
+def train_flops_per_token(config: GPTConfig, seq_len: int, *, causal: bool = True) -> float:
+    """Analytic training FLOPs per token: `6 * N + attention` (forward + backward).
+
+    `N` is `matmul_param_count`; attention adds the two [T, T] matmuls per layer,
+    `12 * num_layers * d_model * seq_len` per token (forward 4, backward 8), halved
+    when `causal` (only the lower triangle is needed).
+
+    Example:
+        >>> cfg = GPTConfig(num_layers=2, d_model=32, num_heads=4, vocab_size=16)
+        >>> train_flops_per_token(cfg, 16, causal=False)
+        162816.0
+    """
+    attention = 12.0 * config.num_layers * config.d_model * seq_len
+    if causal:
+        attention /= 2
+    return 6.0 * matmul_param_count(config) + attention
