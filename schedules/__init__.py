@@ -13,6 +13,10 @@ from jaxpp.schedules._ir import ScheduleError as ScheduleError
 from jaxpp.schedules._ir import parse_action as parse_action
 from jaxpp.schedules._registry import BUILTINS as BUILTINS
 from jaxpp.schedules._registry import get_builder as get_builder
+from jaxpp.schedules._render import render_grid as render_grid
+from jaxpp.schedules._render import render_timeline as render_timeline
+from jaxpp.schedules._render import save_gantt as save_gantt
+from jaxpp.schedules._render import to_chrome_trace as to_chrome_trace
 from jaxpp.schedules._simulate import Costs as Costs
 from jaxpp.schedules._simulate import Simulation as Simulation
 from jaxpp.schedules._simulate import TimedAction as TimedAction
@@ -49,9 +53,13 @@ __all__ = [
     "format_schedule",
     "from_csv",
     "parse",
+    "to_chrome_trace",
     "to_csv",
     "get_builder",
     "parse_action",
+    "render_grid",
+    "render_timeline",
+    "save_gantt",
     "simulate",
     "validate",
 ]

@@ -40,11 +40,24 @@ def get_builder(name: str, num_stages: int, ranks: int | None = None) -> _builde
         >>> get_builder("ZBV", 8).num_ranks
         4
     """
+    return builder_class(name)(num_stages, ranks=ranks)
+
+
+def builder_class(name: str) -> type[_builders._Builder]:
+    """The built-in builder class called `name` (a `BUILTINS` key or a class name).
+
+    Raises:
+        ValueError: unknown name; the message lists the valid ones.
+
+    Example:
+        >>> builder_class("1F1B").__name__, builder_class("Std1F1B").name
+        ('Std1F1B', '1f1b')
+    """
     key = name.strip().lower()
     by_class = {cls.__name__.lower(): cls for cls in BUILTINS.values()}
     cls = BUILTINS.get(key) or by_class.get(key)
     if cls is None:
         close = difflib.get_close_matches(key, [*BUILTINS, *by_class], n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"unknown schedule {name!r}.{hint} Valid names: {', '.join(BUILTINS)}.")
-    return cls(num_stages, ranks=ranks)
+        raise ValueError(f"unknown schedule {name!r}.{hint} Fix: use one of {', '.join(BUILTINS)}.")
+    return cls
