@@ -1,0 +1,247 @@
+"""`sparse_rnn`: the public entry point, its custom VJP and the implementation choice."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxpp.kernels.sparse_rnn import _kernel, _reference, _weights
+
+IMPLEMENTATIONS = ("auto", "persistent", "step", "reference")
+
+
+class SparseRNNTimeoutError(RuntimeError):
+    """A persistent kernel's block waited past its spin bound for another block's stamp."""
+
+
+def sparse_rnn(
+    x_proj: jax.Array,
+    h0: jax.Array,
+    weights: _weights.SparseRecurrentWeights,
+    *,
+    cell: str = "lstm",
+    c0: jax.Array | None = None,
+    implementation: str = "auto",
+    num_warps: int = 8,
+    resident_chunks: int = 0,
+    max_spins: int = 1 << 22,
+    check_timeouts: bool = True,
+) -> jax.Array:
+    """Runs a recurrence with a pruned recurrent matrix; returns all hidden states.
+
+    `x_proj` is the input projection for every step (one large matmul done outside, biases
+    included); the kernel computes `h_t = cell(x_proj[:, t], h_{t-1} @ w)` with `w` sparse.
+    Differentiable in `x_proj`, `h0`, `c0` and `weights.values` (the gradient of the values is
+    computed only at the stored non-zeros).
+
+    Args:
+        x_proj: `(batch, steps, gates * hidden)`.
+        h0: `(batch, hidden)` initial hidden state.
+        weights: packed recurrent matrix (`SparseRecurrentWeights.prune` / `.from_mask`).
+        cell: "lstm" (gates i, f, g, o), "gru" (r, z, n) or "tanh".
+        c0: `(batch, hidden)` initial LSTM cell state; zeros if None.
+        implementation: "persistent" (one Triton launch for the whole sequence, GPU),
+            "step" (one Pallas launch per step; interpret mode on CPU), "reference" (dense
+            masked `lax.scan`), or "auto" (persistent on GPU, reference elsewhere).
+        num_warps: warps per block of the Triton kernels.
+        resident_chunks: chunks of 32 non-zeros per row held in registers across all steps
+            (persistent kernel); the rest are re-read from L1/L2 each step.
+        max_spins: bound on each wait of the persistent kernel.
+        check_timeouts: raise `SparseRNNTimeoutError` when a wait timed out.
+
+    Returns:
+        `(batch, steps, hidden)` hidden states in `x_proj`'s dtype.
+
+    Raises:
+        ValueError: mismatched shapes, an unknown cell or implementation, or a matrix too large
+            for the kernel's on-chip budget.
+        SparseRNNTimeoutError: a persistent-kernel wait timed out.
+
+    Example:
+        >>> rng = np.random.default_rng(0)
+        >>> w = SparseRecurrentWeights.prune(rng.normal(size=(8, 8)), 0.5, num_gates=1)
+        >>> x = jnp.asarray(rng.normal(size=(2, 3, 8)), jnp.float32)
+        >>> hs = sparse_rnn(x, jnp.zeros((2, 8)), w, cell="tanh", implementation="step")
+        >>> hs.shape
+        (2, 3, 8)
+    """
+    gates = _weights.num_gates_of(cell)
+    _check_inputs(x_proj, h0, c0, weights, gates, cell)
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(
+            f"implementation={implementation!r} is not one of {IMPLEMENTATIONS}. Fix: pick one."
+        )
+    if implementation == "auto":
+        implementation = "persistent" if jax.default_backend() == "gpu" else "reference"
+    if c0 is None:
+        c0 = jnp.zeros(h0.shape, jnp.float32)
+    if implementation == "reference":
+        hs = _reference.sparse_rnn_reference(x_proj, h0, weights.to_dense(), cell=cell, c0=c0)
+        return hs.astype(x_proj.dtype)
+    cfg = _config(
+        weights, cell, x_proj.shape, implementation, num_warps, resident_chunks, max_spins
+    )
+    hs = _sparse_rnn_kernel(
+        cfg,
+        implementation == "persistent",
+        check_timeouts,
+        x_proj.astype(jnp.float32),
+        h0.astype(jnp.float32),
+        c0.astype(jnp.float32),
+        weights.values,
+        weights.columns,
+        weights.valid,
+        weights.transpose_rows,
+        weights.transpose_source,
+        weights.transpose_valid,
+    )
+    return hs.astype(x_proj.dtype)
+
+
+def _check_inputs(x_proj, h0, c0, weights, gates, cell) -> None:
+    hidden = weights.hidden_size
+    if weights.num_gates != gates:
+        raise ValueError(
+            f"weights have {weights.num_gates} gate(s) but cell={cell!r} needs {gates}. Fix: "
+            f"pack the matrix with num_gates={gates}."
+        )
+    if x_proj.ndim != 3 or x_proj.shape[2] != gates * hidden:
+        raise ValueError(
+            f"x_proj shape {x_proj.shape} does not match (batch, steps, {gates} * {hidden}). "
+            "Fix: pass the input projection for all steps, batch first."
+        )
+    if h0.shape != (x_proj.shape[0], hidden):
+        raise ValueError(
+            f"h0 shape {h0.shape} != (batch, hidden) = {(x_proj.shape[0], hidden)}. Fix: one "
+            "initial state per batch element."
+        )
+    if c0 is not None and c0.shape != h0.shape:
+        raise ValueError(f"c0 shape {c0.shape} != h0 shape {h0.shape}. Fix: match h0.")
+
+
+def _config(weights, cell, x_shape, implementation, num_warps, resident_chunks, max_spins):
+    blocks, gates, units, slots = weights.values.shape
+    if gates * units * slots > _weights.MAX_SLOTS_PER_BLOCK:
+        raise ValueError(
+            f"hidden={weights.hidden_size} at {weights.nnz} non-zeros needs "
+            f"{gates * units * slots} slots per block, more than the kernel holds on chip "
+            f"({_weights.MAX_SLOTS_PER_BLOCK}). Fix: lower the density, or pack with more "
+            "blocks (num_blocks), or use implementation='reference'."
+        )
+    if implementation == "persistent":
+        sms = _multiprocessors()
+        if sms is not None and blocks > sms:
+            raise ValueError(
+                f"the persistent kernel needs all {blocks} blocks co-resident but the device "
+                f"has {sms} multiprocessors (one block each). Fix: pack with num_blocks <= {sms}."
+            )
+    batch = int(x_shape[0])
+    return _kernel.KernelConfig(
+        cell=cell,
+        hidden=weights.hidden_size,
+        gates=gates,
+        blocks=blocks,
+        units=units,
+        slots=slots,
+        transpose_slots=weights.transpose_rows.shape[2],
+        batch=1 << max(0, (batch - 1).bit_length()),
+        steps=int(x_shape[1]),
+        num_warps=num_warps,
+        resident_chunks=resident_chunks,
+        max_spins=max_spins,
+        interpret=jax.default_backend() != "gpu",
+    )
+
+
+def _multiprocessors() -> int | None:
+    device = jax.devices()[0]
+    return getattr(device, "core_count", None) if device.platform == "gpu" else None
+
+
+def _raise_on_timeouts(timeouts: np.ndarray) -> None:
+    bad = np.flatnonzero(np.asarray(timeouts))
+    if bad.size:
+        raise SparseRNNTimeoutError(
+            f"sparse_rnn persistent kernel: blocks {bad.tolist()[:8]} timed out waiting for "
+            "another block's step stamp (not all blocks were resident, or one faulted). Fix: "
+            "run with fewer blocks, nothing else on the GPU, or implementation='step'."
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# Layout conversion and the custom VJP.
+
+
+def _to_kernel(a: jax.Array, batch: int) -> jax.Array:
+    """`(batch, steps, rows)` -> `(steps * rows, padded batch)` float32."""
+    a = a.astype(jnp.float32)
+    a = jnp.pad(a, ((0, batch - a.shape[0]), (0, 0), (0, 0)))
+    return jnp.transpose(a, (1, 2, 0)).reshape(-1, batch)
+
+
+def _from_kernel(a: jax.Array, batch: int, steps: int) -> jax.Array:
+    """`(steps * rows, padded batch)` -> `(batch, steps, rows)`."""
+    return jnp.transpose(a.reshape(steps, -1, a.shape[-1]), (2, 0, 1))[:batch]
+
+
+def _state_buffer(s0: jax.Array, cfg) -> jax.Array:
+    """`((steps + 1) * hidden, padded batch)` with slab 0 = `s0`."""
+    s0 = jnp.pad(s0.astype(jnp.float32), ((0, cfg.batch - s0.shape[0]), (0, 0))).T
+    return jnp.concatenate([s0, jnp.zeros((cfg.steps * cfg.hidden, cfg.batch), jnp.float32)])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _sparse_rnn_kernel(cfg, persistent, check, x, h0, c0, values, columns, valid, t_rows, t_src,
+                       t_valid):
+    hs, _ = _kernel_fwd(cfg, persistent, check, x, h0, c0, values, columns, valid, t_rows, t_src,
+                        t_valid)
+    return hs
+
+
+def _kernel_fwd(cfg, persistent, check, x, h0, c0, values, columns, valid, t_rows, t_src,
+                t_valid):
+    batch = x.shape[0]
+    xk = _to_kernel(x, cfg.batch)
+    run = _kernel.forward_persistent if persistent else _kernel.forward_steps
+    hbuf, cbuf, m, timeouts = run(
+        cfg, xk, values, columns, _state_buffer(h0, cfg), _state_buffer(c0, cfg)
+    )
+    if persistent and check:
+        jax.debug.callback(_raise_on_timeouts, timeouts)
+    hs = _from_kernel(hbuf[cfg.hidden :], batch, cfg.steps)
+    residuals = (xk, m, hbuf, cbuf, values, columns, valid, t_rows, t_src, t_valid, h0, c0)
+    return hs, residuals
+
+
+def _kernel_bwd(cfg, persistent, check, residuals, g):
+    xk, m, hbuf, cbuf, values, columns, valid, t_rows, t_src, t_valid, h0, c0 = residuals
+    batch = h0.shape[0]
+    flat = values.ravel()[t_src]
+    t_vals = jnp.where(t_valid, flat, jnp.zeros((), flat.dtype))
+    gk = _to_kernel(g, cfg.batch)
+    run = _kernel.backward_persistent if persistent else _kernel.backward_steps
+    dm, dx, dc0, dd0, timeouts = run(cfg, gk, xk, m, hbuf, cbuf, t_vals, t_rows)
+    if persistent and check:
+        jax.debug.callback(_raise_on_timeouts, timeouts)
+    gh = cfg.gates * cfg.hidden
+    # dh0 = direct part + W^T dm_0, through the transposed layout.
+    dm0 = dm[:gh]
+    t_v = t_vals.reshape(cfg.hidden, -1).astype(jnp.float32)
+    dh0 = dd0 + jnp.einsum("jk,jkb->jb", t_v, dm0[t_rows.reshape(cfg.hidden, -1)])
+    # dW at the non-zeros: sum over steps and batch of dm_t[row] * h_{t-1}[col]. At these
+    # densities one dense product on the matrix units, then sampling, beats a gather per entry.
+    hprev = hbuf[: cfg.steps * cfg.hidden].reshape(cfg.steps, cfg.hidden, cfg.batch)
+    dense = jnp.einsum("tjb,trb->jr", hprev, dm.reshape(cfg.steps, gh, cfg.batch))
+    blocks, gates, units, _ = values.shape
+    unit = jnp.arange(blocks)[:, None, None, None] * units + jnp.arange(units)[None, None, :, None]
+    row = jnp.broadcast_to(jnp.arange(gates)[None, :, None, None] * cfg.hidden + unit, values.shape)
+    dvalues = jnp.where(valid, dense[columns, row], 0.0).astype(values.dtype)
+    dx = _from_kernel(dx, batch, cfg.steps)
+    return (dx, dh0.T[:batch], dc0.T[:batch], dvalues,
+            None, None, None, None, None)
+
+
+_sparse_rnn_kernel.defvjp(_kernel_fwd, _kernel_bwd)

@@ -1,0 +1,403 @@
+"""Pallas (Triton) kernels of the sparse RNN: one step per launch, and persistent.
+
+Both variants run the same per-block code. Block `p` owns hidden units
+`[p * units, (p + 1) * units)` with all their gates; per step it gathers the previous hidden
+state at its rows' column indices (wide loads: the batch is the minor axis, so one gather
+fetches every batch element of a column), multiplies by its non-zeros, accumulates in
+float32, and applies the cell.
+
+All state lives in 2-D `(rows, batch)` float32 buffers whose time slabs follow each other:
+`hbuf[(t + 1) * hidden + j]` is `h_t[j]`, slab 0 holds `h0`.
+
+Persistent kernel: one launch for the whole sequence, one program per SM. After writing its
+slice of `h_t`, a block publishes the step count `t + 1` in its own stamp (`atomic_xchg`,
+release ordering, after a block barrier); a consumer spins with volatile loads until every
+block's stamp is current (a Lamport clock per producer; no grid-wide barrier) and then reads
+slab `t` with ordinary loads. Those loads cannot hit stale L1 lines: slab `t` is written once,
+and no block reads it before its stamps say it is complete. Every spin is bounded; a block that
+gives up counts a timeout, carries on (so the grid still finishes) and reports the count.
+
+Weights: the first `resident_chunks` chunks of each row are loaded once before the time loop
+and stay in registers; the rest are reloaded every step with `evict_last` (L1/L2 resident).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plt
+
+from jaxpp.kernels.sparse_rnn import _cells
+
+CHUNK = 32
+_INT32_MAX = 2**31 - 1
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class KernelConfig:
+    """Static shape and tuning of one kernel build (hashable, so it keys jit caches)."""
+
+    cell: str
+    hidden: int
+    gates: int
+    blocks: int
+    units: int
+    slots: int
+    transpose_slots: int
+    batch: int  # padded to a power of two
+    steps: int
+    num_warps: int = 8
+    resident_chunks: int = 0
+    max_spins: int = 1 << 22
+    interpret: bool = False
+
+    @property
+    def row_groups(self) -> tuple[tuple[int, int], ...]:
+        """The units of a block as power-of-two groups `(offset, size)`, e.g. 18 -> 16 + 2."""
+        groups, offset = [], 0
+        for bit in reversed(range(self.units.bit_length())):
+            size = 1 << bit
+            if self.units & size:
+                groups.append((offset, size))
+                offset += size
+        return tuple(groups)
+
+    @property
+    def stamp_slots(self) -> int:
+        return 1 << max(0, (self.blocks - 1).bit_length())
+
+
+def _compiler_params(cfg: KernelConfig):
+    return plt.CompilerParams(num_warps=cfg.num_warps, num_stages=1)
+
+
+def _load_chunk(vals_ref, cols_ref, p, index: tuple, size: int, chunk, *, evict: bool):
+    """`(size, CHUNK)` values (float32) and columns of one chunk of one row group."""
+    start = chunk * CHUNK
+    idx = (p, *index[:-1], pl.ds(index[-1], size), pl.ds(start, CHUNK))
+    if evict:
+        vals = plt.load(vals_ref.at[idx], eviction_policy="evict_last")
+        cols = plt.load(cols_ref.at[idx], eviction_policy="evict_last")
+    else:
+        vals, cols = vals_ref[idx], cols_ref[idx]
+    return vals.astype(jnp.float32), cols
+
+
+def _gather_matvec(cfg, src_ref, src_row0, chunks, streamed, size):
+    """`sum_k vals[r, k] * src[src_row0 + cols[r, k], :]` for one row group -> `(size, batch)`.
+
+    `chunks` are `(vals, cols)` pairs already in registers; `streamed` is None or
+    `(load, first, last)`: chunks `first..last-1` are loaded by `load(c)` inside a loop.
+    The batch is the gathered rows' minor axis, so each gather is one wide load.
+    """
+    acc = jnp.zeros((size, CHUNK, cfg.batch), jnp.float32)
+    for vals, cols in chunks:
+        acc = acc + vals[:, :, None] * src_ref[cols + src_row0, :]
+    if streamed is not None:
+        load, first, last = streamed
+
+        def body(c, acc):
+            vals, cols = load(c)
+            return acc + vals[:, :, None] * src_ref[cols + src_row0, :]
+
+        acc = jax.lax.fori_loop(first, last, body, acc)
+    return jnp.sum(acc, axis=1)
+
+
+def _forward_block(cfg, p, refs, offsets, resident):
+    """One step for block `p`: reads slab offsets, writes `h_t`, `c_t` and `m_t` rows."""
+    x_ref, vals_ref, cols_ref, src_ref, cprev_ref, h_ref, c_ref, m_ref = refs
+    x_row0, src_row0, cprev_row0, h_row0, c_row0, m_row0 = offsets
+    hidden, n_chunks = cfg.hidden, cfg.slots // CHUNK
+    for r0, size in cfg.row_groups:
+        unit0 = p * cfg.units + r0
+        xs, ms = [], []
+        for g in range(cfg.gates):
+            xs.append(x_ref[pl.ds(x_row0 + g * hidden + unit0, size), :])
+            chunks = resident.get((g, r0), ())
+            load = functools.partial(
+                _load_chunk, vals_ref, cols_ref, p, (g, r0), size, evict=cfg.resident_chunks > 0
+            )
+            streamed = (lambda c, load=load: load(chunk=c), len(chunks), n_chunks)
+            if len(chunks) == n_chunks:
+                streamed = None
+            ms.append(_gather_matvec(cfg, src_ref, src_row0, chunks, streamed, size))
+        h_prev = src_ref[pl.ds(src_row0 + unit0, size), :] if cfg.cell == "gru" else None
+        c_prev = cprev_ref[pl.ds(cprev_row0 + unit0, size), :] if cfg.cell == "lstm" else None
+        h, c = _cells.cell_forward(cfg.cell, xs, ms, h_prev, c_prev)
+        h_ref[pl.ds(h_row0 + unit0, size), :] = h
+        if cfg.cell == "lstm":
+            c_ref[pl.ds(c_row0 + unit0, size), :] = c
+        for g in range(cfg.gates):
+            m_ref[pl.ds(m_row0 + g * hidden + unit0, size), :] = ms[g]
+
+
+def _backward_block(cfg, p, refs, offsets, carries, resident):
+    """One reverse step for block `p`; returns the new `(dc, dh_direct)` carries per group."""
+    (g_ref, x_ref, m_ref, hprev_ref, cprev_ref, c_ref, tvals_ref, trows_ref, dmsrc_ref,
+     dm_ref, dx_ref) = refs
+    (g_row0, x_row0, m_row0, hprev_row0, cprev_row0, c_row0, dmsrc_row0, dm_row0) = offsets
+    hidden, n_chunks = cfg.hidden, cfg.transpose_slots // CHUNK
+    new_carries = []
+    for (r0, size), (dc, direct) in zip(cfg.row_groups, carries, strict=True):
+        unit0 = p * cfg.units + r0
+        chunks = resident.get(r0, ())
+        load = functools.partial(
+            _load_chunk, tvals_ref, trows_ref, p, (r0,), size, evict=cfg.resident_chunks > 0
+        )
+        streamed = (lambda c, load=load: load(chunk=c), len(chunks), n_chunks)
+        if len(chunks) == n_chunks:
+            streamed = None
+        tcfg = dataclasses.replace(cfg, slots=cfg.transpose_slots)
+        dh = g_ref[pl.ds(g_row0 + unit0, size), :] + direct
+        dh = dh + _gather_matvec(tcfg, dmsrc_ref, dmsrc_row0, chunks, streamed, size)
+        xs = [x_ref[pl.ds(x_row0 + g * hidden + unit0, size), :] for g in range(cfg.gates)]
+        ms = [m_ref[pl.ds(m_row0 + g * hidden + unit0, size), :] for g in range(cfg.gates)]
+        h_prev = hprev_ref[pl.ds(hprev_row0 + unit0, size), :]
+        c_prev = cprev_ref[pl.ds(cprev_row0 + unit0, size), :]
+        c = c_ref[pl.ds(c_row0 + unit0, size), :]
+        dxs, dms, direct, dc = _cells.cell_backward(cfg.cell, xs, ms, h_prev, c_prev, c, dh, dc)
+        for g in range(cfg.gates):
+            dm_ref[pl.ds(dm_row0 + g * hidden + unit0, size), :] = dms[g]
+            dx_ref[pl.ds(x_row0 + g * hidden + unit0, size), :] = dxs[g]
+        new_carries.append((dc, direct))
+    return tuple(new_carries)
+
+
+# ----------------------------------------------------------------------------------------------
+# One step per launch (runs in interpret mode on the CPU; also on a GPU).
+
+
+@functools.partial(jax.jit, static_argnames="cfg")
+def forward_steps(cfg: KernelConfig, x, vals, cols, hbuf, cbuf):
+    """Forward over all steps with one launch per step, inside `lax.scan`.
+
+    Args: kernel layout; `x` is `(steps * gates * hidden, batch)`, `hbuf`/`cbuf` are
+    `((steps + 1) * hidden, batch)` with slab 0 filled. Returns `(hbuf, cbuf, m)`.
+    """
+    hidden, gh, b = cfg.hidden, cfg.gates * cfg.hidden, cfg.batch
+
+    def kernel(x_ref, vals_ref, cols_ref, h_prev_ref, c_prev_ref, h_ref, c_ref, m_ref):
+        p = pl.program_id(0)
+        refs = (x_ref, vals_ref, cols_ref, h_prev_ref, c_prev_ref, h_ref, c_ref, m_ref)
+        _forward_block(cfg, p, refs, (0, 0, 0, 0, 0, 0), resident={})
+
+    call = pl.pallas_call(
+        kernel,
+        grid=(cfg.blocks,),
+        out_shape=(
+            jax.ShapeDtypeStruct((hidden, b), jnp.float32),
+            jax.ShapeDtypeStruct((hidden, b), jnp.float32),
+            jax.ShapeDtypeStruct((gh, b), jnp.float32),
+        ),
+        compiler_params=_compiler_params(cfg),
+        interpret=cfg.interpret,
+        name="sparse_rnn_forward_step",
+    )
+
+    def step(carry, x_t):
+        h_prev, c_prev = carry
+        h, c, m = call(x_t, vals, cols, h_prev, c_prev)
+        if cfg.cell != "lstm":
+            c = c_prev
+        return (h, c), (h, c, m)
+
+    carry0 = (hbuf[:hidden], cbuf[:hidden])
+    _, (hs, cs, ms) = jax.lax.scan(step, carry0, x.reshape(cfg.steps, gh, b))
+    hbuf = jnp.concatenate([carry0[0], hs.reshape(-1, b)])
+    cbuf = jnp.concatenate([carry0[1], cs.reshape(-1, b)])
+    return hbuf, cbuf, ms.reshape(-1, b), jnp.zeros((cfg.blocks,), jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames="cfg")
+def backward_steps(cfg: KernelConfig, g, x, m, hbuf, cbuf, tvals, trows):
+    """Reverse recurrence with one launch per step. Returns `(dm, dx, dc0, dh_direct0)`."""
+    hidden, gh, b = cfg.hidden, cfg.gates * cfg.hidden, cfg.batch
+
+    def kernel(*refs):
+        p = pl.program_id(0)
+        (g_ref, x_ref, m_ref, hp_ref, cp_ref, c_ref, tv_ref, tr_ref, dmn_ref, dc_ref, dd_ref,
+         dm_ref, dx_ref, dc_out, dd_out) = refs
+        carries = []
+        for r0, size in cfg.row_groups:
+            rows = pl.ds(p * cfg.units + r0, size)
+            carries.append((dc_ref[rows, :], dd_ref[rows, :]))
+        block_refs = (g_ref, x_ref, m_ref, hp_ref, cp_ref, c_ref, tv_ref, tr_ref, dmn_ref,
+                      dm_ref, dx_ref)
+        carries = _backward_block(cfg, p, block_refs, (0,) * 8, carries, resident={})
+        for (r0, size), (dc, direct) in zip(cfg.row_groups, carries, strict=True):
+            rows = pl.ds(p * cfg.units + r0, size)
+            dc_out[rows, :] = dc
+            dd_out[rows, :] = direct
+
+    call = pl.pallas_call(
+        kernel,
+        grid=(cfg.blocks,),
+        out_shape=(
+            jax.ShapeDtypeStruct((gh, b), jnp.float32),
+            jax.ShapeDtypeStruct((gh, b), jnp.float32),
+            jax.ShapeDtypeStruct((hidden, b), jnp.float32),
+            jax.ShapeDtypeStruct((hidden, b), jnp.float32),
+        ),
+        compiler_params=_compiler_params(cfg),
+        interpret=cfg.interpret,
+        name="sparse_rnn_backward_step",
+    )
+    steps = cfg.steps
+    hs = hbuf.reshape(steps + 1, hidden, b)
+    cs = cbuf.reshape(steps + 1, hidden, b)
+
+    def step(carry, inputs):
+        dm_next, dc, direct = carry
+        g_t, x_t, m_t, h_prev, c_prev, c_t = inputs
+        dm, dx, dc, direct = call(g_t, x_t, m_t, h_prev, c_prev, c_t, tvals, trows, dm_next, dc,
+                                  direct)
+        return (dm, dc, direct), (dm, dx)
+
+    zeros_h = jnp.zeros((hidden, b), jnp.float32)
+    inputs = (g.reshape(steps, hidden, b), x.reshape(steps, gh, b), m.reshape(steps, gh, b),
+              hs[:-1], cs[:-1], cs[1:])
+    (_, dc0, dd0), (dms, dxs) = jax.lax.scan(
+        step, (jnp.zeros((gh, b), jnp.float32), zeros_h, zeros_h), inputs, reverse=True
+    )
+    return dms.reshape(-1, b), dxs.reshape(-1, b), dc0, dd0, jnp.zeros((cfg.blocks,), jnp.int32)
+
+
+# ----------------------------------------------------------------------------------------------
+# Persistent: one launch for the whole sequence.
+
+
+def _wait_for(cfg, stamps_ref, target):
+    """Spins (bounded) until every block's stamp is >= target; returns whether it got there."""
+
+    def cond(state):
+        spins, ready = state
+        return jnp.logical_and(jnp.logical_not(ready), spins < cfg.max_spins)
+
+    def body(state):
+        spins, _ = state
+        stamps = plt.load(stamps_ref.at[pl.ds(0, cfg.stamp_slots)], volatile=True)
+        return spins + 1, jnp.min(stamps) >= target
+
+    _, ready = jax.lax.while_loop(cond, body, (jnp.int32(0), jnp.bool_(False)))
+    return ready
+
+
+def _publish(stamps_ref, p, value):
+    plt.debug_barrier()  # every thread's stores of this step come before the stamp
+    plt.atomic_xchg(stamps_ref, (p,), value)
+
+
+def _resident_chunks(cfg, vals_ref, cols_ref, p, keys, slots):
+    n = min(cfg.resident_chunks, slots // CHUNK)
+    out = {}
+    for key, size in keys:
+        index = key if isinstance(key, tuple) else (key,)
+        out[key] = tuple(
+            _load_chunk(vals_ref, cols_ref, p, index, size, c, evict=False) for c in range(n)
+        )
+    return out
+
+
+def stamp_init(cfg: KernelConfig) -> jax.Array:
+    """Zero stamps for the blocks, `INT32_MAX` in the power-of-two padding."""
+    ids = jnp.arange(cfg.stamp_slots)
+    return jnp.where(ids < cfg.blocks, 0, _INT32_MAX).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames="cfg")
+def forward_persistent(cfg: KernelConfig, x, vals, cols, hbuf, cbuf):
+    """Forward over all steps in one launch. Returns `(hbuf, cbuf, m, timeouts)`."""
+    hidden, gh, b, steps = cfg.hidden, cfg.gates * cfg.hidden, cfg.batch, cfg.steps
+
+    def kernel(x_ref, vals_ref, cols_ref, _h_in, _c_in, _s_in, h_ref, c_ref, m_ref, stamps_ref,
+               err_ref):
+        p = pl.program_id(0)
+        keys = [((g, r0), size) for g in range(cfg.gates) for r0, size in cfg.row_groups]
+        resident = _resident_chunks(cfg, vals_ref, cols_ref, p, keys, cfg.slots)
+
+        def step(t, timeouts):
+            ready = _wait_for(cfg, stamps_ref, t)
+            refs = (x_ref, vals_ref, cols_ref, h_ref, c_ref, h_ref, c_ref, m_ref)
+            offsets = (t * gh, t * hidden, t * hidden, (t + 1) * hidden, (t + 1) * hidden, t * gh)
+            _forward_block(cfg, p, refs, offsets, resident)
+            _publish(stamps_ref, p, t + 1)
+            return timeouts + jnp.where(ready, 0, 1).astype(jnp.int32)
+
+        timeouts = jax.lax.fori_loop(0, steps, step, jnp.int32(0))
+        err_ref[pl.ds(p, 1)] = jnp.full((1,), timeouts, jnp.int32)
+
+    hbuf, cbuf, m, _, err = pl.pallas_call(
+        kernel,
+        grid=(cfg.blocks,),
+        out_shape=(
+            jax.ShapeDtypeStruct(((steps + 1) * hidden, b), jnp.float32),
+            jax.ShapeDtypeStruct(((steps + 1) * hidden, b), jnp.float32),
+            jax.ShapeDtypeStruct((steps * gh, b), jnp.float32),
+            jax.ShapeDtypeStruct((cfg.stamp_slots,), jnp.int32),
+            jax.ShapeDtypeStruct((cfg.blocks,), jnp.int32),
+        ),
+        input_output_aliases={3: 0, 4: 1, 5: 3},
+        compiler_params=_compiler_params(cfg),
+        interpret=cfg.interpret,
+        name="sparse_rnn_forward_persistent",
+    )(x, vals, cols, hbuf, cbuf, stamp_init(cfg))
+    return hbuf, cbuf, m, err
+
+
+@functools.partial(jax.jit, static_argnames="cfg")
+def backward_persistent(cfg: KernelConfig, g, x, m, hbuf, cbuf, tvals, trows):
+    """Reverse recurrence in one launch. Returns `(dm, dx, dc0, dh_direct0, timeouts)`."""
+    hidden, gh, b, steps = cfg.hidden, cfg.gates * cfg.hidden, cfg.batch, cfg.steps
+
+    def kernel(g_ref, x_ref, m_ref, hb_ref, cb_ref, tv_ref, tr_ref, _dm_in, _s_in, dm_ref, dx_ref,
+               dc0_ref, dd0_ref, stamps_ref, err_ref):
+        p = pl.program_id(0)
+        keys = [(r0, size) for r0, size in cfg.row_groups]
+        resident = _resident_chunks(cfg, tv_ref, tr_ref, p, keys, cfg.transpose_slots)
+
+        def step(k, state):
+            timeouts, carries = state
+            t = steps - 1 - k
+            ready = _wait_for(cfg, stamps_ref, k)
+            refs = (g_ref, x_ref, m_ref, hb_ref, cb_ref, cb_ref, tv_ref, tr_ref, dm_ref, dm_ref,
+                    dx_ref)
+            offsets = (t * hidden, t * gh, t * gh, t * hidden, t * hidden, (t + 1) * hidden,
+                       (t + 1) * gh, t * gh)
+            carries = _backward_block(cfg, p, refs, offsets, carries, resident)
+            _publish(stamps_ref, p, k + 1)
+            return timeouts + jnp.where(ready, 0, 1).astype(jnp.int32), carries
+
+        zeros = tuple(
+            (jnp.zeros((size, b), jnp.float32), jnp.zeros((size, b), jnp.float32))
+            for _, size in cfg.row_groups
+        )
+        timeouts, carries = jax.lax.fori_loop(0, steps, step, (jnp.int32(0), zeros))
+        for (r0, size), (dc, direct) in zip(cfg.row_groups, carries, strict=True):
+            rows = pl.ds(p * cfg.units + r0, size)
+            dc0_ref[rows, :] = dc
+            dd0_ref[rows, :] = direct
+        err_ref[pl.ds(p, 1)] = jnp.full((1,), timeouts, jnp.int32)
+
+    dm_init = jnp.zeros(((steps + 1) * gh, b), jnp.float32)
+    dm, dx, dc0, dd0, _, err = pl.pallas_call(
+        kernel,
+        grid=(cfg.blocks,),
+        out_shape=(
+            jax.ShapeDtypeStruct(((steps + 1) * gh, b), jnp.float32),
+            jax.ShapeDtypeStruct((steps * gh, b), jnp.float32),
+            jax.ShapeDtypeStruct((hidden, b), jnp.float32),
+            jax.ShapeDtypeStruct((hidden, b), jnp.float32),
+            jax.ShapeDtypeStruct((cfg.stamp_slots,), jnp.int32),
+            jax.ShapeDtypeStruct((cfg.blocks,), jnp.int32),
+        ),
+        input_output_aliases={7: 0, 8: 4},
+        compiler_params=_compiler_params(cfg),
+        interpret=cfg.interpret,
+        name="sparse_rnn_backward_persistent",
+    )(g, x, m, hbuf, cbuf, tvals, trows, dm_init, stamp_init(cfg))
+    return dm[: steps * gh], dx, dc0, dd0, err
