@@ -1,0 +1,201 @@
+"""`MpmdMesh` and `mpmd_jit_with_loop`: the user-facing entry to pipelined execution."""
+
+import dataclasses
+import functools
+from collections.abc import Callable
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, PartitionSpec
+
+from jaxpp import _compiler, schedules
+from jaxpp.runtime import _local, _plan
+
+
+@dataclasses.dataclass(frozen=True)
+class MpmdMesh:
+    """A device mesh with one axis of pipeline ranks; other axes are SPMD inside a rank.
+
+    Args:
+        jax_mesh: the whole mesh, e.g. `Mesh(devs.reshape(4, 2), ("stages", "data"))`.
+        stage_axis: the name of the axis that enumerates pipeline ranks.
+
+    Example:
+        >>> import jax, numpy as np
+        >>> devs = np.array(jax.devices()[:4]).reshape(4, 1)
+        >>> mesh = MpmdMesh(jax.sharding.Mesh(devs, ("stages", "data")), "stages")
+        >>> mesh.num_ranks, mesh.rank_mesh(1).axis_names
+        (4, ('data',))
+    """
+
+    jax_mesh: Mesh
+    stage_axis: str
+
+    def __post_init__(self) -> None:
+        if self.stage_axis not in self.jax_mesh.axis_names:
+            raise ValueError(
+                f"stage_axis {self.stage_axis!r} is not an axis of the mesh "
+                f"{self.jax_mesh.axis_names}. Fix: name the pipeline axis, e.g. "
+                f"MpmdMesh(Mesh(devs.reshape(4, 1), ('stages', 'data')), 'stages')."
+            )
+
+    @property
+    def num_ranks(self) -> int:
+        return self.jax_mesh.shape[self.stage_axis]
+
+    def rank_mesh(self, rank: int) -> Mesh:
+        """The sub-mesh of one rank: its devices with the non-stage axes."""
+        axis = self.jax_mesh.axis_names.index(self.stage_axis)
+        devices = np.take(self.jax_mesh.devices, rank, axis=axis)
+        names = tuple(n for n in self.jax_mesh.axis_names if n != self.stage_axis)
+        if not names:
+            devices, names = np.reshape(devices, (1,)), ("_stage_devices",)
+        return Mesh(devices, names)
+
+
+def build_schedule(
+    schedule, num_stages: int, num_microbatches: int, num_ranks: int
+) -> schedules.Schedule:
+    """The concrete schedule of a treduce loop, checked against the markers and the mesh."""
+    if isinstance(schedule, schedules.Schedule):
+        built = schedule
+    else:
+        built = schedule.build(num_microbatches)
+    if built.num_stages != num_stages:
+        raise ValueError(
+            f"the schedule has {built.num_stages} stages but the loop body marks {num_stages} "
+            f"(one mark_stage_end per stage). Fix: use e.g. {type(schedule).__name__}"
+            f"({num_stages}, ...) or change the markers."
+        )
+    if built.num_ranks != num_ranks:
+        raise ValueError(
+            f"the schedule places its stages on {built.num_ranks} ranks but the mesh has "
+            f"{num_ranks} along its stage axis. Fix: make the mesh's stage axis {built.num_ranks} "
+            f"long, or build the schedule for {num_ranks} ranks."
+        )
+    schedules.validate(built)
+    return built
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class CompiledPipeline:
+    """A step compiled for one input structure: graph, plan and executor."""
+
+    graph: object
+    plan: _plan.Plan
+    executor: _local.LocalExecutor
+    out_tree: object
+
+
+class MpmdFunction:
+    """The callable `mpmd_jit_with_loop` returns; call it like a jitted function."""
+
+    def __init__(
+        self,
+        fun: Callable,
+        mpmd_mesh: MpmdMesh,
+        *,
+        in_shardings=None,
+        costs: schedules.Costs | None = None,
+    ) -> None:
+        self._fun = fun
+        self.mpmd_mesh = mpmd_mesh
+        self._in_shardings = in_shardings
+        self._costs = costs
+        self._cache: dict = {}
+        functools.update_wrapper(self, fun)
+
+    def compile(self, *args) -> CompiledPipeline:
+        """Traces and compiles for these arguments (cached by structure and shapes)."""
+        leaves, in_tree = jax.tree.flatten(args)
+        key = (in_tree, tuple((np.shape(x), np.result_type(x)) for x in leaves))
+        compiled = self._cache.get(key)
+        if compiled is None:
+            compiled = self._compile(args, leaves, in_tree)
+            self._cache[key] = compiled
+        return compiled
+
+    def _compile(self, args, leaves, in_tree) -> CompiledPipeline:
+        closed, out_shape = jax.make_jaxpr(self._fun, return_shape=True)(*args)
+        mesh = self.mpmd_mesh
+        built: list[schedules.Schedule] = []
+
+        def placement_of(schedule, num_stages, num_microbatches):
+            b = build_schedule(schedule, num_stages, num_microbatches, mesh.num_ranks)
+            built.append(b)
+            return b.placement
+
+        step = _compiler.compile_step(closed, placement_of=placement_of)
+        plan = _plan.lower(step.graph, built[0], costs=self._costs)
+        specs = {}
+        if self._in_shardings is not None:
+            spec_leaves = jax.tree.leaves(
+                self._in_shardings, is_leaf=lambda x: isinstance(x, PartitionSpec) or x is None
+            )
+            if len(spec_leaves) == len(leaves):
+                specs = {
+                    name: spec
+                    for name, spec in zip(step.graph.step_inputs, spec_leaves, strict=True)
+                    if spec is not None
+                }
+        executor = _local.LocalExecutor(
+            step.graph, plan, [mesh.rank_mesh(r) for r in range(mesh.num_ranks)], input_specs=specs
+        )
+        return CompiledPipeline(step.graph, plan, executor, jax.tree.structure(out_shape))
+
+    def __call__(self, *args):
+        compiled = self.compile(*args)
+        outs = compiled.executor.run(jax.tree.leaves(args))
+        return jax.tree.unflatten(compiled.out_tree, outs)
+
+    @property
+    def last_stats(self) -> _local.StepStats | None:
+        """Statistics of the most recent step (time, peak activations, timings)."""
+        for compiled in self._cache.values():
+            if compiled.executor.last_stats is not None:
+                return compiled.executor.last_stats
+        return None
+
+
+def mpmd_jit_with_loop(
+    fun: Callable | None = None,
+    *,
+    mpmd_mesh: MpmdMesh,
+    in_shardings=None,
+    costs: schedules.Costs | None = None,
+) -> MpmdFunction | Callable[[Callable], MpmdFunction]:
+    """Like `jax.jit`, for a train step that holds one `jaxpp.treduce` loop.
+
+    The loop body is cut into stages at `mark_stage_end`; the code before and after
+    the loop runs on the ranks that own its data. Results are `jax.Array`s on the
+    devices of the rank that computed them.
+
+    Args:
+        fun: the train step.
+        mpmd_mesh: where the ranks are.
+        in_shardings: optional pytree of PartitionSpecs (over the non-stage mesh axes)
+            matching the arguments, for sharding inside a stage.
+        costs: optional per-kind costs for ordering the schedule's actions.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, numpy as np
+        >>> import jaxpp
+        >>> devices = np.array(jax.devices()[:2])
+        >>> mesh = jaxpp.MpmdMesh(jax.sharding.Mesh(devices, ("stages",)), "stages")
+        >>> def loss(w, x):
+        ...     h = jaxpp.mark_stage_end(jnp.tanh(x @ w[0]))
+        ...     return jaxpp.mark_stage_end(jnp.mean((h @ w[1]) ** 2))
+        >>> def step(w, xs):
+        ...     losses, g = jaxpp.treduce(lambda x: jax.value_and_grad(loss)(w, x), xs,
+        ...                               schedule=jaxpp.Std1F1B(2))
+        ...     return w - 0.1 * g, losses
+        >>> w, xs = jnp.ones((2, 3, 3)) * 0.1, jnp.ones((4, 2, 3))
+        >>> new_w, losses = jaxpp.mpmd_jit_with_loop(step, mpmd_mesh=mesh)(w, xs)
+        >>> bool(jnp.allclose(new_w, jax.jit(step)(w, xs)[0]))
+        True
+    """
+    if fun is None:
+        return functools.partial(
+            mpmd_jit_with_loop, mpmd_mesh=mpmd_mesh, in_shardings=in_shardings, costs=costs
+        )
+    return MpmdFunction(fun, mpmd_mesh, in_shardings=in_shardings, costs=costs)

@@ -1,0 +1,191 @@
+"""LocalExecutor: one process drives every rank of one host.
+
+It follows a Plan in its global order. JAX dispatches asynchronously, so while
+one rank's task runs the host already enqueues the next rank's work: the ranks
+overlap as the schedule intends. Transfers are `jax.device_put` to the
+receiving stage's sharding.
+"""
+
+import dataclasses
+import time
+from collections.abc import Mapping, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jaxpp.runtime import _plan, _taskgraph
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class TaskTiming:
+    """Wall-clock start and end (seconds from the step's start) of one Run."""
+
+    rank: int
+    name: str
+    mb: int | None
+    start: float
+    end: float
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class StepStats:
+    """What one executed step looked like.
+
+    Attributes:
+        seconds: wall time of the step (until its outputs were ready).
+        peak_activations: per rank, the most (stage, microbatch) pairs whose kept
+            activations were alive at once.
+        timings: per-Run timings when the executor was asked to record them.
+    """
+
+    seconds: float
+    peak_activations: tuple[int, ...]
+    timings: tuple[TaskTiming, ...]
+
+
+class LocalExecutor:
+    """Runs a Plan on the devices of this process.
+
+    Args:
+        graph: the compiled task graph (its callables).
+        plan: the instructions.
+        rank_meshes: the mesh of each rank (a rank's devices, with the SPMD axes
+            that live inside a stage).
+        input_specs: optional PartitionSpec per step input name, over the rank mesh
+            axes; values without one keep a sharding they already have on the rank's
+            devices, or are replicated.
+    """
+
+    def __init__(
+        self,
+        graph: _taskgraph.TaskGraph,
+        plan: _plan.Plan,
+        rank_meshes: Sequence[Mesh],
+        *,
+        input_specs: Mapping[str, PartitionSpec] | None = None,
+    ) -> None:
+        self.graph = graph
+        self.plan = plan
+        self.rank_meshes = tuple(rank_meshes)
+        self.input_specs = dict(input_specs or {})
+        self._tasks = {
+            t.name: t for t in (*graph.pre_tasks, *graph.loop_tasks.values(), *graph.post_tasks)
+        }
+        self._compiled: dict[tuple[str, int], object] = {}
+        self._mb_index: dict[tuple[int, int], jax.Array] = {}
+        self._split_fns: dict[int, object] = {}
+        self.last_stats: StepStats | None = None
+
+    # -- placement helpers ------------------------------------------------------------
+
+    def _replicated(self, rank: int) -> NamedSharding:
+        return NamedSharding(self.rank_meshes[rank], PartitionSpec())
+
+    def _sharding_on(self, x, rank: int, spec: PartitionSpec | None = None) -> NamedSharding:
+        mesh = self.rank_meshes[rank]
+        if spec is None:
+            sharding = getattr(x, "sharding", None)
+            spec = sharding.spec if isinstance(sharding, NamedSharding) else PartitionSpec()
+            if not all(a is None or _axes_in(a, mesh) for a in spec):
+                spec = PartitionSpec()
+        return NamedSharding(mesh, spec)
+
+    def _place(self, x, rank: int, spec: PartitionSpec | None = None) -> jax.Array:
+        target = self._sharding_on(x, rank, spec)
+        sharding = getattr(x, "sharding", None)
+        if sharding is not None and sharding.is_equivalent_to(target, np.ndim(x)):
+            return x
+        return jax.device_put(x, target)
+
+    def _compiled_task(self, task: _taskgraph.Task, rank: int):
+        key = (task.name, rank)
+        fn = self._compiled.get(key)
+        if fn is None:
+            if task.inputs:
+                fn = jax.jit(task.fn)
+            else:
+                fn = jax.jit(task.fn, out_shardings=self._replicated(rank))
+            self._compiled[key] = fn
+        return fn
+
+    def _microbatch_index(self, rank: int, mb: int) -> jax.Array:
+        key = (rank, mb)
+        if key not in self._mb_index:
+            self._mb_index[key] = jax.device_put(np.int32(mb), self._replicated(rank))
+        return self._mb_index[key]
+
+    def _split(self, x: jax.Array, num: int) -> tuple[jax.Array, ...]:
+        fn = self._split_fns.get(num)
+        if fn is None:
+            fn = jax.jit(lambda a: tuple(a[i] for i in range(num)))
+            self._split_fns[num] = fn
+        return fn(x)
+
+    # -- running ------------------------------------------------------------------------
+
+    def run(self, inputs: Sequence, *, record_timing: bool = False) -> list:
+        """Executes one step; returns the flat step outputs.
+
+        Args:
+            inputs: the flat step arguments, in `graph.step_inputs` order.
+            record_timing: wait for each task and record its wall time (this
+                serialises the ranks; use it to measure task costs, not throughput).
+        """
+        graph, plan = self.graph, self.plan
+        given = dict(zip(graph.step_inputs, inputs, strict=True))
+        given.update(graph.constants)
+        env: dict[_plan.Buffer, object] = {}
+        start = time.perf_counter()
+        for name, ranks in plan.input_ranks.items():
+            for r in ranks:
+                env[_plan.Buffer(name, None, r)] = self._place(
+                    given[name], r, self.input_specs.get(name)
+                )
+        live: list[dict[tuple[int, int], int]] = [{} for _ in range(plan.num_ranks)]
+        peak = [0] * plan.num_ranks
+        timings = []
+        for ins in plan.instructions:
+            if isinstance(ins, _plan.Run):
+                task = self._tasks[ins.task]
+                args = [env[b] for b in ins.inputs]
+                if _taskgraph.MICROBATCH_INDEX in task.inputs:
+                    args.append(self._microbatch_index(ins.rank, ins.mb))
+                t0 = time.perf_counter() - start
+                outs = self._compiled_task(task, ins.rank)(*args)
+                if record_timing:
+                    jax.block_until_ready(outs)
+                    timings.append(
+                        TaskTiming(ins.rank, ins.task, ins.mb, t0, time.perf_counter() - start)
+                    )
+                for b, value in zip(ins.outputs, outs, strict=True):
+                    env[b] = value
+                    pair = plan.activations.get(b)
+                    if pair is not None:
+                        counts = live[b.rank]
+                        counts[pair] = counts.get(pair, 0) + 1
+                        peak[b.rank] = max(peak[b.rank], len(counts))
+            elif isinstance(ins, _plan.Send):
+                x = env[ins.source]
+                env[ins.target] = self._place(x, ins.dst)
+            elif isinstance(ins, _plan.Split):
+                for b, value in zip(
+                    ins.outputs, self._split(env[ins.source], ins.num_microbatches), strict=True
+                ):
+                    env[b] = value
+            elif isinstance(ins, _plan.Free):
+                del env[ins.buffer]
+                pair = plan.activations.get(ins.buffer)
+                if pair is not None:
+                    counts = live[ins.buffer.rank]
+                    counts[pair] -= 1
+                    if counts[pair] == 0:
+                        del counts[pair]
+        outputs = [given[name] if b is None else env[b] for name, b in plan.outputs]
+        jax.block_until_ready(outputs)
+        self.last_stats = StepStats(time.perf_counter() - start, tuple(peak), tuple(timings))
+        return outputs
+
+
+def _axes_in(axis, mesh: Mesh) -> bool:
+    names = axis if isinstance(axis, tuple) else (axis,)
+    return all(n in mesh.axis_names for n in names)
