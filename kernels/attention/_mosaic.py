@@ -131,13 +131,15 @@ def _stream(
     first_step: Any,
     num_stages: int,
     free_barriers: tuple[Any, ...],
+    max_steps: int,
 ) -> None:
     """Producer loop: TMA blocks first_step..num_steps-1 into ring slots (step - first) % stages.
 
     `refs_at_step(step, slot)` issues the copies of one block; before reusing a slot the
-    producer waits on each of `free_barriers` at that slot.
+    producer waits on each of `free_barriers` at that slot. `max_steps` (static) bounds
+    num_steps, so no copy is traced past the end of the array.
     """
-    for i in range(num_stages):
+    for i in range(min(num_stages, max_steps)):
 
         @pl.when(first_step + i < num_steps)
         def _prologue(i: int = i) -> None:
@@ -216,7 +218,7 @@ def forward(
                 full_steps = kv_len // bkv
 
             def step(s, carry, *, masked: bool):
-                acc, m, l = carry
+                acc, m, denom = carry
                 slot = lax.rem(s, stages)
                 plgpu.barrier_wait(k_bar.at[slot])
                 logits = _mma(my_q, k_smem.at[slot].T, (bq, bkv))
@@ -231,12 +233,12 @@ def forward(
                 m_new = jnp.maximum(m, logits.max(axis=1))
                 alpha = jnp.exp2(m - m_new)
                 p = jnp.exp2(logits - lax.broadcast_in_dim(m_new, (bq, bkv), (0,)))
-                l = l * alpha + p.sum(axis=1)
+                denom = denom * alpha + p.sum(axis=1)
                 acc = acc * lax.broadcast_in_dim(alpha, (bq, head_dim), (0,))
                 plgpu.barrier_wait(v_bar.at[slot])
                 acc = _mma_acc(acc, p.astype(dtype), v_smem.at[slot], my_a, interpret)
                 plgpu.barrier_arrive(v_free.at[slot])
-                return acc, m_new, l
+                return acc, m_new, denom
 
             def skip(s, _):
                 slot = lax.rem(s, stages)
@@ -251,11 +253,11 @@ def forward(
                 full_steps, my_steps, lambda s, cr: step(s, cr, masked=True), carry
             )
             lax.fori_loop(my_steps, cta_steps, skip, None)
-            acc, m, l = carry
-            inv_l = 1.0 / l
+            acc, m, denom = carry
+            inv_l = 1.0 / denom
             out = acc * lax.broadcast_in_dim(inv_l, (bq, head_dim), (0,))
             my_q[...] = out.astype(dtype)
-            lse_smem.at[wg][...] = m + jnp.log2(l)
+            lse_smem.at[wg][...] = m + jnp.log2(denom)
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(my_q, o_ref.at[b, pl.ds(q_base, bq), h])
             plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[b, h, pl.ds(q_base, bq)])
@@ -271,7 +273,7 @@ def forward(
                 plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem.at[slot], k_bar.at[slot])
                 plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem.at[slot], v_bar.at[slot])
 
-            _stream(load, cta_steps, 0, stages, (k_free, v_free))
+            _stream(load, cta_steps, 0, stages, (k_free, v_free), total_kv_steps)
 
     scratch = (
         _smem((wgs, bq, head_dim), dtype),
@@ -364,8 +366,8 @@ def backward_dq(
                 delta_ref.at[b, h, pl.ds(q_base, bq)], delta_smem.at[wg], in_bar.at[wg]
             )
             plgpu.barrier_wait(in_bar.at[wg])
-            lse = plgpu.load(lse_smem.at[wg], (), layout=plgpu.Layout.WGMMA.reduce(1))
-            delta = plgpu.load(delta_smem.at[wg], (), layout=plgpu.Layout.WGMMA.reduce(1))
+            lse = plgpu.load(lse_smem.at[wg], layout=plgpu.Layout.WGMMA.reduce(1))
+            delta = plgpu.load(delta_smem.at[wg], layout=plgpu.Layout.WGMMA.reduce(1))
             lse_b = lax.broadcast_in_dim(lse, (bq, bkv), (0,))
             delta_b = lax.broadcast_in_dim(delta, (bq, bkv), (0,))
             my_steps = steps_to(q_base + bq)
@@ -419,7 +421,7 @@ def backward_dq(
                 plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem.at[slot], k_bar.at[slot])
                 plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem.at[slot], v_bar.at[slot])
 
-            _stream(load, cta_steps, 0, stages, (k_free, v_free))
+            _stream(load, cta_steps, 0, stages, (k_free, v_free), total_kv_steps)
 
     scratch = (
         _smem((wgs, bq, head_dim), dtype),
@@ -524,7 +526,7 @@ def backward_dkv(
                 slot = lax.rem(s - cta_first, stages)
                 plgpu.barrier_wait(q_bar.at[slot])
                 logits_t = _mma(my_k, q_smem.at[slot].T, (bkv, bq))
-                lse = plgpu.load(lse_smem.at[slot], (), layout=plgpu.Layout.WGMMA.reduce(0))
+                lse = plgpu.load(lse_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
                 p_t = jnp.exp2(logits_t * c - lax.broadcast_in_dim(lse, (bkv, bq), (1,)))
                 if masked:
                     q_idx = _iota((bkv, bq), 1) + s * bq
@@ -534,7 +536,7 @@ def backward_dkv(
                     dv = _mma_acc(dv, p_t.astype(dtype), do_smem.at[slot], my_a, interpret)
                 if want_dk:
                     dp_t = _mma(my_v, do_smem.at[slot].T, (bkv, bq))
-                    delta = plgpu.load(delta_smem.at[slot], (), layout=plgpu.Layout.WGMMA.reduce(0))
+                    delta = plgpu.load(delta_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
                     ds_t = p_t * (dp_t - lax.broadcast_in_dim(delta, (bkv, bq), (1,)))
                     dk = _mma_acc(dk, ds_t.astype(dtype), q_smem.at[slot], my_a, interpret)
                 plgpu.barrier_arrive(do_free.at[slot])
@@ -564,7 +566,7 @@ def backward_dkv(
             if want_dv:
                 results.append((dv, my_v))
             out_rows = (b, pl.ds(kv_base, bkv), h)
-            for (value, buf), out_ref in zip(results, out_refs, strict=True):
+            for value, buf in results:
                 buf[...] = value.astype(dtype)
             plgpu.commit_smem()
             for (_, buf), out_ref in zip(results, out_refs, strict=True):
@@ -584,7 +586,7 @@ def backward_dkv(
                 plgpu.copy_gmem_to_smem(do_ref.at[rows], do_smem.at[slot], do_bar.at[slot])
                 plgpu.copy_gmem_to_smem(delta_ref.at[vec], delta_smem.at[slot], do_bar.at[slot])
 
-            _stream(load, total_q_steps, cta_first, stages, (q_free, do_free))
+            _stream(load, total_q_steps, cta_first, stages, (q_free, do_free), total_q_steps)
 
     scratch = (
         _smem((wgs, bkv, head_dim), dtype),

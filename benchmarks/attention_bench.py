@@ -1,0 +1,386 @@
+"""Attention benchmark: our Mosaic kernel vs cuDNN, tokamax (mosaic) and XLA, one run.
+
+Grid (bf16): 16k tokens in total (batch * seq), num_heads * head_dim = 2048, seq 1k-16k,
+head dim 64/128/256, causal and not, plus GQA 32q/8kv at seq 4k, head dim 128. Every
+timing goes through `jaxpp.kernels.tuning.benchmark` (CUPTI device time, median of 30
+samples, fresh inputs, L2 flush, correctness gate against a float32 reference).
+
+    python benchmarks/attention_bench.py --out results.json            # whole grid
+    python benchmarks/attention_bench.py --head-dims 128 --seqs 4096   # a slice
+    python benchmarks/attention_bench.py --plot results.json           # PNG + table
+
+tokamax is optional (`--impls`); it imports `xprof.cli.tools` at load, which a stub
+package made here satisfies when xprof is absent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import pathlib
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+TOKENS = 16384
+WIDTH = 2048
+SEQS = (1024, 2048, 4096, 8192, 16384)
+HEAD_DIMS = (64, 128, 256)
+IMPLS = ("ours", "cudnn", "tokamax", "xla")
+XLA_MAX_SEQ = 4096  # the XLA baseline materialises [B, N, T, S] logits
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Shape:
+    batch: int
+    seq: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    causal: bool
+
+    @property
+    def name(self) -> str:
+        gqa = f"/{self.num_kv_heads}kv" if self.num_kv_heads != self.num_heads else ""
+        c = " causal" if self.causal else ""
+        return f"b{self.batch} s{self.seq} h{self.num_heads}{gqa} d{self.head_dim}{c}"
+
+    def forward_flops(self) -> float:
+        f = 4.0 * self.batch * self.num_heads * self.seq * self.seq * self.head_dim
+        return f / 2 if self.causal else f
+
+    def forward_bytes(self) -> float:
+        q = self.batch * self.seq * self.num_heads * self.head_dim * 2
+        kv = self.batch * self.seq * self.num_kv_heads * self.head_dim * 2
+        return 2.0 * q + 2.0 * kv  # q read, o written, k and v read
+
+
+def grid(
+    head_dims: tuple[int, ...],
+    seqs: tuple[int, ...],
+    gqa: bool,
+    *,
+    tokens: int = TOKENS,
+    width: int = WIDTH,
+) -> list[Shape]:
+    shapes = []
+    for head_dim in head_dims:
+        for seq in seqs:
+            for causal in (False, True):
+                heads = max(1, width // head_dim)
+                shapes.append(Shape(max(1, tokens // seq), seq, heads, heads, head_dim, causal))
+    if gqa:
+        for causal in (False, True):
+            shapes.append(Shape(max(1, tokens // 4096), 4096, 32, 8, 128, causal))
+    return shapes
+
+
+def _ensure_xprof_stub() -> None:
+    try:
+        import xprof.cli.tools  # noqa: F401
+    except ImportError:
+        root = pathlib.Path(tempfile.mkdtemp(prefix="xprof_stub_"))
+        (root / "xprof" / "cli").mkdir(parents=True)
+        (root / "xprof" / "__init__.py").write_text("")
+        (root / "xprof" / "cli" / "__init__.py").write_text("")
+        (root / "xprof" / "cli" / "tools.py").write_text("get_kernel_stats_tool = None\n")
+        sys.path.insert(0, str(root))
+
+
+def implementations(
+    names: tuple[str, ...], *, interpret: bool = False
+) -> dict[str, Callable[..., Any]]:
+    """name -> attention(q, k, v, causal) for the implementations that import here."""
+    import jax
+    from jaxpp.kernels.attention import dot_product_attention
+
+    out: dict[str, Callable[..., Any]] = {}
+    for name in names:
+        if name == "ours":
+            out[name] = lambda q, k, v, causal: dot_product_attention(
+                q, k, v, causal=causal, implementation="mosaic", interpret=interpret
+            )
+        elif name == "cudnn":
+            out[name] = lambda q, k, v, causal: jax.nn.dot_product_attention(
+                q, k, v, is_causal=causal, implementation="cudnn"
+            )
+        elif name == "xla":
+            out[name] = lambda q, k, v, causal: dot_product_attention(
+                q, k, v, causal=causal, implementation="xla"
+            )
+        elif name == "tokamax":
+            _ensure_xprof_stub()
+            try:
+                import tokamax
+            except Exception as e:  # noqa: BLE001 - reported, the run goes on
+                print(f"tokamax unavailable: {type(e).__name__}: {e}")
+                continue
+            out[name] = lambda q, k, v, causal: tokamax.dot_product_attention(
+                q, k, v, is_causal=causal, implementation="mosaic"
+            )
+    return out
+
+
+def reference_forward(q, k, v, causal):
+    """float32 attention, one kv-head group at a time (bounded memory)."""
+    import jax
+    import jax.numpy as jnp
+    from jaxpp.kernels.attention import xla_attention
+
+    group = q.shape[2] // k.shape[2]
+    scale = 1.0 / math.sqrt(q.shape[-1])
+
+    def one(args):
+        qh, kh, vh = args  # [B, T, G, H], [B, S, 1, H]
+        return xla_attention(qh, kh, vh, causal=causal, scale=scale)
+
+    qs = jnp.moveaxis(q.astype(jnp.float32).reshape(*q.shape[:2], k.shape[2], group, -1), 2, 0)
+    ks = jnp.moveaxis(k.astype(jnp.float32), 2, 0)[:, :, :, None]
+    vs = jnp.moveaxis(v.astype(jnp.float32), 2, 0)[:, :, :, None]
+    out = jax.lax.map(one, (qs, ks, vs))  # [K, B, T, G, H]
+    return jnp.moveaxis(out, 0, 2).reshape(q.shape)
+
+
+def reference_vjp(q, k, v, do, causal):
+    """float32 (out, dq, dk, dv), one kv-head group at a time."""
+    import jax
+    import jax.numpy as jnp
+    from jaxpp.kernels.attention import xla_attention
+
+    kvh, group = k.shape[2], q.shape[2] // k.shape[2]
+    scale = 1.0 / math.sqrt(q.shape[-1])
+
+    def one(args):
+        qh, kh, vh, doh = args
+        out, pull = jax.vjp(
+            lambda a, b, c: xla_attention(a, b, c, causal=causal, scale=scale), qh, kh, vh
+        )
+        return (out, *pull(doh))
+
+    def split_q(x):
+        return jnp.moveaxis(x.astype(jnp.float32).reshape(*x.shape[:2], kvh, group, -1), 2, 0)
+
+    def split_kv(x):
+        return jnp.moveaxis(x.astype(jnp.float32), 2, 0)[:, :, :, None]
+
+    out, dq, dk, dv = jax.lax.map(one, (split_q(q), split_kv(k), split_kv(v), split_q(do)))
+    merge_q = lambda x: jnp.moveaxis(x, 0, 2).reshape(q.shape)  # noqa: E731
+    merge_kv = lambda x: jnp.moveaxis(x[:, :, :, 0], 0, 2)  # noqa: E731
+    return merge_q(out), merge_q(dq), merge_kv(dk), merge_kv(dv)
+
+
+def run_grid(
+    shapes: list[Shape],
+    impls: dict[str, Callable[..., Any]],
+    samples: int,
+    modes: tuple[str, ...],
+) -> list[dict[str, Any]]:
+    rows = []
+    for shape in shapes:
+        for mode in modes:
+            for name, attn in impls.items():
+                if name == "xla" and shape.seq > XLA_MAX_SEQ:
+                    continue
+                row = _bench_one(shape, mode, name, attn, samples)
+                rows.append(row)
+                status = row.get("error", "")[:80] or (
+                    f"{row['tflops']:7.1f} TFLOP/s  err {row['rel_error']:.1e}  "
+                    f"spread {row['spread']:.2f}"
+                )
+                print(
+                    f"{shape.name:32s} {mode:7s} {name:8s} {status}  ({row['wall_s']:.0f}s)",
+                    flush=True,
+                )
+    return rows
+
+
+def _bench_one(
+    shape: Shape, mode: str, name: str, attn: Callable[..., Any], samples: int
+) -> dict[str, Any]:
+    import jax
+    import jax.numpy as jnp
+    from jaxpp.kernels import tuning
+
+    q_shape = (shape.batch, shape.seq, shape.num_heads, shape.head_dim)
+    kv_shape = (shape.batch, shape.seq, shape.num_kv_heads, shape.head_dim)
+    causal = shape.causal
+
+    def make_fwd(key):
+        kq, kk, kv = jax.random.split(key, 3)
+        return (
+            jax.random.normal(kq, q_shape, jnp.bfloat16),
+            jax.random.normal(kk, kv_shape, jnp.bfloat16),
+            jax.random.normal(kv, kv_shape, jnp.bfloat16),
+        )
+
+    def make_bwd(key):
+        k1, k2 = jax.random.split(key)
+        return (*make_fwd(k1), jax.random.normal(k2, q_shape, jnp.bfloat16))
+
+    def fwd_bwd(q, k, v, do):
+        out, pull = jax.vjp(lambda a, b, c: attn(a, b, c, causal), q, k, v)
+        return (out, *pull(do))
+
+    flops = shape.forward_flops() * (1.0 if mode == "fwd" else 3.5)
+    nbytes = shape.forward_bytes() * (1.0 if mode == "fwd" else 3.0)
+    if mode == "fwd":
+        fn = jax.jit(lambda q, k, v: attn(q, k, v, causal))
+        ref = jax.jit(lambda q, k, v: reference_forward(q, k, v, causal))
+        make = make_fwd
+    else:
+        fn = jax.jit(fwd_bwd)
+        ref = jax.jit(lambda q, k, v, do: reference_vjp(q, k, v, do, causal))
+        make = make_bwd
+    row: dict[str, Any] = {
+        "shape": dataclasses.asdict(shape),
+        "name": shape.name,
+        "mode": mode,
+        "impl": name,
+        "flops": flops,
+        "bytes": nbytes,
+    }
+    start = time.time()
+    try:
+        m = tuning.benchmark(
+            fn,
+            make,
+            reference=ref,
+            rtol=2e-2,
+            samples=samples,
+            warmup=2,
+            flops=flops,
+            bytes_moved=nbytes,
+        )
+        row.update(m.to_dict())
+    except Exception as e:  # noqa: BLE001 - recorded, the grid goes on
+        row["error"] = f"{type(e).__name__}: {str(e)[:600]}"
+        traceback.print_exc(limit=3)
+    row["wall_s"] = time.time() - start
+    return row
+
+
+def summarize(rows: list[dict[str, Any]]) -> str:
+    """Geomean ratios of ours vs each baseline per (head_dim, mode), plus a table."""
+    by_key: dict[tuple[str, str], dict[str, float]] = {}
+    for r in rows:
+        if "tflops" in r and r.get("tflops"):
+            by_key.setdefault((r["name"], r["mode"]), {})[r["impl"]] = r["tflops"]
+    lines = [
+        "| head dim | mode | vs cudnn | vs tokamax | vs xla | shapes |",
+        "|---|---|---|---|---|---|",
+    ]
+    groups: dict[tuple[int, str], dict[str, list[float]]] = {}
+    for (name, mode), t in by_key.items():
+        head_dim = int(name.split(" d")[1].split()[0])
+        if "ours" not in t:
+            continue
+        g = groups.setdefault((head_dim, mode), {})
+        for base in ("cudnn", "tokamax", "xla"):
+            if base in t:
+                g.setdefault(base, []).append(t["ours"] / t[base])
+    for (head_dim, mode), g in sorted(groups.items()):
+        cells = []
+        for base in ("cudnn", "tokamax", "xla"):
+            v = g.get(base)
+            cells.append(f"{math.exp(sum(map(math.log, v)) / len(v)):.2f}x" if v else "-")
+        n = max((len(v) for v in g.values()), default=0)
+        lines.append(f"| {head_dim} | {mode} | {' | '.join(cells)} | {n} |")
+    lines.append("")
+    lines.append("| shape | mode | " + " | ".join(IMPLS) + " |")
+    lines.append("|---|---|" + "---|" * len(IMPLS))
+    for (name, mode), t in by_key.items():
+        cells = [f"{t[i]:.0f}" if i in t else "-" for i in IMPLS]
+        lines.append(f"| {name} | {mode} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict[str, Any]], path: pathlib.Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [(d, c, m) for d in HEAD_DIMS for c in (False, True) for m in ("fwd", "fwd_bwd")]
+    fig, axes = plt.subplots(len(HEAD_DIMS), 4, figsize=(18, 11), squeeze=False)
+    for ax, (d, c, m) in zip(axes.flat, panels, strict=True):
+        for impl in IMPLS:
+            pts = sorted(
+                (r["shape"]["seq"], r["tflops"])
+                for r in rows
+                if r.get("tflops")
+                and r["impl"] == impl
+                and r["mode"] == m
+                and r["shape"]["head_dim"] == d
+                and r["shape"]["causal"] == c
+                and r["shape"]["num_kv_heads"] == r["shape"]["num_heads"]
+            )
+            if pts:
+                ax.plot(*zip(*pts, strict=True), marker="o", label=impl)
+        ax.set_xscale("log", base=2)
+        ax.set_title(f"d{d} {'causal' if c else 'full'} {m}", fontsize=9)
+        ax.set_xlabel("seq")
+        ax.set_ylabel("TFLOP/s")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--out", default=os.path.join(os.environ.get("OUT", "."), "attention_bench.json")
+    )
+    parser.add_argument("--head-dims", type=int, nargs="+", default=list(HEAD_DIMS))
+    parser.add_argument("--seqs", type=int, nargs="+", default=list(SEQS))
+    parser.add_argument("--impls", nargs="+", default=list(IMPLS))
+    parser.add_argument("--modes", nargs="+", default=["fwd", "fwd_bwd"])
+    parser.add_argument("--no-gqa", action="store_true")
+    parser.add_argument("--samples", type=int, default=30)
+    parser.add_argument("--tokens", type=int, default=TOKENS)
+    parser.add_argument("--width", type=int, default=WIDTH)
+    parser.add_argument("--interpret", action="store_true", help="CPU smoke test of the script")
+    parser.add_argument("--plot", help="a results JSON: write its PNG and table, no run")
+    args = parser.parse_args(argv)
+    if args.plot:
+        data = json.loads(pathlib.Path(args.plot).read_text())
+        png = pathlib.Path(args.plot).with_suffix(".png")
+        plot(data["results"], png)
+        print(summarize(data["results"]))
+        return 0
+
+    from jaxpp.kernels import tuning
+
+    print(json.dumps(tuning.environment()), flush=True)
+    ceilings = tuning.measure_ceilings()
+    print(ceilings, flush=True)
+    impls = implementations(tuple(args.impls), interpret=args.interpret)
+    shapes = grid(
+        tuple(args.head_dims),
+        tuple(args.seqs),
+        gqa=not args.no_gqa and 128 in args.head_dims,
+        tokens=args.tokens,
+        width=args.width,
+    )
+    rows = run_grid(shapes, impls, args.samples, tuple(args.modes))
+    for r in rows:
+        if r.get("median_s"):
+            t_sol = tuning.sol_time(r["flops"], r["bytes"], ceilings)
+            r["t_sol_s"] = t_sol
+    tuning.write_results(
+        args.out,
+        results=rows,
+        ceilings=ceilings,
+        grid={"tokens": TOKENS, "width": WIDTH, "dtype": "bfloat16"},
+    )
+    print(summarize(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
