@@ -116,8 +116,11 @@ class _Builder:
                 f"num_microbatches >= {least}, or a schedule without this limit (e.g. "
                 f"Std1F1B or GPipe)."
             )
-        actions = tuple(tuple(self._rank_actions(rank, m)) for rank in range(self.num_ranks))
+        actions = tuple(tuple(row) for row in self._all_rank_actions(m))
         return _ir.Schedule(self.num_stages, m, self.placement(), actions)
+
+    def _all_rank_actions(self, m: int) -> Sequence[Sequence[_ir.Action]]:
+        return [self._rank_actions(rank, m) for rank in range(self.num_ranks)]
 
     def _rank_actions(self, rank: int, m: int) -> Sequence[_ir.Action]:
         raise NotImplementedError

@@ -11,14 +11,23 @@ from collections import defaultdict
 from jaxpp.schedules import _grid, _ir
 
 K = _ir.Kind
+_KINDS = tuple(K)
+# Internally actions are keyed by plain tuples (stage, kind, mb): hashing them is C-level,
+# several times faster than the dataclass hash on the simulator's hot path.
+Key = tuple[int, _ir.Kind, int]
+
+
+def key_of(action: _ir.Action) -> Key:
+    """The tuple key of `action`."""
+    return (action.stage, action.kind, action.mb)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Index:
     """Where each action sits, and what each action needs; built by `check_structure`."""
 
-    where: dict[_ir.Action, tuple[int, int]]  # action -> (rank, step)
-    needs: dict[_ir.Action, tuple[_ir.Action, ...]]  # action -> the actions it depends on
+    where: dict[Key, tuple[int, int]]  # action -> (rank, step)
+    needs: dict[Key, tuple[Key, ...]]  # action -> the actions it depends on
 
 
 def check_structure(schedule: _ir.Schedule) -> Index:
@@ -28,10 +37,11 @@ def check_structure(schedule: _ir.Schedule) -> Index:
         ScheduleError: naming the first problem, with the grid and the fix.
     """
     _check_stage_ranks(schedule)
-    where: dict[_ir.Action, tuple[int, int]] = {}
+    where: dict[Key, tuple[int, int]] = {}
+    placement = schedule.placement
     for rank, actions in enumerate(schedule.actions):
         for step, action in enumerate(actions):
-            home = schedule.placement[action.stage]
+            home = placement[action.stage]
             if home != rank:
                 raise error(
                     schedule,
@@ -41,8 +51,9 @@ def check_structure(schedule: _ir.Schedule) -> Index:
                     f"move {action} to rank {home}'s list, or change placement[{action.stage}] "
                     f"to {rank}.",
                 )
-            if action in where:
-                first_rank, first_step = where[action]
+            key = (action.stage, action.kind, action.mb)
+            if key in where:
+                first_rank, first_step = where[key]
                 raise error(
                     schedule,
                     {(first_rank, first_step): "first", (rank, step): "again"},
@@ -50,11 +61,12 @@ def check_structure(schedule: _ir.Schedule) -> Index:
                     f"{rank} step {step}.",
                     f"remove one of the two {action}; every action runs exactly once.",
                 )
-            where[action] = (rank, step)
+            where[key] = (rank, step)
     for stage in range(schedule.num_stages):
         for mb in range(schedule.num_microbatches):
             _check_complete(schedule, where, stage, mb)
-    needs = {action: _needs(schedule, where, action) for action in where}
+    last = schedule.num_stages - 1
+    needs = {key: _needs(last, where, key) for key in where}
     return Index(where=where, needs=needs)
 
 
@@ -78,10 +90,16 @@ def _check_stage_ranks(schedule: _ir.Schedule) -> None:
 
 
 def _check_complete(
-    schedule: _ir.Schedule, where: dict[_ir.Action, tuple[int, int]], stage: int, mb: int
+    schedule: _ir.Schedule, where: dict[Key, tuple[int, int]], stage: int, mb: int
 ) -> None:
+    has = {kind: (stage, kind, mb) in where for kind in _KINDS}
+    if (
+        has[K.FORWARD]
+        and (has[K.BACKWARD] != has[K.INPUT_GRAD])
+        and (has[K.INPUT_GRAD] == has[K.WEIGHT_GRAD])
+    ):
+        return  # the common, complete case
     rank = schedule.placement[stage]
-    has = {kind: _ir.Action(stage, kind, mb) in where for kind in K}
     missing: list[_ir.Action] = []
     if not has[K.FORWARD]:
         missing.append(_ir.Action(stage, K.FORWARD, mb))
@@ -90,7 +108,7 @@ def _check_complete(
         full = _ir.Action(stage, K.BACKWARD, mb)
         raise error(
             schedule,
-            {where[full]: "full backward", where[split]: "split backward"},
+            {where[key_of(full)]: "full backward", where[key_of(split)]: "split backward"},
             f"stage {stage} microbatch {mb} has both a full backward {full} and a split one "
             f"({split}).",
             f"keep either {full} alone, or {stage}I{mb} and {stage}W{mb} without {full}.",
@@ -111,19 +129,16 @@ def _check_complete(
         )
 
 
-def _needs(
-    schedule: _ir.Schedule, where: dict[_ir.Action, tuple[int, int]], action: _ir.Action
-) -> tuple[_ir.Action, ...]:
-    stage, mb = action.stage, action.mb
-    if action.kind is K.FORWARD:
-        return (_ir.Action(stage - 1, K.FORWARD, mb),) if stage > 0 else ()
-    if action.kind is K.WEIGHT_GRAD:
-        return (_ir.Action(stage, K.INPUT_GRAD, mb),)
-    needs = [_ir.Action(stage, K.FORWARD, mb)]
-    if stage + 1 < schedule.num_stages:
-        later = _ir.Action(stage + 1, K.BACKWARD, mb)
-        needs.append(later if later in where else _ir.Action(stage + 1, K.INPUT_GRAD, mb))
-    return tuple(needs)
+def _needs(last: int, where: dict[Key, tuple[int, int]], key: Key) -> tuple[Key, ...]:
+    stage, kind, mb = key
+    if kind is K.FORWARD:
+        return ((stage - 1, K.FORWARD, mb),) if stage > 0 else ()
+    if kind is K.WEIGHT_GRAD:
+        return ((stage, K.INPUT_GRAD, mb),)
+    if stage == last:
+        return ((stage, K.FORWARD, mb),)
+    later = (stage + 1, K.BACKWARD, mb)
+    return ((stage, K.FORWARD, mb), later if later in where else (stage + 1, K.INPUT_GRAD, mb))
 
 
 def error(

@@ -58,6 +58,10 @@ class Action:
     mb: int
 
     def __post_init__(self) -> None:
+        stage, mb = self.stage, self.mb
+        if type(stage) is int and type(mb) is int and stage >= 0 and mb >= 0:
+            if type(self.kind) is Kind:
+                return  # the common case, kept cheap
         for name in ("stage", "mb"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:

@@ -220,9 +220,9 @@ def save_gantt(
         kinds = sorted({t.action.kind for t in simulation.timeline}, key=list(_ir.Kind).index)
         ax.legend(
             handles=[patches.Patch(color=_KIND_COLORS[k], label=_KIND_NAMES[k]) for k in kinds],
-            loc="upper right",
+            loc="upper left",
+            bbox_to_anchor=(1.0, 1.0),
             fontsize=7,
-            ncols=len(kinds),
         )
         ax.set_title(
             title or f"makespan {simulation.makespan:g}, bubble {100 * simulation.bubble:.1f}%",

@@ -176,44 +176,9 @@ def simulate(schedule: _ir.Schedule, costs: Costs | None = None) -> Simulation:
         ['0F0', '0F1', '1F0', '1F1', '1B0', '0B0', '1B1', '0B1']
     """
     costs = Costs() if costs is None else costs
-    index = _deps.check_structure(schedule)
-    placement, rank_actions = schedule.placement, schedule.actions
-    heads = [0] * schedule.num_ranks
-    free = [0.0] * schedule.num_ranks
-    end: dict[_ir.Action, float] = {}
-    waiting: dict[_ir.Action, list[int]] = defaultdict(list)
-    ready: list[tuple[float, int]] = []
-
-    def queue_head(rank: int) -> None:
-        if heads[rank] == len(rank_actions[rank]):
-            return
-        action = rank_actions[rank][heads[rank]]
-        start = free[rank]
-        for need in index.needs[action]:
-            if need not in end:
-                waiting[need].append(rank)
-                return
-            arrival = end[need] + (costs.transfer if placement[need.stage] != rank else 0.0)
-            start = max(start, arrival)
-        heapq.heappush(ready, (start, rank))
-
-    for rank in range(schedule.num_ranks):
-        queue_head(rank)
-    timeline = []
-    while ready:
-        start, rank = heapq.heappop(ready)
-        action = rank_actions[rank][heads[rank]]
-        finish = start + costs.duration(action)
-        timeline.append(TimedAction(rank, action, start, finish))
-        end[action] = finish
-        free[rank] = finish
-        heads[rank] += 1
-        queue_head(rank)
-        for waiter in waiting.pop(action, ()):
-            queue_head(waiter)
-    if len(timeline) != len(index.where):
-        raise _deadlock_error(schedule, index, heads, end)
-
+    runs = run_in_time(schedule, costs)
+    rank_actions = schedule.actions
+    timeline = [TimedAction(rank, rank_actions[rank][step], s, e) for rank, step, s, e in runs]
     makespan = max((t.end for t in timeline), default=0.0)
     busy = [0.0] * schedule.num_ranks
     for t in timeline:
@@ -238,11 +203,62 @@ def simulate(schedule: _ir.Schedule, costs: Costs | None = None) -> Simulation:
     )
 
 
+def run_in_time(schedule: _ir.Schedule, costs: Costs) -> list[tuple[int, int, float, float]]:
+    """The list scheduler behind `simulate`: `(rank, step, start, end)` in start order.
+
+    Raises:
+        ScheduleError: incomplete, misplaced, or deadlocked schedules.
+    """
+    index = _deps.check_structure(schedule)
+    placement, rank_actions = schedule.placement, schedule.actions
+    rank_keys = [[(a.stage, a.kind, a.mb) for a in row] for row in rank_actions]
+    heads = [0] * schedule.num_ranks
+    free = [0.0] * schedule.num_ranks
+    end: dict[_deps.Key, float] = {}
+    waiting: dict[_deps.Key, list[int]] = defaultdict(list)
+    ready: list[tuple[float, int]] = []
+    transfer = costs.transfer
+
+    def queue_head(rank: int) -> None:
+        if heads[rank] == len(rank_keys[rank]):
+            return
+        start = free[rank]
+        for need in index.needs[rank_keys[rank][heads[rank]]]:
+            finish = end.get(need)
+            if finish is None:
+                waiting[need].append(rank)
+                return
+            if placement[need[0]] != rank:
+                finish += transfer
+            if finish > start:
+                start = finish
+        heapq.heappush(ready, (start, rank))
+
+    for rank in range(schedule.num_ranks):
+        queue_head(rank)
+    runs: list[tuple[int, int, float, float]] = []
+    while ready:
+        start, rank = heapq.heappop(ready)
+        action = rank_actions[rank][heads[rank]]
+        key = rank_keys[rank][heads[rank]]
+        finish = start + costs.duration(action)
+        runs.append((rank, heads[rank], start, finish))
+        end[key] = finish
+        free[rank] = finish
+        heads[rank] += 1
+        queue_head(rank)
+        for waiter in waiting.pop(key, ()):
+            queue_head(waiter)
+    if len(runs) != len(index.where):
+        raise _deadlock_error(schedule, index, heads, end)
+    return runs
+
+
 def _deadlock_error(
     schedule: _ir.Schedule,
     index: _deps.Index,
     heads: list[int],
-    end: dict[_ir.Action, float],
+    end: dict[_deps.Key, float],
 ) -> _ir.ScheduleError:
     marks: dict[tuple[int, int], str] = {}
     waits_on: dict[int, tuple[_ir.Action, _ir.Action, int, int]] = {}
@@ -250,9 +266,9 @@ def _deadlock_error(
         if head == len(schedule.actions[rank]):
             continue
         action = schedule.actions[rank][head]
-        missing = [n for n in index.needs[action] if n not in end]
-        need = missing[0]
-        need_rank, need_step = index.where[need]
+        missing = [n for n in index.needs[_deps.key_of(action)] if n not in end]
+        need = _ir.Action(*missing[0])
+        need_rank, need_step = index.where[missing[0]]
         if need_rank == rank:
             marks[(rank, head)] = (
                 f"{action} waits for {need}, later on this rank (step {need_step})"

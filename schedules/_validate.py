@@ -27,5 +27,5 @@ def validate(schedule: _ir.Schedule) -> _ir.Schedule:
         ...
         jaxpp.schedules._ir.ScheduleError: deadlock: rank 0 step 0: 0B0 needs 0F0, ...
     """
-    _simulate.simulate(schedule)
+    _simulate.run_in_time(schedule, _simulate.Costs())
     return schedule

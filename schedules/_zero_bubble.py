@@ -71,13 +71,9 @@ class ZeroBubbleH2(_builders._Builder):
 
     name: ClassVar[str] = "zb-h2"
 
-    def _rank_actions(self, rank: int, m: int) -> Sequence[_ir.Action]:
-        return self._orders(m)[rank]
-
-    def _orders(self, m: int) -> tuple[tuple[_ir.Action, ...], ...]:
+    def _all_rank_actions(self, m: int) -> Sequence[Sequence[_ir.Action]]:
         p = self.num_ranks
-        limits = (2 * p - 1,) * p
-        return greedy_fill(p, m, limits)
+        return greedy_fill(p, m, (2 * p - 1,) * p)
 
 
 def greedy_fill(
@@ -101,65 +97,50 @@ def greedy_fill(
         [['0F0', '0I0', '0W0'], ['1F0', '1I0', '1W0']]
     """
     p, m = num_ranks, num_microbatches
-    done_at: dict[_ir.Action, int] = {}
-    next_f = [0] * p
-    next_i = [0] * p
+    never = float("inf")
+    f_end = [[never] * m for _ in range(p)]  # when F(rank, mb) ends
+    i_end = [[never] * m for _ in range(p)]
+    next_f, next_i, held, free_at = [0] * p, [0] * p, [0] * p, [0] * p
     pending_w: list[collections.deque[int]] = [collections.deque() for _ in range(p)]
-    held = [0] * p
-    free_at = [0] * p
     orders: list[list[_ir.Action]] = [[] for _ in range(p)]
-    total = 3 * p * m
+    remaining = 3 * p * m
     time = 0
-    while sum(len(o) for o in orders) < total:
+    while remaining:
         for rank in range(p):
             if free_at[rank] > time:
                 continue
-            choice = _greedy_choice(
-                rank, p, m, time, done_at, next_f, next_i, pending_w, held, limits[rank]
-            )
-            if choice is not None:
-                orders[rank].append(choice)
-                done_at[choice] = time + 1
-                free_at[rank] = time + 1
+            mb = next_i[rank]
+            if (
+                mb < next_f[rank]
+                and f_end[rank][mb] <= time
+                and (rank == p - 1 or i_end[rank + 1][mb] <= time)
+            ):
+                next_i[rank] += 1
+                pending_w[rank].append(mb)
+                i_end[rank][mb] = time + 1
+                action = _ir.Action(rank, K.INPUT_GRAD, mb)
+            elif (
+                next_f[rank] < m
+                and held[rank] < limits[rank]
+                and (rank == 0 or f_end[rank - 1][next_f[rank]] <= time)
+            ):
+                mb = next_f[rank]
+                next_f[rank] += 1
+                held[rank] += 1
+                f_end[rank][mb] = time + 1
+                action = _ir.Action(rank, K.FORWARD, mb)
+            elif pending_w[rank]:
+                held[rank] -= 1
+                action = _ir.Action(rank, K.WEIGHT_GRAD, pending_w[rank].popleft())
+            else:
+                continue
+            orders[rank].append(action)
+            free_at[rank] = time + 1
+            remaining -= 1
         later = [t for t in free_at if t > time]
         assert later, "greedy_fill cannot progress; bug in jaxpp"
         time = min(later)
     return tuple(tuple(o) for o in orders)
-
-
-def _greedy_choice(
-    rank: int,
-    p: int,
-    m: int,
-    time: int,
-    done_at: dict[_ir.Action, int],
-    next_f: list[int],
-    next_i: list[int],
-    pending_w: list[collections.deque[int]],
-    held: list[int],
-    limit: int,
-) -> _ir.Action | None:
-    def finished(action: _ir.Action) -> bool:
-        return done_at.get(action, time + 1) <= time
-
-    mb = next_i[rank]
-    if mb < next_f[rank]:
-        later = _ir.Action(rank + 1, K.INPUT_GRAD, mb)
-        own = _ir.Action(rank, K.FORWARD, mb)
-        if finished(own) and (rank == p - 1 or finished(later)):
-            next_i[rank] += 1
-            pending_w[rank].append(mb)
-            return _ir.Action(rank, K.INPUT_GRAD, mb)
-    mb = next_f[rank]
-    if mb < m and held[rank] < limit:
-        if rank == 0 or finished(_ir.Action(rank - 1, K.FORWARD, mb)):
-            next_f[rank] += 1
-            held[rank] += 1
-            return _ir.Action(rank, K.FORWARD, mb)
-    if pending_w[rank]:
-        held[rank] -= 1
-        return _ir.Action(rank, K.WEIGHT_GRAD, pending_w[rank].popleft())
-    return None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
