@@ -3,8 +3,10 @@
 Example:
     >>> from jaxpp.cli import main
     >>> main(["schedule", "compare", "--stages", "2", "--microbatches", "4"])  # doctest: +ELLIPSIS
-    schedule ...
-    gpipe ...
+    p=2 ranks, m=4 microbatches, ...
+    schedule          stages  makespan  bubble peak act peak mem
+    gpipe                  2     15.00   20.0%        4        4
+    ...
     0
 """
 
@@ -15,7 +17,7 @@ import pathlib
 import sys
 from collections.abc import Callable
 
-from jaxpp.schedules import _builders, _registry, _render, _simulate, _text, _validate
+from jaxpp.schedules import _builders, _ir, _registry, _render, _simulate, _text, _validate
 
 # Builders that hold two stages per rank whatever --virtual says, and those that use it.
 _V_SHAPED = frozenset({"zbv", "dualpipev"})
@@ -193,7 +195,7 @@ def _run_convert(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load(path: pathlib.Path):  # -> _ir.Schedule
+def _load(path: pathlib.Path) -> _ir.Schedule:
     text = path.read_text()
     return _text.from_csv(text) if path.suffix.lower() == ".csv" else _text.parse(text)
 
