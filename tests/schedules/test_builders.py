@@ -76,8 +76,11 @@ def test_bubble_gpipe_and_1f1b_match_closed_form(cls, p, m):
     assert sim.bubble == pytest.approx((p - 1) / (m + p - 1))
 
 
-@pytest.mark.parametrize(("p", "v", "m"), [(2, 2, 4), (4, 2, 8), (4, 3, 16), (4, 4, 4), (8, 2, 16)])
-def test_bubble_interleaved_matches_closed_form(p, v, m):
+@pytest.mark.parametrize(
+    ("p", "v", "m"),
+    [(2, 2, 4), (4, 2, 8), (4, 3, 16), (4, 4, 4), (8, 2, 16), (4, 2, 7), (8, 3, 13)],
+)
+def test_bubble_interleaved_matches_closed_form_for_any_m_at_least_p(p, v, m):
     sim = simulate(Interleaved1F1B(p * v, ranks=p).build(m))
     assert sim.bubble == pytest.approx((p - 1) / (v * m + p - 1))
 
