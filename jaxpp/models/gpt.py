@@ -96,7 +96,7 @@ def _attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     return dot_product_attention(q, k, v, causal=True)
 
 
-def _norm(config: GPTConfig, name: str) -> nn.Module:
+def _norm(config: GPTConfig, name: str | None = None) -> nn.Module:
     cls = nn.RMSNorm if config.norm == "rms" else nn.LayerNorm
     return cls(dtype=config.dtype, param_dtype=config.param_dtype, name=name)
 
@@ -133,27 +133,43 @@ class Embed(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: h + attn(norm(h)), then + mlp(norm(h))."""
+    """Pre-norm transformer block: h + attn(norm(h)), then + mlp(norm(h)).
+
+    With `config.remat` the block recomputes its activations in the backward pass;
+    the remat is applied inside `__call__`, so the block's call stays visible to
+    `jaxpp.flax` interceptors (a `nn.remat(Block)` class would hide it).
+    """
 
     config: GPTConfig
 
-    @nn.compact
-    def __call__(self, h: jax.Array) -> jax.Array:
+    def setup(self) -> None:
         cfg = self.config
         dense = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, use_bias=False)
+        kv_width = cfg.num_kv_heads * cfg.head_dim
+        self.attn_norm = _norm(cfg)
+        self.q = nn.Dense(cfg.num_heads * cfg.head_dim, **dense)
+        self.k = nn.Dense(kv_width, **dense)
+        self.v = nn.Dense(kv_width, **dense)
+        self.out = nn.Dense(cfg.d_model, **dense)
+        self.mlp_norm = _norm(cfg)
+        self.up = nn.Dense(cfg.d_ff, **dense)
+        self.down = nn.Dense(cfg.d_model, **dense)
+
+    def __call__(self, h: jax.Array) -> jax.Array:
+        forward = nn.remat(Block._forward) if self.config.remat else Block._forward
+        return forward(self, h)
+
+    def _forward(self, h: jax.Array) -> jax.Array:
+        cfg = self.config
         batch, seq_len, _ = h.shape
-        x = _norm(cfg, "attn_norm")(h)
-        q = nn.Dense(cfg.num_heads * cfg.head_dim, name="q", **dense)(x)
-        k = nn.Dense(cfg.num_kv_heads * cfg.head_dim, name="k", **dense)(x)
-        v = nn.Dense(cfg.num_kv_heads * cfg.head_dim, name="v", **dense)(x)
-        q = q.reshape(batch, seq_len, cfg.num_heads, cfg.head_dim)
-        k = k.reshape(batch, seq_len, cfg.num_kv_heads, cfg.head_dim)
-        v = v.reshape(batch, seq_len, cfg.num_kv_heads, cfg.head_dim)
+        x = self.attn_norm(h)
+        q = self.q(x).reshape(batch, seq_len, cfg.num_heads, cfg.head_dim)
+        k = self.k(x).reshape(batch, seq_len, cfg.num_kv_heads, cfg.head_dim)
+        v = self.v(x).reshape(batch, seq_len, cfg.num_kv_heads, cfg.head_dim)
         attn = _attention(q, k, v).reshape(batch, seq_len, cfg.d_model)
-        h = h + nn.Dense(cfg.d_model, name="out", **dense)(attn)
-        x = _norm(cfg, "mlp_norm")(h)
-        x = nn.gelu(nn.Dense(cfg.d_ff, name="up", **dense)(x))
-        return h + nn.Dense(cfg.d_model, name="down", **dense)(x)
+        h = h + self.out(attn)
+        x = nn.gelu(self.up(self.mlp_norm(h)))
+        return h + self.down(x)
 
 
 class _ScanBlock(Block):
@@ -204,16 +220,14 @@ class GPT(nn.Module):
         cfg = self.config
         self.embed = Embed(cfg)
         if cfg.scan_layers:
-            block = nn.remat(_ScanBlock) if cfg.remat else _ScanBlock
             self.layers = nn.scan(
-                block,
+                _ScanBlock,
                 variable_axes={"params": 0},
                 split_rngs={"params": True},
                 length=cfg.num_layers,
             )(cfg)
         else:
-            block = nn.remat(Block) if cfg.remat else Block
-            self.layers = [block(cfg) for _ in range(cfg.num_layers)]
+            self.layers = [Block(cfg) for _ in range(cfg.num_layers)]
         self.head = Head(cfg)
 
     def __call__(self, tokens: jax.Array) -> jax.Array:

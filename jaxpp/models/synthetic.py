@@ -24,7 +24,7 @@ class MarkovLanguage:
         >>> language = MarkovLanguage(vocab_size=16, branching=2, seed=0)
         >>> language.transition.shape, bool(np.allclose(language.transition.sum(1), 1))
         ((16, 16), True)
-        >>> 0.0 < language.entropy_floor < np.log(2)
+        >>> bool(0.0 < language.entropy_floor < np.log(2))
         True
     """
 

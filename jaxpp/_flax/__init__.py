@@ -1,0 +1,1 @@
+"""Flax pipeline wrappers; the public names are re-exported by `jaxpp.flax`."""
