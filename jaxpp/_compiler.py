@@ -436,24 +436,25 @@ def _build_graph(flat, consts, num_constvars, loop, body: _Body, placement, name
         stage = stage_of(p)
         cross = [v for v in _defined(eqns) if any(q != p for q in consumed_at.get(v, ()))]
         accumulated = [k for k, q in enumerate(out_pos) if q == p]
+        kind = Kind.FORWARD if p < S else Kind.BACKWARD
+        loop_tasks[(stage, kind)] = _loop_task(
+            f"s{stage}/{kind.value}",
+            stage,
+            kind,
+            eqns,
+            cross,
+            accumulated,
+            body,
+            operations,
+            acc_names,
+            body_name,
+            loop_values,
+            binding,
+        )
         if p < S or not split:
-            kind = Kind.FORWARD if p < S else Kind.BACKWARD
-            loop_tasks[(stage, kind)] = _loop_task(
-                f"s{stage}/{kind.value}",
-                stage,
-                kind,
-                eqns,
-                cross,
-                accumulated,
-                body,
-                operations,
-                acc_names,
-                body_name,
-                loop_values,
-                binding,
-            )
             continue
-        # Zero-bubble split: I computes what earlier stages wait for; W the rest.
+        # Zero-bubble split: I computes what earlier stages wait for; W the rest. Schedules
+        # may mix full B actions with I/W pairs, so all three tasks exist.
         i_eqns = _backward_slice(eqns, cross)
         i_set = set(map(id, i_eqns))
         w_targets = [body.flat.outvars[k] for k in accumulated]

@@ -103,12 +103,13 @@ class MpmdFunction:
         self._in_shardings = in_shardings
         self._costs = costs
         self._cache: dict = {}
+        self._last: CompiledPipeline | None = None
         functools.update_wrapper(self, fun)
 
     def compile(self, *args) -> CompiledPipeline:
         """Traces and compiles for these arguments (cached by structure and shapes)."""
         leaves, in_tree = jax.tree.flatten(args)
-        key = (in_tree, tuple((np.shape(x), np.result_type(x)) for x in leaves))
+        key = (in_tree, tuple(jax.typeof(x) for x in leaves))
         compiled = self._cache.get(key)
         if compiled is None:
             compiled = self._compile(args, leaves, in_tree)
@@ -145,16 +146,19 @@ class MpmdFunction:
 
     def __call__(self, *args):
         compiled = self.compile(*args)
+        self._last = compiled
         outs = compiled.executor.run(jax.tree.leaves(args))
         return jax.tree.unflatten(compiled.out_tree, outs)
 
     @property
+    def last_compiled(self) -> CompiledPipeline | None:
+        """The graph, plan and executor the most recent call used."""
+        return self._last
+
+    @property
     def last_stats(self) -> _local.StepStats | None:
         """Statistics of the most recent step (time, peak activations, timings)."""
-        for compiled in self._cache.values():
-            if compiled.executor.last_stats is not None:
-                return compiled.executor.last_stats
-        return None
+        return None if self._last is None else self._last.executor.last_stats
 
 
 def mpmd_jit_with_loop(

@@ -222,11 +222,10 @@ def _check_fits(graph: _taskgraph.TaskGraph, schedule: schedules.Schedule) -> No
             f"{graph.num_microbatches}. Fix: build it with "
             f"num_microbatches={graph.num_microbatches}."
         )
-    needs_split = schedule.uses_split_backward
-    if needs_split != graph.uses_split_backward:
+    if schedule.uses_split_backward and not graph.uses_split_backward:
         raise ValueError(
-            "the schedule's backward kind (B vs I/W) differs from the compiled step's. Fix: "
-            "compile the step with the same schedule."
+            "the schedule splits the backward into I and W but the step was compiled without "
+            "the split. Fix: compile the step with the same schedule."
         )
 
 
