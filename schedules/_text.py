@@ -196,6 +196,8 @@ def from_csv(
 
     Row r holds rank r's actions in order; empty cells are idle slots. Torch's
     overlapped pair cells `(0F1;1B0)OVERLAP_F_B` are read as the two actions in order.
+    Older torch files wrote the input-grad pass as `B` next to a `W`: a `B` whose
+    (stage, microbatch) also has a `W` and no `I` is read as `I`.
 
     Args:
         text: the CSV contents.
@@ -216,6 +218,7 @@ def from_csv(
         for column, cell in enumerate(row):
             actions.extend(_parse_cell(cell.strip(), row_number, column))
         ranks[row_number] = tuple(actions)
+    ranks = _legacy_input_grads(ranks)
     if not ranks:
         raise _ir.ScheduleError("the CSV is empty. Fix: one row per rank, e.g. '0F0,0B0'.")
     header: dict[str, object] = {}
@@ -224,6 +227,31 @@ def from_csv(
     if num_microbatches is not None:
         header["microbatches"] = num_microbatches
     return _assemble(ranks, header, where="CSV")
+
+
+def _legacy_input_grads(
+    ranks: dict[int, tuple[_ir.Action, ...]],
+) -> dict[int, tuple[_ir.Action, ...]]:
+    kinds: dict[tuple[int, int], set[_ir.Kind]] = {}
+    for row in ranks.values():
+        for a in row:
+            kinds.setdefault((a.stage, a.mb), set()).add(a.kind)
+    legacy = {
+        key
+        for key, seen in kinds.items()
+        if {_ir.Kind.BACKWARD, _ir.Kind.WEIGHT_GRAD} <= seen and _ir.Kind.INPUT_GRAD not in seen
+    }
+    if not legacy:
+        return ranks
+    return {
+        rank: tuple(
+            _ir.Action(a.stage, _ir.Kind.INPUT_GRAD, a.mb)
+            if a.kind is _ir.Kind.BACKWARD and (a.stage, a.mb) in legacy
+            else a
+            for a in row
+        )
+        for rank, row in ranks.items()
+    }
 
 
 _OVERLAP_RE = re.compile(r"\((.*)\)OVERLAP_F_B")

@@ -115,3 +115,10 @@ def test_from_csv_empty_raises():
 def test_to_csv_writes_one_row_per_rank():
     schedule = parse("rank 0: 0F0 0B0\nrank 1: 1F0 1B0")
     assert to_csv(schedule) == "0F0,0B0\n1F0,1B0\n"
+
+
+def test_from_csv_reads_legacy_b_next_to_w_as_input_grad():
+    # Older torch zero-bubble CSVs wrote the input-grad pass as B beside its W.
+    schedule = validate(from_csv("0F0,0F1,,0B0,0W0,0B1,0W1\n,1F0,1B0,1W0,1F1,1B1,1W1\n"))
+    assert [str(a) for a in schedule.actions[1]] == ["1F0", "1I0", "1W0", "1F1", "1I1", "1W1"]
+    assert from_csv("0F0,0B0\n") == parse("rank 0: 0F0 0B0")
