@@ -27,7 +27,7 @@ def sparse_rnn(
     implementation: str = "auto",
     num_warps: int = 8,
     resident_chunks: int = 0,
-    max_spins: int = 1 << 22,
+    max_spins: int = 1 << 20,
     check_timeouts: bool = True,
 ) -> jax.Array:
     """Runs a recurrence with a pruned recurrent matrix; returns all hidden states.
@@ -194,15 +194,16 @@ def _state_buffer(s0: jax.Array, cfg) -> jax.Array:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _sparse_rnn_kernel(cfg, persistent, check, x, h0, c0, values, columns, valid, t_rows, t_src,
-                       t_valid):
-    hs, _ = _kernel_fwd(cfg, persistent, check, x, h0, c0, values, columns, valid, t_rows, t_src,
-                        t_valid)
+def _sparse_rnn_kernel(
+    cfg, persistent, check, x, h0, c0, values, columns, valid, t_rows, t_src, t_valid
+):
+    hs, _ = _kernel_fwd(
+        cfg, persistent, check, x, h0, c0, values, columns, valid, t_rows, t_src, t_valid
+    )
     return hs
 
 
-def _kernel_fwd(cfg, persistent, check, x, h0, c0, values, columns, valid, t_rows, t_src,
-                t_valid):
+def _kernel_fwd(cfg, persistent, check, x, h0, c0, values, columns, valid, t_rows, t_src, t_valid):
     batch = x.shape[0]
     xk = _to_kernel(x, cfg.batch)
     run = _kernel.forward_persistent if persistent else _kernel.forward_steps
@@ -240,8 +241,7 @@ def _kernel_bwd(cfg, persistent, check, residuals, g):
     row = jnp.broadcast_to(jnp.arange(gates)[None, :, None, None] * cfg.hidden + unit, values.shape)
     dvalues = jnp.where(valid, dense[columns, row], 0.0).astype(values.dtype)
     dx = _from_kernel(dx, batch, cfg.steps)
-    return (dx, dh0.T[:batch], dc0.T[:batch], dvalues,
-            None, None, None, None, None)
+    return (dx, dh0.T[:batch], dc0.T[:batch], dvalues, None, None, None, None, None)
 
 
 _sparse_rnn_kernel.defvjp(_kernel_fwd, _kernel_bwd)

@@ -52,7 +52,7 @@ class KernelConfig:
     steps: int
     num_warps: int = 8
     resident_chunks: int = 0
-    max_spins: int = 1 << 22
+    max_spins: int = 1 << 20
     interpret: bool = False
 
     @property
@@ -138,8 +138,19 @@ def _forward_block(cfg, p, refs, offsets, resident):
 
 def _backward_block(cfg, p, refs, offsets, carries, resident):
     """One reverse step for block `p`; returns the new `(dc, dh_direct)` carries per group."""
-    (g_ref, x_ref, m_ref, hprev_ref, cprev_ref, c_ref, tvals_ref, trows_ref, dmsrc_ref,
-     dm_ref, dx_ref) = refs
+    (
+        g_ref,
+        x_ref,
+        m_ref,
+        hprev_ref,
+        cprev_ref,
+        c_ref,
+        tvals_ref,
+        trows_ref,
+        dmsrc_ref,
+        dm_ref,
+        dx_ref,
+    ) = refs
     (g_row0, x_row0, m_row0, hprev_row0, cprev_row0, c_row0, dmsrc_row0, dm_row0) = offsets
     hidden, n_chunks = cfg.hidden, cfg.transpose_slots // CHUNK
     new_carries = []
@@ -220,14 +231,40 @@ def backward_steps(cfg: KernelConfig, g, x, m, hbuf, cbuf, tvals, trows):
 
     def kernel(*refs):
         p = pl.program_id(0)
-        (g_ref, x_ref, m_ref, hp_ref, cp_ref, c_ref, tv_ref, tr_ref, dmn_ref, dc_ref, dd_ref,
-         dm_ref, dx_ref, dc_out, dd_out) = refs
+        (
+            g_ref,
+            x_ref,
+            m_ref,
+            hp_ref,
+            cp_ref,
+            c_ref,
+            tv_ref,
+            tr_ref,
+            dmn_ref,
+            dc_ref,
+            dd_ref,
+            dm_ref,
+            dx_ref,
+            dc_out,
+            dd_out,
+        ) = refs
         carries = []
         for r0, size in cfg.row_groups:
             rows = pl.ds(p * cfg.units + r0, size)
             carries.append((dc_ref[rows, :], dd_ref[rows, :]))
-        block_refs = (g_ref, x_ref, m_ref, hp_ref, cp_ref, c_ref, tv_ref, tr_ref, dmn_ref,
-                      dm_ref, dx_ref)
+        block_refs = (
+            g_ref,
+            x_ref,
+            m_ref,
+            hp_ref,
+            cp_ref,
+            c_ref,
+            tv_ref,
+            tr_ref,
+            dmn_ref,
+            dm_ref,
+            dx_ref,
+        )
         carries = _backward_block(cfg, p, block_refs, (0,) * 8, carries, resident={})
         for (r0, size), (dc, direct) in zip(cfg.row_groups, carries, strict=True):
             rows = pl.ds(p * cfg.units + r0, size)
@@ -254,13 +291,20 @@ def backward_steps(cfg: KernelConfig, g, x, m, hbuf, cbuf, tvals, trows):
     def step(carry, inputs):
         dm_next, dc, direct = carry
         g_t, x_t, m_t, h_prev, c_prev, c_t = inputs
-        dm, dx, dc, direct = call(g_t, x_t, m_t, h_prev, c_prev, c_t, tvals, trows, dm_next, dc,
-                                  direct)
+        dm, dx, dc, direct = call(
+            g_t, x_t, m_t, h_prev, c_prev, c_t, tvals, trows, dm_next, dc, direct
+        )
         return (dm, dc, direct), (dm, dx)
 
     zeros_h = jnp.zeros((hidden, b), jnp.float32)
-    inputs = (g.reshape(steps, hidden, b), x.reshape(steps, gh, b), m.reshape(steps, gh, b),
-              hs[:-1], cs[:-1], cs[1:])
+    inputs = (
+        g.reshape(steps, hidden, b),
+        x.reshape(steps, gh, b),
+        m.reshape(steps, gh, b),
+        hs[:-1],
+        cs[:-1],
+        cs[1:],
+    )
     (_, dc0, dd0), (dms, dxs) = jax.lax.scan(
         step, (jnp.zeros((gh, b), jnp.float32), zeros_h, zeros_h), inputs, reverse=True
     )
@@ -271,12 +315,16 @@ def backward_steps(cfg: KernelConfig, g, x, m, hbuf, cbuf, tvals, trows):
 # Persistent: one launch for the whole sequence.
 
 
-def _wait_for(cfg, stamps_ref, target):
-    """Spins (bounded) until every block's stamp is >= target; returns whether it got there."""
+def _wait_for(cfg, stamps_ref, target, timeouts):
+    """Spins (bounded) until every block's stamp is >= target; returns whether it got there.
+
+    After a first timeout the bound drops to one try, so a broken launch ends quickly.
+    """
+    bound = cfg.max_spins - (cfg.max_spins - 1) * jnp.minimum(timeouts, 1)
 
     def cond(state):
         spins, ready = state
-        return jnp.logical_and(jnp.logical_not(ready), spins < cfg.max_spins)
+        return jnp.logical_and(jnp.logical_not(ready), spins < bound)
 
     def body(state):
         spins, _ = state
@@ -314,19 +362,20 @@ def forward_persistent(cfg: KernelConfig, x, vals, cols, hbuf, cbuf):
     """Forward over all steps in one launch. Returns `(hbuf, cbuf, m, timeouts)`."""
     hidden, gh, b, steps = cfg.hidden, cfg.gates * cfg.hidden, cfg.batch, cfg.steps
 
-    def kernel(x_ref, vals_ref, cols_ref, _h_in, _c_in, _s_in, h_ref, c_ref, m_ref, stamps_ref,
-               err_ref):
+    def kernel(
+        x_ref, vals_ref, cols_ref, _h_in, _c_in, _s_in, h_ref, c_ref, m_ref, stamps_ref, err_ref
+    ):
         p = pl.program_id(0)
         keys = [((g, r0), size) for g in range(cfg.gates) for r0, size in cfg.row_groups]
         resident = _resident_chunks(cfg, vals_ref, cols_ref, p, keys, cfg.slots)
 
         def step(t, timeouts):
-            ready = _wait_for(cfg, stamps_ref, t)
+            ready = _wait_for(cfg, stamps_ref, t, timeouts)
             refs = (x_ref, vals_ref, cols_ref, h_ref, c_ref, h_ref, c_ref, m_ref)
             offsets = (t * gh, t * hidden, t * hidden, (t + 1) * hidden, (t + 1) * hidden, t * gh)
             _forward_block(cfg, p, refs, offsets, resident)
             _publish(stamps_ref, p, t + 1)
-            return timeouts + jnp.where(ready, 0, 1).astype(jnp.int32)
+            return timeouts + 1 - ready.astype(jnp.int32)
 
         timeouts = jax.lax.fori_loop(0, steps, step, jnp.int32(0))
         err_ref[pl.ds(p, 1)] = jnp.full((1,), timeouts, jnp.int32)
@@ -354,8 +403,23 @@ def backward_persistent(cfg: KernelConfig, g, x, m, hbuf, cbuf, tvals, trows):
     """Reverse recurrence in one launch. Returns `(dm, dx, dc0, dh_direct0, timeouts)`."""
     hidden, gh, b, steps = cfg.hidden, cfg.gates * cfg.hidden, cfg.batch, cfg.steps
 
-    def kernel(g_ref, x_ref, m_ref, hb_ref, cb_ref, tv_ref, tr_ref, _dm_in, _s_in, dm_ref, dx_ref,
-               dc0_ref, dd0_ref, stamps_ref, err_ref):
+    def kernel(
+        g_ref,
+        x_ref,
+        m_ref,
+        hb_ref,
+        cb_ref,
+        tv_ref,
+        tr_ref,
+        _dm_in,
+        _s_in,
+        dm_ref,
+        dx_ref,
+        dc0_ref,
+        dd0_ref,
+        stamps_ref,
+        err_ref,
+    ):
         p = pl.program_id(0)
         keys = [(r0, size) for r0, size in cfg.row_groups]
         resident = _resident_chunks(cfg, tv_ref, tr_ref, p, keys, cfg.transpose_slots)
@@ -363,14 +427,33 @@ def backward_persistent(cfg: KernelConfig, g, x, m, hbuf, cbuf, tvals, trows):
         def step(k, state):
             timeouts, carries = state
             t = steps - 1 - k
-            ready = _wait_for(cfg, stamps_ref, k)
-            refs = (g_ref, x_ref, m_ref, hb_ref, cb_ref, cb_ref, tv_ref, tr_ref, dm_ref, dm_ref,
-                    dx_ref)
-            offsets = (t * hidden, t * gh, t * gh, t * hidden, t * hidden, (t + 1) * hidden,
-                       (t + 1) * gh, t * gh)
+            ready = _wait_for(cfg, stamps_ref, k, timeouts)
+            refs = (
+                g_ref,
+                x_ref,
+                m_ref,
+                hb_ref,
+                cb_ref,
+                cb_ref,
+                tv_ref,
+                tr_ref,
+                dm_ref,
+                dm_ref,
+                dx_ref,
+            )
+            offsets = (
+                t * hidden,
+                t * gh,
+                t * gh,
+                t * hidden,
+                t * hidden,
+                (t + 1) * hidden,
+                (t + 1) * gh,
+                t * gh,
+            )
             carries = _backward_block(cfg, p, refs, offsets, carries, resident)
             _publish(stamps_ref, p, k + 1)
-            return timeouts + jnp.where(ready, 0, 1).astype(jnp.int32), carries
+            return timeouts + 1 - ready.astype(jnp.int32), carries
 
         zeros = tuple(
             (jnp.zeros((size, b), jnp.float32), jnp.zeros((size, b), jnp.float32))

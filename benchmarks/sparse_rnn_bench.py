@@ -1,0 +1,354 @@
+"""Sparse persistent RNN benchmark (issue 8): correctness on GPU, variants, the sweep.
+
+Run on the GPU machine:
+    python3 benchmarks/sparse_rnn_bench.py --mode check,quick --out $OUT
+    python3 benchmarks/sparse_rnn_bench.py --mode sweep --out $OUT
+
+Modes (comma-separated):
+    check  the persistent kernel against the float32 dense masked reference over 256+ steps
+           (forward and gradients), several sizes and cells.
+    quick  kernel variants (warps, resident chunks, bank-aware order) at hidden 2304, batch 4,
+           density 30%, LSTM, forward and forward+backward, with the baselines.
+    sweep  hidden {1152, 2304, 4096} x batch {1, 4, 16} x density {5, 10, 30}% x {lstm, tanh},
+           256 steps, with the baselines: dense `lax.scan` (bf16), cuDNN LSTM
+           (`jax.experimental.rnn.lstm`, f32), `jax.experimental.sparse` BCOO in a scan (f32).
+Times are per step: the harness's median device time of one call over `steps`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import pathlib
+import sys
+import time
+import traceback
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxpp.kernels import sparse_rnn as sr
+from jaxpp.kernels import tuning
+from jaxpp.kernels.sparse_rnn import _cells
+
+warnings.filterwarnings("ignore", message=".*Pallas Triton backend is deprecated.*")
+GATES = {"tanh": 1, "gru": 3, "lstm": 4}
+STEPS = 256
+SAMPLES = 30
+
+
+def _weights(hidden, cell, density, *, seed=0, bank_aware=True):
+    g = GATES[cell]
+    rng = np.random.default_rng(seed)
+    w = rng.normal(size=(hidden, g * hidden)).astype(np.float32) / math.sqrt(density * hidden)
+    return sr.SparseRecurrentWeights.prune(w, density, num_gates=g, bank_aware=bank_aware)
+
+
+def _make_inputs(batch, hidden, cell):
+    g = GATES[cell]
+
+    def make(key):
+        kx, kh, kc = jax.random.split(key, 3)
+        x = jax.random.normal(kx, (batch, STEPS, g * hidden), jnp.float32)
+        h0 = jax.random.normal(kh, (batch, hidden), jnp.float32) * 0.5
+        c0 = jax.random.normal(kc, (batch, hidden), jnp.float32) * 0.5
+        return x, h0, c0
+
+    return make
+
+
+def _loss_weights(batch, hidden):
+    return jnp.asarray(np.random.default_rng(7).normal(size=(batch, STEPS, hidden)), jnp.float32)
+
+
+# ------------------------------------------------------------------------------------- check
+
+
+def run_check(log):
+    rows = []
+    cases = [
+        ("tanh", 256, 4, 0.3, 300),
+        ("gru", 256, 2, 0.2, 300),
+        ("lstm", 512, 4, 0.1, 256),
+        ("lstm", 1152, 16, 0.1, 256),
+        ("lstm", 2304, 4, 0.3, 256),
+        ("tanh", 4096, 1, 0.05, 256),
+    ]
+    for cell, hidden, batch, density, steps in cases:
+        w = _weights(hidden, cell, density, seed=hidden)
+        key = jax.random.key(hidden + batch)
+        kx, kh, kc, kg = jax.random.split(key, 4)
+        g = GATES[cell]
+        x = jax.random.normal(kx, (batch, steps, g * hidden), jnp.float32)
+        h0 = jax.random.normal(kh, (batch, hidden), jnp.float32) * 0.5
+        c0 = jax.random.normal(kc, (batch, hidden), jnp.float32) * 0.5
+        ct = jax.random.normal(kg, (batch, steps, hidden), jnp.float32)
+
+        def loss(impl, x, h0, c0, vals, w=w, cell=cell, ct=ct):
+            hs = sr.sparse_rnn(x, h0, w.with_values(vals), cell=cell, c0=c0, implementation=impl)
+            return jnp.sum(hs * ct), hs
+
+        out = {}
+        for impl in ("persistent", "reference"):
+            fn = jax.jit(jax.value_and_grad(
+                lambda *a, impl=impl: loss(impl, *a), argnums=(0, 1, 2, 3), has_aux=True))
+            (_, hs), grads = fn(x, h0, c0, w.values)
+            out[impl] = (hs, grads)
+        errs = {"h": tuning.relative_error(out["persistent"][0], out["reference"][0])}
+        for name, a, b in zip(("dx", "dh0", "dc0", "dw"), out["persistent"][1],
+                              out["reference"][1], strict=True):
+            if cell != "lstm" and name == "dc0":
+                continue
+            errs[name] = tuning.relative_error(a, b)
+        ok = all(e < 2e-3 for e in errs.values())
+        row = dict(cell=cell, hidden=hidden, batch=batch, density=density, steps=steps, ok=ok,
+                   **{f"rel_err_{k}": v for k, v in errs.items()})
+        log(f"check {cell} H={hidden} B={batch} d={density} T={steps}: "
+            + " ".join(f"{k}={v:.1e}" for k, v in errs.items()) + f" {'OK' if ok else 'FAIL'}")
+        rows.append(row)
+    return rows
+
+
+# -------------------------------------------------------------------------------- methods
+
+
+def _sparse_fn(w, cell, *, backward, **kw):
+    def fwd(x, h0, c0):
+        return sr.sparse_rnn(x, h0, w, cell=cell, c0=c0, **kw)
+
+    if not backward:
+        return jax.jit(fwd)
+    ct = _loss_weights(1, w.hidden_size)
+
+    def loss(x, h0, c0, vals):
+        hs = sr.sparse_rnn(x, h0, w.with_values(vals), cell=cell, c0=c0, **kw)
+        return jnp.sum(hs * ct)
+
+    g = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))
+    return lambda x, h0, c0: g(x, h0, c0, w.values)
+
+
+def _dense_scan_fn(w_dense, cell, *, backward):
+    """Dense `lax.scan`, bf16 weights and state, float32 cell math (the XLA baseline)."""
+    hidden = w_dense.shape[0]
+    g = GATES[cell]
+    wb = jnp.asarray(w_dense, jnp.bfloat16)
+
+    def run(x, h0, c0, wb):
+        def step(carry, x_t):
+            h, c = carry
+            m = jnp.dot(h, wb, preferred_element_type=jnp.float32)
+            xs = jnp.split(x_t, g, axis=-1)
+            ms = jnp.split(m, g, axis=-1)
+            h32, c = _cells.cell_forward(cell, xs, ms, h.astype(jnp.float32), c)
+            return (h32.astype(jnp.bfloat16), c), h32
+
+        _, hs = jax.lax.scan(step, (h0.astype(jnp.bfloat16), c0), jnp.swapaxes(x, 0, 1))
+        return jnp.swapaxes(hs, 0, 1)
+
+    if not backward:
+        return jax.jit(lambda x, h0, c0: run(x, h0, c0, wb))
+    ct = _loss_weights(1, hidden)
+    grad = jax.jit(jax.grad(lambda x, h0, c0, wb: jnp.sum(run(x, h0, c0, wb) * ct),
+                            argnums=(0, 1, 2, 3)))
+    return lambda x, h0, c0: grad(x, h0, c0, wb)
+
+
+def _bcoo_scan_fn(w_dense, cell, *, backward):
+    """`jax.experimental.sparse` BCOO matrix in a `lax.scan`, float32."""
+    from jax.experimental import sparse
+
+    g = GATES[cell]
+    ws = sparse.BCOO.fromdense(jnp.asarray(w_dense, jnp.float32))
+
+    def run(x, h0, c0):
+        def step(carry, x_t):
+            h, c = carry
+            m = (ws.T @ h.T).T
+            h, c = _cells.cell_forward(cell, jnp.split(x_t, g, -1), jnp.split(m, g, -1), h, c)
+            return (h, c), h
+
+        _, hs = jax.lax.scan(step, (h0, c0), jnp.swapaxes(x, 0, 1))
+        return jnp.swapaxes(hs, 0, 1)
+
+    assert not backward
+    return jax.jit(run)
+
+
+def _cudnn_fn(hidden, batch, *, backward, input_size=64):
+    """cuDNN LSTM through `jax.experimental.rnn.lstm` (f32). Its input GEMM is inside, so the
+    input is `input_size` wide (small) and the recurrent part dominates."""
+    from jax.experimental import rnn
+
+    wts = rnn.init_lstm_weight(jax.random.key(0), input_size, hidden, 1, False)
+    seq = jnp.full((batch,), STEPS, jnp.int32)
+
+    def run(xi, h0, c0, wts):
+        y, _, _ = rnn.lstm(xi, h0[None], c0[None], wts, seq, input_size, hidden, 1, 0.0, False)
+        return y
+
+    xi = jax.random.normal(jax.random.key(1), (batch, STEPS, input_size), jnp.float32)
+    if not backward:
+        f = jax.jit(run)
+        return lambda x, h0, c0: f(xi, h0, c0, wts)
+    ct = _loss_weights(1, hidden)
+    grad = jax.jit(jax.grad(lambda *a: jnp.sum(run(*a) * ct), argnums=(0, 1, 2, 3)))
+    return lambda x, h0, c0: grad(xi, h0, c0, wts)
+
+
+def _time(fn, make, reference=None, rtol=5e-2):
+    m = tuning.benchmark(fn, make, reference=reference, rtol=rtol, samples=SAMPLES)
+    return m
+
+
+def _measure(log, results, tag, fn_maker, make, reference=None, rtol=5e-2, **meta):
+    t0 = time.time()
+    try:
+        fn = fn_maker()
+        m = _time(fn, make, reference, rtol)
+        us = m.median_s / STEPS * 1e6
+        row = dict(method=tag, us_per_step=us, spread=m.spread, rel_error=m.rel_error,
+                   median_s=m.median_s, **meta)
+        log(f"{tag:34s} {json.dumps(meta):90s} {us:9.2f} us/step  err={m.rel_error}  "
+            f"({time.time() - t0:.1f}s)")
+    except Exception as e:  # noqa: BLE001 - one failing variant must not end the sweep
+        msg = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+        row = dict(method=tag, error=msg, **meta)
+        log(f"{tag:34s} {json.dumps(meta):90s} FAILED {msg}")
+        traceback.print_exc(limit=3, file=sys.stderr)
+    results.append(row)
+    return row
+
+
+def _reference_fn(w, cell):
+    dense = w.to_dense()
+
+    def ref(x, h0, c0):
+        return sr.sparse_rnn_reference(x, h0, dense, cell=cell, c0=c0)
+
+    return jax.jit(ref)
+
+
+def _sparse_case(log, results, hidden, batch, density, cell, *, backward, variants, baselines):
+    w = _weights(hidden, cell, density)
+    make = _make_inputs(batch, hidden, cell)
+    meta = dict(hidden=hidden, batch=batch, density=density, cell=cell, backward=backward)
+    ref = None if backward else _reference_fn(w, cell)
+    for name, kw in variants:
+        wv = w if kw.get("bank_aware", True) else _weights(hidden, cell, density, bank_aware=False)
+        kw = {k: v for k, v in kw.items() if k != "bank_aware"}
+        _measure(log, results, f"sparse[{name}]",
+                 lambda wv=wv, kw=kw: _sparse_fn(wv, cell, backward=backward, **kw),
+                 make, ref, 2e-3, **meta)
+    dense = np.asarray(w.to_dense())
+    if "dense" in baselines:
+        _measure(log, results, "dense_scan_bf16",
+                 lambda: _dense_scan_fn(dense, cell, backward=backward), make, ref, 5e-2, **meta)
+    if "bcoo" in baselines and not backward:
+        _measure(log, results, "bcoo_scan_f32",
+                 lambda: _bcoo_scan_fn(dense, cell, backward=False), make, ref, 2e-3, **meta)
+    if "cudnn" in baselines and cell == "lstm":
+        _measure(log, results, "cudnn_lstm_f32",
+                 lambda: _cudnn_fn(hidden, batch, backward=backward), make, None, **meta)
+
+
+DEFAULT_VARIANT = ("nw8", dict(implementation="persistent", num_warps=8))
+
+
+def run_quick(log, results):
+    variants = [
+        DEFAULT_VARIANT,
+        ("nw4", dict(implementation="persistent", num_warps=4)),
+        ("nw16", dict(implementation="persistent", num_warps=16)),
+        ("nw8_res4", dict(implementation="persistent", num_warps=8, resident_chunks=4)),
+        ("nw8_sorted", dict(implementation="persistent", num_warps=8, bank_aware=False)),
+        ("step_nw8", dict(implementation="step", num_warps=8)),
+    ]
+    _sparse_case(log, results, 2304, 4, 0.3, "lstm", backward=False, variants=variants,
+                 baselines=("dense", "bcoo", "cudnn"))
+    _sparse_case(log, results, 2304, 4, 0.3, "lstm", backward=True, variants=variants[:1],
+                 baselines=("dense", "cudnn"))
+    _sparse_case(log, results, 2304, 4, 0.3, "tanh", backward=False, variants=variants[:1],
+                 baselines=("dense", "bcoo"))
+    _sparse_case(log, results, 4096, 4, 0.1, "lstm", backward=False, variants=variants[:4],
+                 baselines=("dense", "cudnn"))
+
+
+def run_sweep(log, results, variant, budget_s):
+    start = time.time()
+    for cell in ("lstm", "tanh"):
+        for hidden in (2304, 4096, 1152):
+            for batch in (4, 1, 16):
+                for density in (0.3, 0.1, 0.05):
+                    if time.time() - start > budget_s:
+                        log(f"budget reached; skipping {cell} H={hidden} B={batch} d={density}")
+                        continue
+                    first = density == 0.3
+                    base = ("dense", "cudnn") if first else ()
+                    base = base + ("bcoo",) if batch == 4 else base
+                    _sparse_case(log, results, hidden, batch, density, cell, backward=False,
+                                 variants=[variant], baselines=base)
+                    if batch == 4 and hidden == 2304 and density == 0.3:
+                        _sparse_case(log, results, hidden, batch, density, cell, backward=True,
+                                     variants=[variant], baselines=("dense", "cudnn"))
+
+
+def capacity_table():
+    """The largest hidden size the kernel packs within its on-chip budget, per cell/density."""
+    out = {}
+    for cell in ("lstm", "gru", "tanh"):
+        g = GATES[cell]
+        for density in (0.05, 0.1, 0.3):
+            best = None
+            for hidden in range(256, 16385, 128):
+                blocks = sr.default_num_blocks(hidden)
+                slots = 32 * math.ceil(round(density * hidden) / 32)
+                if g * (hidden // blocks) * slots <= sr.MAX_SLOTS_PER_BLOCK:
+                    best = hidden
+            out[f"{cell}@{density}"] = best
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--mode", default="check,quick")
+    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--budget-s", type=float, default=300.0)
+    parser.add_argument("--num-warps", type=int, default=8)
+    parser.add_argument("--resident-chunks", type=int, default=0)
+    args = parser.parse_args()
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    lines: list[str] = []
+
+    def log(msg: str) -> None:
+        print(msg, flush=True)
+        lines.append(msg)
+
+    env = tuning.environment()
+    log(json.dumps(env))
+    payload = dict(steps=STEPS, samples=SAMPLES, capacity=capacity_table())
+    results: list[dict] = []
+    modes = args.mode.split(",")
+    t0 = time.time()
+    if "check" in modes:
+        payload["check"] = run_check(log)
+        log(f"check done in {time.time() - t0:.0f}s")
+    if "quick" in modes:
+        run_quick(log, results)
+    if "sweep" in modes:
+        variant = (f"nw{args.num_warps}_res{args.resident_chunks}",
+                   dict(implementation="persistent", num_warps=args.num_warps,
+                        resident_chunks=args.resident_chunks))
+        run_sweep(log, results, variant, args.budget_s)
+    name = "sparse_rnn_" + "_".join(modes) + ".json"
+    tuning.write_results(out / name, results=results, **payload)
+    (out / ("sparse_rnn_" + "_".join(modes) + ".log")).write_text("\n".join(lines))
+    log(f"total {time.time() - t0:.0f}s; wrote {out / name}")
+
+
+if __name__ == "__main__":
+    main()
