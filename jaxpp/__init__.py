@@ -11,6 +11,7 @@ from jaxpp._treduce import Add as Add
 from jaxpp._treduce import Concat as Concat
 from jaxpp._treduce import Max as Max
 from jaxpp._treduce import Mean as Mean
+from jaxpp._treduce import split_microbatches as split_microbatches
 from jaxpp._treduce import treduce as treduce
 from jaxpp._treduce import treduce_i as treduce_i
 from jaxpp.schedules import ZBV as ZBV
@@ -41,6 +42,7 @@ __all__ = [
     "mark_stage_end",
     "mpmd_jit_with_loop",
     "schedules",
+    "split_microbatches",
     "treduce",
     "treduce_i",
 ]

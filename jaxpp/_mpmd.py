@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 import jax
 import numpy as np
+from jax._src import tree_util
 from jax.sharding import Mesh, PartitionSpec
 
 from jaxpp import _compiler, schedules
@@ -130,15 +131,12 @@ class MpmdFunction:
         plan = _plan.lower(step.graph, built[0], costs=self._costs)
         specs = {}
         if self._in_shardings is not None:
-            spec_leaves = jax.tree.leaves(
-                self._in_shardings, is_leaf=lambda x: isinstance(x, PartitionSpec) or x is None
-            )
-            if len(spec_leaves) == len(leaves):
-                specs = {
-                    name: spec
-                    for name, spec in zip(step.graph.step_inputs, spec_leaves, strict=True)
-                    if spec is not None
-                }
+            per_leaf = _broadcast_specs(self._in_shardings, args)
+            specs = {
+                name: spec
+                for name, spec in zip(step.graph.step_inputs, per_leaf, strict=True)
+                if spec is not None
+            }
         executor = _local.LocalExecutor(
             step.graph, plan, [mesh.rank_mesh(r) for r in range(mesh.num_ranks)], input_specs=specs
         )
@@ -159,6 +157,22 @@ class MpmdFunction:
     def last_stats(self) -> _local.StepStats | None:
         """Statistics of the most recent step (time, peak activations, timings)."""
         return None if self._last is None else self._last.executor.last_stats
+
+
+def _broadcast_specs(in_shardings, args) -> list[PartitionSpec | None]:
+    """One PartitionSpec (or None) per argument leaf, from a prefix tree of specs."""
+
+    def is_leaf(x) -> bool:
+        return x is None or isinstance(x, PartitionSpec)
+
+    try:
+        return tree_util.broadcast_prefix(in_shardings, args, is_leaf=is_leaf)
+    except ValueError as e:
+        raise ValueError(
+            f"in_shardings must be a pytree prefix of the step's arguments with a "
+            f"PartitionSpec or None at each leaf: {e}. Fix: e.g. in_shardings=(None, "
+            f"{{'x': P(None, 'data')}}) for arguments (state, batch)."
+        ) from e
 
 
 def mpmd_jit_with_loop(

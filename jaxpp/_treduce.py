@@ -11,9 +11,9 @@ from typing import Protocol
 
 import jax
 import jax.numpy as jnp
+from jax._src.interpreters import partial_eval as pe
 from jax.extend import core as jex_core
 from jax.interpreters import ad, mlir
-from jax._src.interpreters import partial_eval as pe
 
 from jaxpp import schedules
 
@@ -122,6 +122,34 @@ def treduce_i[T](
         6.0
     """
     return treduce(fun, jnp.arange(num_microbatches), schedule, operation)
+
+
+def split_microbatches[T](batch: T, num_microbatches: int) -> T:
+    """Reshapes every leaf's axis 0 from `B` to `(num_microbatches, B // num_microbatches)`.
+
+    Raises:
+        ValueError: if a leaf's batch size is not divisible by `num_microbatches`.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> split_microbatches({"x": jnp.zeros((8, 3))}, 4)["x"].shape
+        (4, 2, 3)
+    """
+    if not isinstance(num_microbatches, int) or num_microbatches < 1:
+        raise ValueError(f"num_microbatches must be an int >= 1, got {num_microbatches!r}.")
+
+    def split(path, x):
+        size = x.shape[0] if getattr(x, "ndim", 0) else None
+        if size is None or size % num_microbatches:
+            where = jax.tree_util.keystr(path) or "the batch"
+            raise ValueError(
+                f"{where} has batch size {size}, which does not split into {num_microbatches} "
+                f"equal microbatches. Fix: choose a batch size that is a multiple of "
+                f"{num_microbatches}, or a microbatch count that divides {size}."
+            )
+        return x.reshape(num_microbatches, size // num_microbatches, *x.shape[1:])
+
+    return jax.tree_util.tree_map_with_path(split, batch)
 
 
 def _num_microbatches(leaves: list) -> int:
@@ -248,5 +276,6 @@ def _no_jvp(primals, tangents, **params):
         "jaxpp.treduce is not differentiable from the outside. Fix: take the gradient inside the "
         "loop body (treduce(jax.value_and_grad(loss), batch, ...)), as a train step does."
     )
+
 
 ad.primitive_jvps[treduce_p] = _no_jvp

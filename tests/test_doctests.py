@@ -6,18 +6,19 @@ import pkgutil
 
 import pytest
 
-import jaxpp
-
 # Modules that need a GPU to import are skipped by name here, with the reason.
 _GPU_ONLY: frozenset[str] = frozenset()
 
 
 def _module_names() -> list[str]:
-    names = ["jaxpp"]
-    for info in pkgutil.walk_packages(jaxpp.__path__, prefix="jaxpp."):
-        if info.name not in _GPU_ONLY:
-            names.append(info.name)
-    return sorted(names)
+    """Every module of jaxpp, including the subpackages mapped from other folders."""
+    roots = ["jaxpp", "jaxpp.schedules", "jaxpp.runtime", "jaxpp.kernels"]
+    names = set(roots)
+    for root in roots:
+        package = importlib.import_module(root)
+        for info in pkgutil.walk_packages(package.__path__, prefix=f"{root}."):
+            names.add(info.name)
+    return sorted(names - _GPU_ONLY)
 
 
 @pytest.mark.parametrize("name", _module_names())

@@ -5,6 +5,7 @@ import functools
 import jax
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 from pipeline_models import assert_trees_close, make_problem, train_step
 
 import jaxpp
@@ -29,13 +30,15 @@ def _mesh(num_ranks, inner=1, names=("stages", "data")):
     return jaxpp.MpmdMesh(jax.sharding.Mesh(devices, names), "stages")
 
 
-def _run_both(schedule, layers, *, num_microbatches=8, steps=2, mesh=None, seed=0, **kwargs):
+def _run_both(
+    schedule, layers, *, num_microbatches=8, steps=2, mesh=None, seed=0, in_shardings=None, **kwargs
+):
     state, batch, loss = make_problem(
         jax.random.key(seed), layers_per_stage=layers, num_microbatches=num_microbatches, **kwargs
     )
     step = functools.partial(train_step, schedule=schedule, loss=loss)
     mesh = mesh or _mesh(schedule.num_ranks if hasattr(schedule, "num_ranks") else 4)
-    pipelined = jaxpp.mpmd_jit_with_loop(step, mpmd_mesh=mesh)
+    pipelined = jaxpp.mpmd_jit_with_loop(step, mpmd_mesh=mesh, in_shardings=in_shardings)
     reference = jax.jit(step)
     ref_state, pp_state = state, state
     for i in range(steps):
@@ -83,8 +86,25 @@ def test_pipeline_uneven_stages_match_jit():
     _run_both(jaxpp.Std1F1B(4), (1, 3, 2, 1))
 
 
-def test_pipeline_stage_mesh_of_two_devices_matches_jit():
-    _run_both(jaxpp.Std1F1B(4), (1, 1, 1, 1), mesh=_mesh(4, 2))
+def test_pipeline_data_parallel_inside_stages_matches_jit():
+    batch_spec = {"x": P(None, "data"), "y": P(None, "data")}
+    pipelined, state = _run_both(
+        jaxpp.Std1F1B(4), (1, 1, 1, 1), mesh=_mesh(4, 2), in_shardings=(None, batch_spec)
+    )
+    executor = pipelined.last_compiled.executor
+    assert executor.rank_meshes[0].devices.size == 2
+    assert len(state[0]["layers"][0]["w"].sharding.device_set) == 2
+
+
+def test_pipeline_tensor_parallel_inside_stages_matches_jit():
+    layer_spec = {"w": P(None, "model"), "b": P("model")}
+    params_spec = {"embed": None, "head": None, "layers": [layer_spec] * 4}
+    _run_both(
+        jaxpp.Std1F1B(4),
+        (1, 1, 1, 1),
+        mesh=_mesh(4, 2, names=("stages", "model")),
+        in_shardings=((params_spec, None), None),
+    )
 
 
 def test_pipeline_uneven_microbatch_count_matches_jit():
