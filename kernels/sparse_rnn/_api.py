@@ -7,7 +7,6 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-
 from jaxpp.kernels.sparse_rnn import _kernel, _reference, _weights
 
 IMPLEMENTATIONS = ("auto", "persistent", "step", "reference")
@@ -25,7 +24,8 @@ def sparse_rnn(
     cell: str = "lstm",
     c0: jax.Array | None = None,
     implementation: str = "auto",
-    num_warps: int = 8,
+    num_warps: int = 16,
+    num_stages: int = 1,
     resident_chunks: int = 0,
     max_spins: int = 1 << 20,
     check_timeouts: bool = True,
@@ -47,6 +47,7 @@ def sparse_rnn(
             "step" (one Pallas launch per step; interpret mode on CPU), "reference" (dense
             masked `lax.scan`), or "auto" (persistent on GPU, reference elsewhere).
         num_warps: warps per block of the Triton kernels.
+        num_stages: software-pipelining depth of the kernels' chunk loops.
         resident_chunks: chunks of 32 non-zeros per row held in registers across all steps
             (persistent kernel); the rest are re-read from L1/L2 each step.
         max_spins: bound on each wait of the persistent kernel.
@@ -82,7 +83,14 @@ def sparse_rnn(
         hs = _reference.sparse_rnn_reference(x_proj, h0, weights.to_dense(), cell=cell, c0=c0)
         return hs.astype(x_proj.dtype)
     cfg = _config(
-        weights, cell, x_proj.shape, implementation, num_warps, resident_chunks, max_spins
+        weights,
+        cell,
+        x_proj.shape,
+        implementation,
+        num_warps,
+        num_stages,
+        resident_chunks,
+        max_spins,
     )
     hs = _sparse_rnn_kernel(
         cfg,
@@ -122,7 +130,9 @@ def _check_inputs(x_proj, h0, c0, weights, gates, cell) -> None:
         raise ValueError(f"c0 shape {c0.shape} != h0 shape {h0.shape}. Fix: match h0.")
 
 
-def _config(weights, cell, x_shape, implementation, num_warps, resident_chunks, max_spins):
+def _config(
+    weights, cell, x_shape, implementation, num_warps, num_stages, resident_chunks, max_spins
+):
     blocks, gates, units, slots = weights.values.shape
     if gates * units * slots > _weights.MAX_SLOTS_PER_BLOCK:
         raise ValueError(
@@ -150,6 +160,7 @@ def _config(weights, cell, x_shape, implementation, num_warps, resident_chunks, 
         batch=1 << max(0, (batch - 1).bit_length()),
         steps=int(x_shape[1]),
         num_warps=num_warps,
+        num_stages=num_stages,
         resident_chunks=resident_chunks,
         max_spins=max_spins,
         interpret=jax.default_backend() != "gpu",

@@ -30,7 +30,6 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
-
 from jaxpp.kernels.sparse_rnn import _cells
 
 CHUNK = 32
@@ -51,6 +50,7 @@ class KernelConfig:
     batch: int  # padded to a power of two
     steps: int
     num_warps: int = 8
+    num_stages: int = 1
     resident_chunks: int = 0
     max_spins: int = 1 << 20
     interpret: bool = False
@@ -72,7 +72,7 @@ class KernelConfig:
 
 
 def _compiler_params(cfg: KernelConfig):
-    return plt.CompilerParams(num_warps=cfg.num_warps, num_stages=1)
+    return plt.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
 def _load_chunk(vals_ref, cols_ref, p, index: tuple, size: int, chunk, *, evict: bool):
@@ -87,53 +87,64 @@ def _load_chunk(vals_ref, cols_ref, p, index: tuple, size: int, chunk, *, evict:
     return vals.astype(jnp.float32), cols
 
 
-def _gather_matvec(cfg, src_ref, src_row0, chunks, streamed, size):
-    """`sum_k vals[r, k] * src[src_row0 + cols[r, k], :]` for one row group -> `(size, batch)`.
+def _gather_matvec(cfg, src_ref, src_row0, keys, resident, load, n_chunks):
+    """Sparse products of several row groups at once -> `{key: (size, batch)}`.
 
-    `chunks` are `(vals, cols)` pairs already in registers; `streamed` is None or
-    `(load, first, last)`: chunks `first..last-1` are loaded by `load(c)` inside a loop.
-    The batch is the gathered rows' minor axis, so each gather is one wide load.
+    For each `(key, size)` computes `sum_k vals[r, k] * src[src_row0 + cols[r, k], :]`. One
+    loop over the chunks serves every key, so each iteration has many independent gathers in
+    flight (the loop is latency-bound otherwise). `resident[key]` holds the first chunks already
+    in registers; `load(key, size, c)` loads chunk `c`. The batch is the gathered rows' minor
+    axis, so each gather is one wide load.
     """
-    acc = jnp.zeros((size, CHUNK, cfg.batch), jnp.float32)
-    for vals, cols in chunks:
-        acc = acc + vals[:, :, None] * src_ref[cols + src_row0, :]
-    if streamed is not None:
-        load, first, last = streamed
 
-        def body(c, acc):
-            vals, cols = load(c)
-            return acc + vals[:, :, None] * src_ref[cols + src_row0, :]
+    def term(vals, cols):
+        return jnp.sum(vals[:, :, None] * src_ref[cols + src_row0, :], axis=1)
 
-        acc = jax.lax.fori_loop(first, last, body, acc)
-    return jnp.sum(acc, axis=1)
+    accs = []
+    for key, size in keys:
+        acc = jnp.zeros((size, cfg.batch), jnp.float32)
+        for vals, cols in resident.get(key, ()):
+            acc = acc + term(vals, cols)
+        accs.append(acc)
+    first = min((len(resident.get(key, ())) for key, _ in keys), default=0)
+    if first < n_chunks:
+
+        def body(c, accs):
+            return tuple(
+                acc + term(*load(key, size, c)) for (key, size), acc in zip(keys, accs, strict=True)
+            )
+
+        accs = jax.lax.fori_loop(first, n_chunks, body, tuple(accs))
+    return {key: acc for (key, _), acc in zip(keys, accs, strict=True)}
 
 
 def _forward_block(cfg, p, refs, offsets, resident):
     """One step for block `p`: reads slab offsets, writes `h_t`, `c_t` and `m_t` rows."""
     x_ref, vals_ref, cols_ref, src_ref, cprev_ref, h_ref, c_ref, m_ref = refs
     x_row0, src_row0, cprev_row0, h_row0, c_row0, m_row0 = offsets
-    hidden, n_chunks = cfg.hidden, cfg.slots // CHUNK
+    hidden = cfg.hidden
+    keys = [((g, r0), size) for g in range(cfg.gates) for r0, size in cfg.row_groups]
+    xs = {
+        (g, r0): x_ref[pl.ds(x_row0 + g * hidden + p * cfg.units + r0, size), :]
+        for (g, r0), size in keys
+    }
+
+    def load(key, size, c):
+        return _load_chunk(vals_ref, cols_ref, p, key, size, c, evict=not cfg.interpret)
+
+    ms = _gather_matvec(cfg, src_ref, src_row0, keys, resident, load, cfg.slots // CHUNK)
     for r0, size in cfg.row_groups:
         unit0 = p * cfg.units + r0
-        xs, ms = [], []
-        for g in range(cfg.gates):
-            xs.append(x_ref[pl.ds(x_row0 + g * hidden + unit0, size), :])
-            chunks = resident.get((g, r0), ())
-            load = functools.partial(
-                _load_chunk, vals_ref, cols_ref, p, (g, r0), size, evict=cfg.resident_chunks > 0
-            )
-            streamed = (lambda c, load=load: load(chunk=c), len(chunks), n_chunks)
-            if len(chunks) == n_chunks:
-                streamed = None
-            ms.append(_gather_matvec(cfg, src_ref, src_row0, chunks, streamed, size))
         h_prev = src_ref[pl.ds(src_row0 + unit0, size), :] if cfg.cell == "gru" else None
         c_prev = cprev_ref[pl.ds(cprev_row0 + unit0, size), :] if cfg.cell == "lstm" else None
-        h, c = _cells.cell_forward(cfg.cell, xs, ms, h_prev, c_prev)
+        gate_x = [xs[(g, r0)] for g in range(cfg.gates)]
+        gate_m = [ms[(g, r0)] for g in range(cfg.gates)]
+        h, c = _cells.cell_forward(cfg.cell, gate_x, gate_m, h_prev, c_prev)
         h_ref[pl.ds(h_row0 + unit0, size), :] = h
         if cfg.cell == "lstm":
             c_ref[pl.ds(c_row0 + unit0, size), :] = c
         for g in range(cfg.gates):
-            m_ref[pl.ds(m_row0 + g * hidden + unit0, size), :] = ms[g]
+            m_ref[pl.ds(m_row0 + g * hidden + unit0, size), :] = gate_m[g]
 
 
 def _backward_block(cfg, p, refs, offsets, carries, resident):
@@ -153,19 +164,16 @@ def _backward_block(cfg, p, refs, offsets, carries, resident):
     ) = refs
     (g_row0, x_row0, m_row0, hprev_row0, cprev_row0, c_row0, dmsrc_row0, dm_row0) = offsets
     hidden, n_chunks = cfg.hidden, cfg.transpose_slots // CHUNK
+    keys = [(r0, size) for r0, size in cfg.row_groups]
+
+    def load(key, size, c):
+        return _load_chunk(tvals_ref, trows_ref, p, (key,), size, c, evict=not cfg.interpret)
+
+    dms_in = _gather_matvec(cfg, dmsrc_ref, dmsrc_row0, keys, resident, load, n_chunks)
     new_carries = []
     for (r0, size), (dc, direct) in zip(cfg.row_groups, carries, strict=True):
         unit0 = p * cfg.units + r0
-        chunks = resident.get(r0, ())
-        load = functools.partial(
-            _load_chunk, tvals_ref, trows_ref, p, (r0,), size, evict=cfg.resident_chunks > 0
-        )
-        streamed = (lambda c, load=load: load(chunk=c), len(chunks), n_chunks)
-        if len(chunks) == n_chunks:
-            streamed = None
-        tcfg = dataclasses.replace(cfg, slots=cfg.transpose_slots)
-        dh = g_ref[pl.ds(g_row0 + unit0, size), :] + direct
-        dh = dh + _gather_matvec(tcfg, dmsrc_ref, dmsrc_row0, chunks, streamed, size)
+        dh = g_ref[pl.ds(g_row0 + unit0, size), :] + direct + dms_in[r0]
         xs = [x_ref[pl.ds(x_row0 + g * hidden + unit0, size), :] for g in range(cfg.gates)]
         ms = [m_ref[pl.ds(m_row0 + g * hidden + unit0, size), :] for g in range(cfg.gates)]
         h_prev = hprev_ref[pl.ds(hprev_row0 + unit0, size), :]

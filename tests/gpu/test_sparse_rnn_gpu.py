@@ -1,0 +1,73 @@
+"""GPU tests of the persistent sparse RNN kernel (run on the GPU machine, not in CI)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jaxpp.kernels import sparse_rnn as sr
+
+pytestmark = [
+    pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU"),
+    pytest.mark.filterwarnings("ignore:.*Pallas Triton backend is deprecated"),
+]
+_GATES = {"tanh": 1, "gru": 3, "lstm": 4}
+
+
+def _problem(cell, hidden, batch, density, steps, seed):
+    rng = np.random.default_rng(seed)
+    g = _GATES[cell]
+    w = rng.normal(size=(hidden, g * hidden)) * 0.5 / np.sqrt(density * hidden)
+    weights = sr.SparseRecurrentWeights.prune(w, density, num_gates=g)
+    x = jnp.asarray(rng.normal(size=(batch, steps, g * hidden)), jnp.float32)
+    h0 = jnp.asarray(rng.normal(size=(batch, hidden)) * 0.5, jnp.float32)
+    c0 = jnp.asarray(rng.normal(size=(batch, hidden)) * 0.5, jnp.float32)
+    ct = jnp.asarray(rng.normal(size=(batch, steps, hidden)), jnp.float32)
+    return weights, x, h0, c0, ct
+
+
+def _rel(a, b):
+    return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
+
+
+@pytest.mark.parametrize(
+    "cell,hidden,batch,density",
+    [
+        ("lstm", 2304, 4, 0.3),
+        ("lstm", 1152, 16, 0.05),
+        ("tanh", 4096, 1, 0.1),
+        ("gru", 512, 3, 0.2),
+    ],
+)
+def test_persistent_long_sequence_matches_reference(cell, hidden, batch, density):
+    weights, x, h0, c0, ct = _problem(cell, hidden, batch, density, 300, seed=hidden + batch)
+
+    def loss(impl, x, h0, c0, values):
+        hs = sr.sparse_rnn(
+            x, h0, weights.with_values(values), cell=cell, c0=c0, implementation=impl
+        )
+        return jnp.sum(hs * ct), hs
+
+    out = {}
+    for impl in ("persistent", "reference"):
+        grad = jax.jit(
+            jax.value_and_grad(
+                lambda *a, impl=impl: loss(impl, *a), argnums=(0, 1, 2, 3), has_aux=True
+            )
+        )
+        (_, hs), grads = grad(x, h0, c0, weights.values)
+        out[impl] = (hs, grads)
+    assert _rel(out["persistent"][0], out["reference"][0]) < 1e-4
+    names = ("dx", "dh0", "dc0", "dvalues")
+    for name, a, b in zip(names, out["persistent"][1], out["reference"][1], strict=True):
+        if name == "dc0" and cell != "lstm":
+            continue
+        assert _rel(a, b) < 2e-3, name  # dvalues: TF32 product on GPU
+
+
+def test_persistent_spin_bound_exceeded_raises_timeout():
+    weights, x, h0, c0, _ = _problem("lstm", 2304, 4, 0.3, 64, seed=1)
+    with pytest.raises(Exception, match="timed out waiting"):
+        hs = sr.sparse_rnn(
+            x, h0, weights, cell="lstm", c0=c0, implementation="persistent", max_spins=1
+        )
+        jax.block_until_ready(hs)
