@@ -10,7 +10,7 @@ from jax._src import tree_util
 from jax.sharding import Mesh, PartitionSpec
 
 from jaxpp import _compiler, schedules
-from jaxpp.runtime import _local, _plan
+from jaxpp.runtime import _local, _plan, _trace
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,6 +147,20 @@ class MpmdFunction:
         self._last = compiled
         outs = compiled.executor.run(jax.tree.leaves(args))
         return jax.tree.unflatten(compiled.out_tree, outs)
+
+    def profile(self, *args) -> _trace.Profile:
+        """Runs one step waiting for every task, and returns what it measured.
+
+        The profiled step is slower than a real one (ranks do not overlap); use its
+        per-task times, its trace (`.chrome_trace()`) and the simulator's prediction.
+        Runs the step twice (the first warms up); its results are discarded.
+        """
+        compiled = self.compile(*args)
+        for _ in range(2):  # the first run may compile tasks for new input shardings
+            compiled.executor.run(jax.tree.leaves(args), record_timing=True)
+        timings = compiled.executor.last_stats.timings
+        loop_tasks = {t.name: (t.stage, t.kind) for t in compiled.graph.loop_tasks.values()}
+        return _trace.profile_from_timings(timings, compiled.plan.schedule, loop_tasks)
 
     @property
     def last_compiled(self) -> CompiledPipeline | None:

@@ -13,6 +13,9 @@ from jaxpp.runtime._plan import lower as lower
 from jaxpp.runtime._taskgraph import MicrobatchInput as MicrobatchInput
 from jaxpp.runtime._taskgraph import Task as Task
 from jaxpp.runtime._taskgraph import TaskGraph as TaskGraph
+from jaxpp.runtime._trace import Profile as Profile
+from jaxpp.runtime._trace import profile_from_timings as profile_from_timings
+from jaxpp.runtime._trace import trace_events as trace_events
 
 __all__ = [
     "Buffer",
@@ -20,6 +23,7 @@ __all__ = [
     "LocalExecutor",
     "MicrobatchInput",
     "Plan",
+    "Profile",
     "Run",
     "Send",
     "Split",
@@ -28,4 +32,6 @@ __all__ = [
     "TaskGraph",
     "TaskTiming",
     "lower",
+    "profile_from_timings",
+    "trace_events",
 ]

@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
 from jaxpp.runtime import _plan, _taskgraph
 
 

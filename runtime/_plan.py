@@ -10,9 +10,8 @@ after its last use.
 import dataclasses
 from collections.abc import Mapping
 
-from jaxpp.runtime import _taskgraph
-
 from jaxpp import schedules
+from jaxpp.runtime import _taskgraph
 
 
 @dataclasses.dataclass(frozen=True, slots=True, order=True)

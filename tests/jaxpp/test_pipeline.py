@@ -109,3 +109,16 @@ def test_pipeline_tensor_parallel_inside_stages_matches_jit():
 
 def test_pipeline_uneven_microbatch_count_matches_jit():
     _run_both(jaxpp.Std1F1B(4), (1, 1, 1, 1), num_microbatches=6, steps=1)
+
+
+def test_profile_gives_trace_costs_and_prediction():
+    pipelined, state = _run_both(jaxpp.Std1F1B(4), (1, 1, 1, 1), steps=1)
+    _, batch, _ = make_problem(jax.random.key(0), layers_per_stage=(1, 1, 1, 1), num_microbatches=8)
+    profile = pipelined.profile(state, batch)
+    names = {e["name"] for e in profile.chrome_trace()["traceEvents"] if e["ph"] == "X"}
+    assert {f"s{s}/{k}[{mb}]" for s in range(4) for k in "FB" for mb in range(8)} <= names
+    assert set(profile.costs.per_stage) == {0, 1, 2, 3}
+    assert profile.simulation.makespan > 0 and all(b > 0 for b in profile.busy_seconds)
+    # The simulator cannot beat the busiest rank's own work.
+    assert profile.simulation.makespan >= max(profile.busy_seconds) * (1 - 1e-9)
+    assert 0.0 <= profile.bubble(profile.predicted_step_seconds) < 1.0
