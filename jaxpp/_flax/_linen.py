@@ -16,11 +16,8 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
-import numpy as np
-from jax.extend import core as jex_core
 
-from jaxpp._flax import _layout
+from jaxpp._flax import _layout, _marking
 from jaxpp._markers import mark_stage_end
 
 
@@ -274,7 +271,7 @@ class _StageMarker:
         self.depth += 1
         try:
             if self.num_calls == 0 and 0 in self.layout.boundaries:
-                args = mark_stage_end(args)
+                args = _marking.mark_arrays(args)
             out = next_fun(*args, **kwargs)
         finally:
             self.depth -= 1
@@ -314,78 +311,14 @@ def _apply_split_scan(
     kwargs: Mapping,
 ) -> Any:
     """Traces `module.apply`, then evaluates it with its layer scan split per stage."""
-    leaves, treedef = jax.tree.flatten((variables, args, kwargs))
-    dynamic = [i for i, leaf in enumerate(leaves) if _is_array(leaf)]
 
-    def flat_apply(*arrays):
-        full = list(leaves)
-        for i, array in zip(dynamic, arrays, strict=True):
-            full[i] = array
-        v, a, k = jax.tree.unflatten(treedef, full)
-        return module.apply(v, *a, **k)
+    def apply(variables, args, kwargs):
+        return module.apply(variables, *args, **kwargs)
 
-    arrays = [leaves[i] for i in dynamic]
-    closed, out_shape = jax.make_jaxpr(flat_apply, return_shape=True)(*arrays)
-    targets = [
-        i
-        for i, eqn in enumerate(closed.jaxpr.eqns)
-        if eqn.primitive.name == "scan" and eqn.params["length"] == found.scan_length
-    ]
-    if len(targets) != 1:
-        raise NotImplementedError(
-            f"jaxpp.flax expected one top-level scan of length {found.scan_length} (the layer "
-            f"stack {found.class_name}) in the traced model, found {len(targets)}. Fix: unroll "
-            f"the layers, or report this model to the jaxpp developers."
-        )
-    outs = _eval_split(closed, targets[0], layout, arrays)
-    return jax.tree.unflatten(jax.tree.structure(out_shape), outs)
-
-
-def _is_array(leaf: Any) -> bool:
-    return isinstance(leaf, jax.Array | np.ndarray | jax.core.Tracer)
-
-
-def _eval_split(closed, target: int, layout: _layout.Layout, args: list) -> list:
-    """`jax.core.eval_jaxpr`, with equation `target` (a scan) run as one scan per stage."""
-    jaxpr = closed.jaxpr
-    env: dict = {}
-
-    def read(var):
-        return var.val if isinstance(var, jex_core.Literal) else env[var]
-
-    for var, value in zip(jaxpr.constvars, closed.consts, strict=True):
-        env[var] = value
-    for var, value in zip(jaxpr.invars, args, strict=True):
-        env[var] = value
-    for index, eqn in enumerate(jaxpr.eqns):
-        invals = [read(v) for v in eqn.invars]
-        if index == target:
-            outs = _split_scan_eqn(eqn, invals, layout)
-        else:
-            with eqn.ctx.manager:
-                outs = eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(eqn.params))
-            if not eqn.primitive.multiple_results:
-                outs = [outs]
-        for var, value in zip(eqn.outvars, outs, strict=True):
-            env[var] = value
-    return [read(v) for v in jaxpr.outvars]
-
-
-def _split_scan_eqn(eqn, invals: list, layout: _layout.Layout) -> list:
-    params = eqn.params
-    if params["reverse"]:
-        raise NotImplementedError("jaxpp.flax cannot split a reversed nn.scan (reverse=True).")
-    consts, carry, xs = (list(part) for part in params["ft_in"].update(invals).unpack())
-    start, ys_parts = 0, []
-    for stage, size in enumerate(layout.stage_sizes):
-        if size:
-            sliced = [x[start : start + size] for x in xs]
-            stage_params = eqn.primitive.get_bind_params(dict(params, length=size))
-            outs = eqn.primitive.bind(*consts, *carry, *sliced, **stage_params)
-            carry, ys = (list(part) for part in params["ft_out"].update(outs).unpack())
-            ys_parts.append(ys)
-            start += size
-        if stage < layout.num_stages - 1:
-            carry = list(mark_stage_end(tuple(carry)))
-    ys = [jnp.concatenate(parts) for parts in zip(*ys_parts, strict=True)]
-    return [*carry, *ys]
+    return _marking.call_with_split_scan(
+        apply,
+        (variables, args, kwargs),
+        scan_length=found.scan_length,
+        layout_for=lambda _: layout,
+        what=f"the layer stack {found.class_name}",
+    )
