@@ -29,6 +29,7 @@ import warnings
 import jax
 import jax.numpy as jnp
 import numpy as np
+
 from jaxpp.kernels import sparse_rnn as sr
 from jaxpp.kernels import tuning
 from jaxpp.kernels.sparse_rnn import _cells
@@ -304,20 +305,25 @@ def _sparse_case(log, results, hidden, batch, density, cell, *, backward, varian
         )
 
 
-def _variant(nw, stages=1, res=0, **kw):
-    name = f"nw{nw}_s{stages}_res{res}" + "".join(f"_{k}" for k in kw)
+def _variant(nw, stages=1, res=0, gather="global"):
+    name = f"{gather}_nw{nw}_s{stages}_res{res}"
     return name, dict(
-        implementation="persistent", num_warps=nw, num_stages=stages, resident_chunks=res, **kw
+        implementation="persistent",
+        num_warps=nw,
+        num_stages=stages,
+        resident_chunks=res,
+        gather=gather,
     )
 
 
 QUICK_VARIANTS = [
     _variant(16),
     _variant(16, 3),
-    _variant(8, 3),
     _variant(32),
-    _variant(16, 1, 4),
-    _variant(16, 3, 4),
+    _variant(16, 1, 6),
+    _variant(16, 1, 0, "shared"),
+    _variant(16, 1, 6, "shared"),
+    _variant(32, 1, 0, "shared"),
 ]
 
 

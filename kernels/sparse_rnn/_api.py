@@ -7,6 +7,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+
 from jaxpp.kernels.sparse_rnn import _kernel, _reference, _weights
 
 IMPLEMENTATIONS = ("auto", "persistent", "step", "reference")
@@ -26,6 +27,7 @@ def sparse_rnn(
     implementation: str = "auto",
     num_warps: int = 16,
     num_stages: int = 1,
+    gather: str = "global",
     resident_chunks: int = 0,
     max_spins: int = 1 << 20,
     check_timeouts: bool = True,
@@ -35,7 +37,8 @@ def sparse_rnn(
     `x_proj` is the input projection for every step (one large matmul done outside, biases
     included); the kernel computes `h_t = cell(x_proj[:, t], h_{t-1} @ w)` with `w` sparse.
     Differentiable in `x_proj`, `h0`, `c0` and `weights.values` (the gradient of the values is
-    computed only at the stored non-zeros).
+    computed only at the stored non-zeros). The kernels read 16-bit values (float32 values are
+    rounded to bfloat16) and accumulate in float32.
 
     Args:
         x_proj: `(batch, steps, gates * hidden)`.
@@ -48,6 +51,8 @@ def sparse_rnn(
             masked `lax.scan`), or "auto" (persistent on GPU, reference elsewhere).
         num_warps: warps per block of the Triton kernels.
         num_stages: software-pipelining depth of the kernels' chunk loops.
+        gather: "global" (gathered L1-cached loads of the state) or "shared" (the state
+            loaded once per step, gathered through shared memory by Triton's gather op).
         resident_chunks: chunks of 32 non-zeros per row held in registers across all steps
             (persistent kernel); the rest are re-read from L1/L2 each step.
         max_spins: bound on each wait of the persistent kernel.
@@ -89,6 +94,7 @@ def sparse_rnn(
         implementation,
         num_warps,
         num_stages,
+        gather,
         resident_chunks,
         max_spins,
     )
@@ -131,7 +137,15 @@ def _check_inputs(x_proj, h0, c0, weights, gates, cell) -> None:
 
 
 def _config(
-    weights, cell, x_shape, implementation, num_warps, num_stages, resident_chunks, max_spins
+    weights,
+    cell,
+    x_shape,
+    implementation,
+    num_warps,
+    num_stages,
+    gather,
+    resident_chunks,
+    max_spins,
 ):
     blocks, gates, units, slots = weights.values.shape
     if gates * units * slots > _weights.MAX_SLOTS_PER_BLOCK:
@@ -141,6 +155,13 @@ def _config(
             f"({_weights.MAX_SLOTS_PER_BLOCK}). Fix: lower the density, or pack with more "
             "blocks (num_blocks), or use implementation='reference'."
         )
+    if gates * weights.hidden_size > 1 << 16:
+        raise ValueError(
+            f"hidden={weights.hidden_size} with {gates} gates has more than 65536 gate-rows; the "
+            "kernels store indices in 16 bits. Fix: use implementation='reference'."
+        )
+    if gather not in ("global", "shared"):
+        raise ValueError(f"gather={gather!r} is not 'global' or 'shared'. Fix: pick one.")
     if implementation == "persistent":
         sms = _multiprocessors()
         if sms is not None and blocks > sms:
@@ -161,10 +182,17 @@ def _config(
         steps=int(x_shape[1]),
         num_warps=num_warps,
         num_stages=num_stages,
+        gather=gather,
+        value_dtype="float16" if weights.values.dtype == jnp.float16 else "bfloat16",
         resident_chunks=resident_chunks,
         max_spins=max_spins,
         interpret=jax.default_backend() != "gpu",
     )
+
+
+def _kernel_values(values: jax.Array) -> jax.Array:
+    """The kernels store 16-bit values; float32 values are rounded to bfloat16."""
+    return values if values.dtype in (jnp.bfloat16, jnp.float16) else values.astype(jnp.bfloat16)
 
 
 def _multiprocessors() -> int | None:
@@ -218,9 +246,8 @@ def _kernel_fwd(cfg, persistent, check, x, h0, c0, values, columns, valid, t_row
     batch = x.shape[0]
     xk = _to_kernel(x, cfg.batch)
     run = _kernel.forward_persistent if persistent else _kernel.forward_steps
-    hbuf, cbuf, m, timeouts = run(
-        cfg, xk, values, columns, _state_buffer(h0, cfg), _state_buffer(c0, cfg)
-    )
+    words = _kernel.pack(_kernel_values(values), columns)
+    hbuf, cbuf, m, timeouts = run(cfg, xk, words, _state_buffer(h0, cfg), _state_buffer(c0, cfg))
     if persistent and check:
         jax.debug.callback(_raise_on_timeouts, timeouts)
     hs = _from_kernel(hbuf[cfg.hidden :], batch, cfg.steps)
@@ -231,11 +258,12 @@ def _kernel_fwd(cfg, persistent, check, x, h0, c0, values, columns, valid, t_row
 def _kernel_bwd(cfg, persistent, check, residuals, g):
     xk, m, hbuf, cbuf, values, columns, valid, t_rows, t_src, t_valid, h0, c0 = residuals
     batch = h0.shape[0]
-    flat = values.ravel()[t_src]
+    flat = _kernel_values(values).ravel()[t_src]
     t_vals = jnp.where(t_valid, flat, jnp.zeros((), flat.dtype))
+    twords = _kernel.pack(t_vals[:, None], t_rows[:, None])
     gk = _to_kernel(g, cfg.batch)
     run = _kernel.backward_persistent if persistent else _kernel.backward_steps
-    dm, dx, dc0, dd0, timeouts = run(cfg, gk, xk, m, hbuf, cbuf, t_vals, t_rows)
+    dm, dx, dc0, dd0, timeouts = run(cfg, gk, xk, m, hbuf, cbuf, twords)
     if persistent and check:
         jax.debug.callback(_raise_on_timeouts, timeouts)
     gh = cfg.gates * cfg.hidden

@@ -17,8 +17,16 @@ slab `t` with ordinary loads. Those loads cannot hit stale L1 lines: slab `t` is
 and no block reads it before its stamps say it is complete. Every spin is bounded; a block that
 gives up counts a timeout, carries on (so the grid still finishes) and reports the count.
 
-Weights: the first `resident_chunks` chunks of each row are loaded once before the time loop
-and stay in registers; the rest are reloaded every step with `evict_last` (L1/L2 resident).
+Weights: each non-zero is one int32 word, the 16-bit value (bf16/f16) in the high half and the
+column in the low half, laid out `(block, gate, chunk, unit, 32)` so that one chunk of a row
+group is one contiguous `(units, 32)` tile. The first `resident_chunks` chunks of each row are
+loaded once before the time loop and stay in registers; the rest are reloaded every step with
+`evict_last` (L1/L2 resident).
+
+Gathers: `gather="global"` reads the hidden state with gathered global loads (L1-cached);
+`gather="shared"` loads the whole previous state once per step (coalesced) and gathers from it
+with Triton's `gather` op, which goes through shared memory (the paper's design: the state in
+shared memory, the weights in registers).
 """
 
 from __future__ import annotations
@@ -30,9 +38,12 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
-from jaxpp.kernels.sparse_rnn import _cells
+
+from jaxpp.kernels.sparse_rnn import _cells, _take_rows
 
 CHUNK = 32
+# gather="shared" holds the padded previous state (float32) on chip: 16384 values = 64 KiB.
+SHARED_STATE_LIMIT = 16384
 _INT32_MAX = 2**31 - 1
 
 
@@ -54,6 +65,8 @@ class KernelConfig:
     resident_chunks: int = 0
     max_spins: int = 1 << 20
     interpret: bool = False
+    gather: str = "global"
+    value_dtype: str = "bfloat16"
 
     @property
     def row_groups(self) -> tuple[tuple[int, int], ...]:
@@ -75,30 +88,59 @@ def _compiler_params(cfg: KernelConfig):
     return plt.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
-def _load_chunk(vals_ref, cols_ref, p, index: tuple, size: int, chunk, *, evict: bool):
+def pack(values: jax.Array, columns: jax.Array) -> jax.Array:
+    """`(blocks, gates, units, slots)` values and columns -> int32 words, kernel layout.
+
+    Returns `(blocks * gates * chunks * units, CHUNK)`: row `((p * gates + g) * chunks + c) *
+    units + u` holds chunk `c` of unit `u`'s gate `g` row.
+    """
+    blocks, gates, units, slots = values.shape
+    bits = jax.lax.bitcast_convert_type(values, jnp.uint16).astype(jnp.int32)
+    words = jnp.left_shift(bits, 16) | columns.astype(jnp.int32)
+    words = words.reshape(blocks, gates, units, slots // CHUNK, CHUNK).transpose(0, 1, 3, 2, 4)
+    return words.reshape(-1, CHUNK)
+
+
+def _load_chunk(cfg, w_ref, p, g, gates, n_chunks, r0, size, chunk, *, evict: bool):
     """`(size, CHUNK)` values (float32) and columns of one chunk of one row group."""
-    start = chunk * CHUNK
-    idx = (p, *index[:-1], pl.ds(index[-1], size), pl.ds(start, CHUNK))
+    row = ((p * gates + g) * n_chunks + chunk) * cfg.units + r0
     if evict:
-        vals = plt.load(vals_ref.at[idx], eviction_policy="evict_last")
-        cols = plt.load(cols_ref.at[idx], eviction_policy="evict_last")
+        words = plt.load(w_ref.at[pl.ds(row, size), :], eviction_policy="evict_last")
     else:
-        vals, cols = vals_ref[idx], cols_ref[idx]
-    return vals.astype(jnp.float32), cols
+        words = w_ref[pl.ds(row, size), :]
+    high = jnp.right_shift(words, 16).astype(jnp.int16)
+    vals = jax.lax.bitcast_convert_type(high, jnp.dtype(cfg.value_dtype)).astype(jnp.float32)
+    return vals, jnp.bitwise_and(words, 0xFFFF)
 
 
-def _gather_matvec(cfg, src_ref, src_row0, keys, resident, load, n_chunks):
+def _gatherer(cfg, src_ref, src_row0, src_rows):
+    """Returns `gather(cols) -> (size, CHUNK, batch)` rows of the source slab at `cols`."""
+    padded = 1 << max(0, (src_rows - 1).bit_length())
+    if cfg.gather == "global" or padded * cfg.batch > SHARED_STATE_LIMIT:
+        return lambda cols: src_ref[cols + src_row0, :]
+    rows = jax.lax.broadcasted_iota(jnp.int32, (padded, cfg.batch), 0)
+    src = plt.load(src_ref.at[pl.ds(src_row0, padded), :], mask=rows < src_rows, other=0.0)
+
+    def gather(cols):
+        size = cols.shape[0]
+        flat = jnp.broadcast_to(cols.reshape(size * CHUNK, 1), (size * CHUNK, cfg.batch))
+        return _take_rows.take_rows(src, flat).reshape(size, CHUNK, cfg.batch)
+
+    return gather
+
+
+def _gather_matvec(cfg, gather, keys, resident, load, n_chunks):
     """Sparse products of several row groups at once -> `{key: (size, batch)}`.
 
-    For each `(key, size)` computes `sum_k vals[r, k] * src[src_row0 + cols[r, k], :]`. One
-    loop over the chunks serves every key, so each iteration has many independent gathers in
-    flight (the loop is latency-bound otherwise). `resident[key]` holds the first chunks already
-    in registers; `load(key, size, c)` loads chunk `c`. The batch is the gathered rows' minor
-    axis, so each gather is one wide load.
+    For each `(key, size)` computes `sum_k vals[r, k] * src[cols[r, k], :]` with
+    `gather(cols)`. One loop over the chunks serves every key, so each iteration has many
+    independent gathers in flight (the loop is latency-bound otherwise). `resident[key]` holds
+    the first chunks already in registers; `load(key, size, c)` loads chunk `c`. The batch is
+    the gathered rows' minor axis, so each gather is one wide load.
     """
 
     def term(vals, cols):
-        return jnp.sum(vals[:, :, None] * src_ref[cols + src_row0, :], axis=1)
+        return jnp.sum(vals[:, :, None] * gather(cols), axis=1)
 
     accs = []
     for key, size in keys:
@@ -118,9 +160,12 @@ def _gather_matvec(cfg, src_ref, src_row0, keys, resident, load, n_chunks):
     return {key: acc for (key, _), acc in zip(keys, accs, strict=True)}
 
 
-def _forward_block(cfg, p, refs, offsets, resident):
-    """One step for block `p`: reads slab offsets, writes `h_t`, `c_t` and `m_t` rows."""
-    x_ref, vals_ref, cols_ref, src_ref, cprev_ref, h_ref, c_ref, m_ref = refs
+def _forward_block(cfg, p, refs, offsets, resident, wait=None):
+    """One step for block `p`: reads slab offsets, writes `h_t`, `c_t` and `m_t` rows.
+
+    `wait()`, if given, runs after the loads that do not depend on the previous step.
+    """
+    x_ref, w_ref, src_ref, cprev_ref, h_ref, c_ref, m_ref = refs
     x_row0, src_row0, cprev_row0, h_row0, c_row0, m_row0 = offsets
     hidden = cfg.hidden
     keys = [((g, r0), size) for g in range(cfg.gates) for r0, size in cfg.row_groups]
@@ -129,10 +174,18 @@ def _forward_block(cfg, p, refs, offsets, resident):
         for (g, r0), size in keys
     }
 
-    def load(key, size, c):
-        return _load_chunk(vals_ref, cols_ref, p, key, size, c, evict=not cfg.interpret)
+    n_chunks = cfg.slots // CHUNK
 
-    ms = _gather_matvec(cfg, src_ref, src_row0, keys, resident, load, cfg.slots // CHUNK)
+    def load(key, size, c):
+        g, r0 = key
+        return _load_chunk(
+            cfg, w_ref, p, g, cfg.gates, n_chunks, r0, size, c, evict=not cfg.interpret
+        )
+
+    if wait is not None:
+        wait()
+    gather = _gatherer(cfg, src_ref, src_row0, hidden)
+    ms = _gather_matvec(cfg, gather, keys, resident, load, n_chunks)
     for r0, size in cfg.row_groups:
         unit0 = p * cfg.units + r0
         h_prev = src_ref[pl.ds(src_row0 + unit0, size), :] if cfg.cell == "gru" else None
@@ -147,29 +200,23 @@ def _forward_block(cfg, p, refs, offsets, resident):
             m_ref[pl.ds(m_row0 + g * hidden + unit0, size), :] = gate_m[g]
 
 
-def _backward_block(cfg, p, refs, offsets, carries, resident):
+def _backward_block(cfg, p, refs, offsets, carries, resident, wait=None):
     """One reverse step for block `p`; returns the new `(dc, dh_direct)` carries per group."""
-    (
-        g_ref,
-        x_ref,
-        m_ref,
-        hprev_ref,
-        cprev_ref,
-        c_ref,
-        tvals_ref,
-        trows_ref,
-        dmsrc_ref,
-        dm_ref,
-        dx_ref,
-    ) = refs
+    g_ref, x_ref, m_ref, hprev_ref, cprev_ref, c_ref, tw_ref, dmsrc_ref, dm_ref, dx_ref = refs
     (g_row0, x_row0, m_row0, hprev_row0, cprev_row0, c_row0, dmsrc_row0, dm_row0) = offsets
     hidden, n_chunks = cfg.hidden, cfg.transpose_slots // CHUNK
     keys = [(r0, size) for r0, size in cfg.row_groups]
 
     def load(key, size, c):
-        return _load_chunk(tvals_ref, trows_ref, p, (key,), size, c, evict=not cfg.interpret)
+        return _load_chunk(cfg, tw_ref, p, 0, 1, n_chunks, key, size, c, evict=not cfg.interpret)
 
-    dms_in = _gather_matvec(cfg, dmsrc_ref, dmsrc_row0, keys, resident, load, n_chunks)
+    if wait is not None:
+        wait()
+    # The gate-row cotangents are G times the state: too large for shared memory; global.
+    gather = _gatherer(
+        dataclasses.replace(cfg, gather="global"), dmsrc_ref, dmsrc_row0, cfg.gates * hidden
+    )
+    dms_in = _gather_matvec(cfg, gather, keys, resident, load, n_chunks)
     new_carries = []
     for (r0, size), (dc, direct) in zip(cfg.row_groups, carries, strict=True):
         unit0 = p * cfg.units + r0
@@ -192,17 +239,18 @@ def _backward_block(cfg, p, refs, offsets, carries, resident):
 
 
 @functools.partial(jax.jit, static_argnames="cfg")
-def forward_steps(cfg: KernelConfig, x, vals, cols, hbuf, cbuf):
+def forward_steps(cfg: KernelConfig, x, words, hbuf, cbuf):
     """Forward over all steps with one launch per step, inside `lax.scan`.
 
-    Args: kernel layout; `x` is `(steps * gates * hidden, batch)`, `hbuf`/`cbuf` are
-    `((steps + 1) * hidden, batch)` with slab 0 filled. Returns `(hbuf, cbuf, m)`.
+    Args: kernel layout; `x` is `(steps * gates * hidden, batch)`, `words` from `pack`,
+    `hbuf`/`cbuf` are `((steps + 1) * hidden, batch)` with slab 0 filled.
+    Returns `(hbuf, cbuf, m, timeouts)`.
     """
     hidden, gh, b = cfg.hidden, cfg.gates * cfg.hidden, cfg.batch
 
-    def kernel(x_ref, vals_ref, cols_ref, h_prev_ref, c_prev_ref, h_ref, c_ref, m_ref):
+    def kernel(x_ref, w_ref, h_prev_ref, c_prev_ref, h_ref, c_ref, m_ref):
         p = pl.program_id(0)
-        refs = (x_ref, vals_ref, cols_ref, h_prev_ref, c_prev_ref, h_ref, c_ref, m_ref)
+        refs = (x_ref, w_ref, h_prev_ref, c_prev_ref, h_ref, c_ref, m_ref)
         _forward_block(cfg, p, refs, (0, 0, 0, 0, 0, 0), resident={})
 
     call = pl.pallas_call(
@@ -220,7 +268,7 @@ def forward_steps(cfg: KernelConfig, x, vals, cols, hbuf, cbuf):
 
     def step(carry, x_t):
         h_prev, c_prev = carry
-        h, c, m = call(x_t, vals, cols, h_prev, c_prev)
+        h, c, m = call(x_t, words, h_prev, c_prev)
         if cfg.cell != "lstm":
             c = c_prev
         return (h, c), (h, c, m)
@@ -233,46 +281,22 @@ def forward_steps(cfg: KernelConfig, x, vals, cols, hbuf, cbuf):
 
 
 @functools.partial(jax.jit, static_argnames="cfg")
-def backward_steps(cfg: KernelConfig, g, x, m, hbuf, cbuf, tvals, trows):
-    """Reverse recurrence with one launch per step. Returns `(dm, dx, dc0, dh_direct0)`."""
+def backward_steps(cfg: KernelConfig, g, x, m, hbuf, cbuf, twords):
+    """Reverse recurrence with one launch per step.
+
+    Returns `(dm, dx, dc0, dh_direct0, timeouts)`.
+    """
     hidden, gh, b = cfg.hidden, cfg.gates * cfg.hidden, cfg.batch
 
     def kernel(*refs):
         p = pl.program_id(0)
-        (
-            g_ref,
-            x_ref,
-            m_ref,
-            hp_ref,
-            cp_ref,
-            c_ref,
-            tv_ref,
-            tr_ref,
-            dmn_ref,
-            dc_ref,
-            dd_ref,
-            dm_ref,
-            dx_ref,
-            dc_out,
-            dd_out,
-        ) = refs
+        (g_ref, x_ref, m_ref, hp_ref, cp_ref, c_ref, tw_ref, dmn_ref, dc_ref, dd_ref) = refs[:10]
+        dm_ref, dx_ref, dc_out, dd_out = refs[10:]
         carries = []
         for r0, size in cfg.row_groups:
             rows = pl.ds(p * cfg.units + r0, size)
             carries.append((dc_ref[rows, :], dd_ref[rows, :]))
-        block_refs = (
-            g_ref,
-            x_ref,
-            m_ref,
-            hp_ref,
-            cp_ref,
-            c_ref,
-            tv_ref,
-            tr_ref,
-            dmn_ref,
-            dm_ref,
-            dx_ref,
-        )
+        block_refs = (g_ref, x_ref, m_ref, hp_ref, cp_ref, c_ref, tw_ref, dmn_ref, dm_ref, dx_ref)
         carries = _backward_block(cfg, p, block_refs, (0,) * 8, carries, resident={})
         for (r0, size), (dc, direct) in zip(cfg.row_groups, carries, strict=True):
             rows = pl.ds(p * cfg.units + r0, size)
@@ -299,9 +323,7 @@ def backward_steps(cfg: KernelConfig, g, x, m, hbuf, cbuf, tvals, trows):
     def step(carry, inputs):
         dm_next, dc, direct = carry
         g_t, x_t, m_t, h_prev, c_prev, c_t = inputs
-        dm, dx, dc, direct = call(
-            g_t, x_t, m_t, h_prev, c_prev, c_t, tvals, trows, dm_next, dc, direct
-        )
+        dm, dx, dc, direct = call(g_t, x_t, m_t, h_prev, c_prev, c_t, twords, dm_next, dc, direct)
         return (dm, dc, direct), (dm, dx)
 
     zeros_h = jnp.zeros((hidden, b), jnp.float32)
@@ -348,13 +370,15 @@ def _publish(stamps_ref, p, value):
     plt.atomic_xchg(stamps_ref, (p,), value)
 
 
-def _resident_chunks(cfg, vals_ref, cols_ref, p, keys, slots):
-    n = min(cfg.resident_chunks, slots // CHUNK)
+def _resident_chunks(cfg, w_ref, p, keys, gates, n_chunks):
+    """The first `resident_chunks` chunks of every row group, loaded once."""
+    n = min(cfg.resident_chunks, n_chunks)
     out = {}
     for key, size in keys:
-        index = key if isinstance(key, tuple) else (key,)
+        g, r0 = key if isinstance(key, tuple) else (0, key)
         out[key] = tuple(
-            _load_chunk(vals_ref, cols_ref, p, index, size, c, evict=False) for c in range(n)
+            _load_chunk(cfg, w_ref, p, g, gates, n_chunks, r0, size, c, evict=False)
+            for c in range(n)
         )
     return out
 
@@ -365,25 +389,35 @@ def stamp_init(cfg: KernelConfig) -> jax.Array:
     return jnp.where(ids < cfg.blocks, 0, _INT32_MAX).astype(jnp.int32)
 
 
+class _Waiter:
+    """Calls `_wait_for` once and remembers whether the stamps were current."""
+
+    def __init__(self, cfg, stamps_ref, target, timeouts):
+        self.args = (cfg, stamps_ref, target, timeouts)
+        self.ready = None
+
+    def __call__(self):
+        self.ready = _wait_for(*self.args)
+
+
 @functools.partial(jax.jit, static_argnames="cfg")
-def forward_persistent(cfg: KernelConfig, x, vals, cols, hbuf, cbuf):
+def forward_persistent(cfg: KernelConfig, x, words, hbuf, cbuf):
     """Forward over all steps in one launch. Returns `(hbuf, cbuf, m, timeouts)`."""
     hidden, gh, b, steps = cfg.hidden, cfg.gates * cfg.hidden, cfg.batch, cfg.steps
+    n_chunks = cfg.slots // CHUNK
 
-    def kernel(
-        x_ref, vals_ref, cols_ref, _h_in, _c_in, _s_in, h_ref, c_ref, m_ref, stamps_ref, err_ref
-    ):
+    def kernel(x_ref, w_ref, _h_in, _c_in, _s_in, h_ref, c_ref, m_ref, stamps_ref, err_ref):
         p = pl.program_id(0)
         keys = [((g, r0), size) for g in range(cfg.gates) for r0, size in cfg.row_groups]
-        resident = _resident_chunks(cfg, vals_ref, cols_ref, p, keys, cfg.slots)
+        resident = _resident_chunks(cfg, w_ref, p, keys, cfg.gates, n_chunks)
 
         def step(t, timeouts):
-            ready = _wait_for(cfg, stamps_ref, t, timeouts)
-            refs = (x_ref, vals_ref, cols_ref, h_ref, c_ref, h_ref, c_ref, m_ref)
+            wait = _Waiter(cfg, stamps_ref, t, timeouts)
+            refs = (x_ref, w_ref, h_ref, c_ref, h_ref, c_ref, m_ref)
             offsets = (t * gh, t * hidden, t * hidden, (t + 1) * hidden, (t + 1) * hidden, t * gh)
-            _forward_block(cfg, p, refs, offsets, resident)
+            _forward_block(cfg, p, refs, offsets, resident, wait)
             _publish(stamps_ref, p, t + 1)
-            return timeouts + 1 - ready.astype(jnp.int32)
+            return timeouts + 1 - wait.ready.astype(jnp.int32)
 
         timeouts = jax.lax.fori_loop(0, steps, step, jnp.int32(0))
         err_ref[pl.ds(p, 1)] = jnp.full((1,), timeouts, jnp.int32)
@@ -398,70 +432,36 @@ def forward_persistent(cfg: KernelConfig, x, vals, cols, hbuf, cbuf):
             jax.ShapeDtypeStruct((cfg.stamp_slots,), jnp.int32),
             jax.ShapeDtypeStruct((cfg.blocks,), jnp.int32),
         ),
-        input_output_aliases={3: 0, 4: 1, 5: 3},
+        input_output_aliases={2: 0, 3: 1, 4: 3},
         compiler_params=_compiler_params(cfg),
         interpret=cfg.interpret,
         name="sparse_rnn_forward_persistent",
-    )(x, vals, cols, hbuf, cbuf, stamp_init(cfg))
+    )(x, words, hbuf, cbuf, stamp_init(cfg))
     return hbuf, cbuf, m, err
 
 
 @functools.partial(jax.jit, static_argnames="cfg")
-def backward_persistent(cfg: KernelConfig, g, x, m, hbuf, cbuf, tvals, trows):
+def backward_persistent(cfg: KernelConfig, g, x, m, hbuf, cbuf, twords):
     """Reverse recurrence in one launch. Returns `(dm, dx, dc0, dh_direct0, timeouts)`."""
     hidden, gh, b, steps = cfg.hidden, cfg.gates * cfg.hidden, cfg.batch, cfg.steps
+    n_chunks = cfg.transpose_slots // CHUNK
 
-    def kernel(
-        g_ref,
-        x_ref,
-        m_ref,
-        hb_ref,
-        cb_ref,
-        tv_ref,
-        tr_ref,
-        _dm_in,
-        _s_in,
-        dm_ref,
-        dx_ref,
-        dc0_ref,
-        dd0_ref,
-        stamps_ref,
-        err_ref,
-    ):
+    def kernel(g_ref, x_ref, m_ref, hb_ref, cb_ref, tw_ref, _dm_in, _s_in, dm_ref, dx_ref,
+               dc0_ref, dd0_ref, stamps_ref, err_ref):  # fmt: skip
         p = pl.program_id(0)
         keys = [(r0, size) for r0, size in cfg.row_groups]
-        resident = _resident_chunks(cfg, tv_ref, tr_ref, p, keys, cfg.transpose_slots)
+        resident = _resident_chunks(cfg, tw_ref, p, keys, 1, n_chunks)
 
         def step(k, state):
             timeouts, carries = state
             t = steps - 1 - k
-            ready = _wait_for(cfg, stamps_ref, k, timeouts)
-            refs = (
-                g_ref,
-                x_ref,
-                m_ref,
-                hb_ref,
-                cb_ref,
-                cb_ref,
-                tv_ref,
-                tr_ref,
-                dm_ref,
-                dm_ref,
-                dx_ref,
-            )
-            offsets = (
-                t * hidden,
-                t * gh,
-                t * gh,
-                t * hidden,
-                t * hidden,
-                (t + 1) * hidden,
-                (t + 1) * gh,
-                t * gh,
-            )
-            carries = _backward_block(cfg, p, refs, offsets, carries, resident)
+            wait = _Waiter(cfg, stamps_ref, k, timeouts)
+            refs = (g_ref, x_ref, m_ref, hb_ref, cb_ref, cb_ref, tw_ref, dm_ref, dm_ref, dx_ref)
+            offsets = (t * hidden, t * gh, t * gh, t * hidden, t * hidden, (t + 1) * hidden,
+                       (t + 1) * gh, t * gh)  # fmt: skip
+            carries = _backward_block(cfg, p, refs, offsets, carries, resident, wait)
             _publish(stamps_ref, p, k + 1)
-            return timeouts + 1 - ready.astype(jnp.int32), carries
+            return timeouts + 1 - wait.ready.astype(jnp.int32), carries
 
         zeros = tuple(
             (jnp.zeros((size, b), jnp.float32), jnp.zeros((size, b), jnp.float32))
@@ -486,9 +486,9 @@ def backward_persistent(cfg: KernelConfig, g, x, m, hbuf, cbuf, tvals, trows):
             jax.ShapeDtypeStruct((cfg.stamp_slots,), jnp.int32),
             jax.ShapeDtypeStruct((cfg.blocks,), jnp.int32),
         ),
-        input_output_aliases={7: 0, 8: 4},
+        input_output_aliases={6: 0, 7: 4},
         compiler_params=_compiler_params(cfg),
         interpret=cfg.interpret,
         name="sparse_rnn_backward_persistent",
-    )(g, x, m, hbuf, cbuf, tvals, trows, dm_init, stamp_init(cfg))
+    )(g, x, m, hbuf, cbuf, twords, dm_init, stamp_init(cfg))
     return dm[: steps * gh], dx, dc0, dd0, err

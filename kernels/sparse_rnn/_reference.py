@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
 from jaxpp.kernels.sparse_rnn import _cells
 
 
