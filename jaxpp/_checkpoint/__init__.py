@@ -1,0 +1,1 @@
+"""Checkpoints of pipelined train states on orbax; the public names live in `jaxpp.checkpoint`."""

@@ -1,0 +1,202 @@
+"""What a checkpoint records per array leaf (path, shape, dtype, checksum), and the checks.
+
+A save writes one `LeafRecord` per leaf of the state into the checkpoint's JSON
+metadata. A restore compares them with the target before reading any array (so a
+different model or different shapes fail with the leaf paths named) and with the
+arrays it read (so a corrupted file fails instead of training on garbage).
+"""
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+# Mixing constants of the checksum (golden-ratio and murmur3 multipliers, both odd).
+_INDEX_MULTIPLIER = 0x9E3779B9
+_MIX_MULTIPLIER = 0x85EBCA6B
+_MAX_LISTED = 12
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, damaged, or does not fit the state it is restored into."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class LeafRecord:
+    """One array of a saved state: where it sits in the tree, its type, its checksum.
+
+    Attributes:
+        path: the leaf's key path written with "/", e.g. "params/layers/0/w".
+        shape: the global shape.
+        dtype: the dtype name, e.g. "float32".
+        checksum: `checksum` of the leaf's bytes (position-weighted, order-free).
+    """
+
+    path: str
+    shape: tuple[int, ...]
+    dtype: str
+    checksum: int
+
+    def to_json(self) -> dict:
+        return {
+            "path": self.path,
+            "shape": list(self.shape),
+            "dtype": self.dtype,
+            "checksum": self.checksum,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping) -> "LeafRecord":
+        return cls(str(data["path"]), tuple(data["shape"]), str(data["dtype"]), data["checksum"])
+
+
+def leaf_paths(tree) -> tuple[str, ...]:
+    """The "/"-joined key path of every leaf, in flattening order.
+
+    Example:
+        >>> leaf_paths({"params": {"w": 1, "b": [2, 3]}, "step": 0})
+        ('params/b/0', 'params/b/1', 'params/w', 'step')
+    """
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return tuple(jax.tree_util.keystr(path, simple=True, separator="/") for path, _ in flat)
+
+
+def records_of(tree) -> tuple[LeafRecord, ...]:
+    """A `LeafRecord` per leaf of a tree of arrays (checksums computed on the arrays' devices).
+
+    Example:
+        >>> [r.path for r in records_of({"w": jnp.ones((2, 3)), "step": jnp.int32(4)})]
+        ['step', 'w']
+    """
+    leaves = jax.tree.leaves(tree)
+    sums = checksums(leaves)
+    return tuple(
+        LeafRecord(path, tuple(np.shape(x)), str(np.dtype(x.dtype)), total)
+        for path, x, total in zip(leaf_paths(tree), leaves, sums, strict=True)
+    )
+
+
+def checksums(leaves: Sequence[jax.Array]) -> tuple[int, ...]:
+    """An order-free checksum of each array's bytes, computed where the arrays live.
+
+    Each element's bits are mixed with its flat index and summed modulo 2**32, so any
+    sharding (and any reduction order) gives the same number, and changing any one
+    element changes it. Arrays on the same devices share one jitted call.
+
+    Example:
+        >>> a, b = checksums([jnp.arange(4.0), jnp.arange(4.0)[::-1]])
+        >>> a == checksums([jnp.arange(4.0)])[0], a != b
+        (True, True)
+    """
+    groups: dict[object, list[int]] = {}
+    arrays = [jnp.asarray(x) if not isinstance(x, jax.Array) else x for x in leaves]
+    for i, x in enumerate(arrays):
+        groups.setdefault(_device_key(x), []).append(i)
+    out: list[int] = [0] * len(arrays)
+    for indices in groups.values():
+        sums = _checksum_many(tuple(arrays[i] for i in indices))
+        for i, total in zip(indices, sums, strict=True):
+            out[i] = int(total)
+    return tuple(out)
+
+
+def _device_key(x: jax.Array) -> tuple:
+    return tuple(sorted(d.id for d in x.sharding.device_set))
+
+
+@jax.jit
+def _checksum_many(arrays: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
+    return tuple(_checksum(x) for x in arrays)
+
+
+def _checksum(x: jax.Array) -> jax.Array:
+    if jnp.issubdtype(x.dtype, jnp.complexfloating):
+        x = jnp.stack([jnp.real(x), jnp.imag(x)], axis=-1)
+    if x.dtype == jnp.bool_:
+        x = x.astype(jnp.uint8)
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        x = jax.random.key_data(x)
+    unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[x.dtype.itemsize]
+    bits = lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
+    index, stride = jnp.zeros(bits.shape, jnp.uint32), 1  # the flat (row-major) index
+    for axis in reversed(range(bits.ndim)):
+        index = index + lax.broadcasted_iota(jnp.uint32, bits.shape, axis) * jnp.uint32(stride)
+        stride = (stride * bits.shape[axis]) % 2**32
+    mixed = (bits ^ (index * jnp.uint32(_INDEX_MULTIPLIER))) * jnp.uint32(_MIX_MULTIPLIER)
+    mixed = mixed ^ (mixed >> 13)
+    return jnp.sum(mixed, dtype=jnp.uint32)
+
+
+def check_compatible(
+    saved: Sequence[LeafRecord], target_paths: Sequence[str], target_leaves: Sequence, *, where: str
+) -> None:
+    """Raises `CheckpointError` naming every leaf that is missing, extra, or of another type.
+
+    Args:
+        saved: the records the checkpoint holds.
+        target_paths: the target's leaf paths (`leaf_paths`).
+        target_leaves: the target's leaves (arrays or `jax.ShapeDtypeStruct`s).
+        where: names the checkpoint in the message (directory and step).
+
+    Example:
+        >>> saved = (LeafRecord("w", (2, 3), "float32", 0),)
+        >>> check_compatible(saved, ("w",), (jnp.ones((3, 3)),), where="ckpt/1")
+        Traceback (most recent call last):
+        ...
+        jaxpp._checkpoint._leaves.CheckpointError: ... w: saved float32(2, 3), target ...
+    """
+    by_path = {r.path: r for r in saved}
+    target = {
+        path: (tuple(np.shape(x)), str(np.dtype(x.dtype)))
+        for path, x in zip(target_paths, target_leaves, strict=True)
+    }
+    missing = [p for p in target if p not in by_path]
+    extra = [p for p in by_path if p not in target]
+    differ = [
+        f"{p}: saved {by_path[p].dtype}{by_path[p].shape}, target {dtype}{shape}"
+        for p, (shape, dtype) in target.items()
+        if p in by_path and (by_path[p].shape, by_path[p].dtype) != (shape, dtype)
+    ]
+    if not (missing or extra or differ):
+        return
+    parts = [f"checkpoint {where} does not fit the target state ({len(saved)} saved leaves, "]
+    parts[0] += f"{len(target)} target leaves)."
+    for title, items in (
+        ("in the target but not in the checkpoint", missing),
+        ("in the checkpoint but not in the target", extra),
+        ("shape or dtype differs", differ),
+    ):
+        if items:
+            parts.append(f"{len(items)} leaves {title}: {_listing(items)}")
+    parts.append(
+        "Fix: restore into the model and optimizer the checkpoint was saved from (same layer "
+        "count, widths, optimizer chain and dtypes), or start from a new --checkpoint-dir."
+    )
+    raise CheckpointError("\n".join(parts))
+
+
+def check_checksums(saved: Sequence[LeafRecord], paths: Sequence[str], leaves, *, where: str):
+    """Raises `CheckpointError` naming the leaves whose restored bytes differ from the saved.
+
+    Example:
+        >>> saved = records_of({"w": jnp.ones(3)})
+        >>> check_checksums(saved, ("w",), (jnp.ones(3),), where="ckpt/1")  # intact: no error
+    """
+    by_path = {r.path: r.checksum for r in saved}
+    actual = checksums(leaves)
+    bad = [p for p, total in zip(paths, actual, strict=True) if by_path[p] != total]
+    if bad:
+        raise CheckpointError(
+            f"checkpoint {where} is corrupted: {len(bad)} restored leaves differ from what was "
+            f"saved (checksum mismatch): {_listing(bad)}\nFix: restore an earlier step "
+            f"(restore(..., step=N)) or delete this step's directory."
+        )
+
+
+def _listing(items: Sequence[str]) -> str:
+    shown = ", ".join(items[:_MAX_LISTED])
+    more = len(items) - _MAX_LISTED
+    return shown + (f", ... ({more} more)" if more > 0 else "")
