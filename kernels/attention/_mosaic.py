@@ -492,7 +492,8 @@ def backward_dkv(
     num_out = int(want_dk) + int(want_dv)
 
     def first_step(kv_base: Any) -> Any:
-        return kv_base // bq if causal else 0
+        # Keys past the last query (causal, kv longer than q) see no q block at all.
+        return jnp.minimum(kv_base // bq, total_q_steps) if causal else 0
 
     def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs):
         out_refs, scratch = refs[:num_out], refs[num_out]
