@@ -98,6 +98,7 @@ def implementations(
 ) -> dict[str, Callable[..., Any]]:
     """name -> attention(q, k, v, causal) for the implementations that import here."""
     import jax
+
     from jaxpp.kernels.attention import dot_product_attention
 
     out: dict[str, Callable[..., Any]] = {}
@@ -131,6 +132,7 @@ def reference_forward(q, k, v, causal):
     """float32 attention, one kv-head group at a time (bounded memory)."""
     import jax
     import jax.numpy as jnp
+
     from jaxpp.kernels.attention import xla_attention
 
     group = q.shape[2] // k.shape[2]
@@ -151,6 +153,7 @@ def reference_vjp(q, k, v, do, causal):
     """float32 (out, dq, dk, dv), one kv-head group at a time."""
     import jax
     import jax.numpy as jnp
+
     from jaxpp.kernels.attention import xla_attention
 
     kvh, group = k.shape[2], q.shape[2] // k.shape[2]
@@ -205,6 +208,7 @@ def _bench_one(
 ) -> dict[str, Any]:
     import jax
     import jax.numpy as jnp
+
     from jaxpp.kernels import tuning
 
     q_shape = (shape.batch, shape.seq, shape.num_heads, shape.head_dim)

@@ -8,6 +8,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+
 from jaxpp.kernels.attention import _configs, _mosaic, _reference
 
 IMPLEMENTATIONS = ("auto", "mosaic", "triton", "xla")

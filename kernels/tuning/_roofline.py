@@ -6,6 +6,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+
 from jaxpp.kernels.tuning import _benchmark
 
 

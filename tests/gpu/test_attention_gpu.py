@@ -6,6 +6,7 @@ JAX_PLATFORMS=cuda python -m pytest -q -o addopts="" tests/gpu/test_attention_gp
 import jax
 import jax.numpy as jnp
 import pytest
+
 from jaxpp.kernels import tuning
 from jaxpp.kernels.attention import dot_product_attention, xla_attention
 

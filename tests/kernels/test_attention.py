@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import pytest
+
 from jaxpp.kernels import tuning
 from jaxpp.kernels.attention import (
     BackwardConfig,

@@ -5,6 +5,7 @@ import json
 import jax
 import jax.numpy as jnp
 import pytest
+
 from jaxpp.kernels import tuning
 
 
