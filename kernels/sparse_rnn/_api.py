@@ -27,7 +27,6 @@ def sparse_rnn(
     implementation: str = "auto",
     num_warps: int = 16,
     num_stages: int = 1,
-    gather: str = "global",
     resident_chunks: int = 0,
     max_spins: int = 1 << 20,
     check_timeouts: bool = True,
@@ -51,8 +50,6 @@ def sparse_rnn(
             masked `lax.scan`), or "auto" (persistent on GPU, reference elsewhere).
         num_warps: warps per block of the Triton kernels.
         num_stages: software-pipelining depth of the kernels' chunk loops.
-        gather: "global" (gathered L1-cached loads of the state) or "shared" (the state
-            loaded once per step, gathered through shared memory by Triton's gather op).
         resident_chunks: chunks of 32 non-zeros per row held in registers across all steps
             (persistent kernel); the rest are re-read from L1/L2 each step.
         max_spins: bound on each wait of the persistent kernel.
@@ -94,7 +91,6 @@ def sparse_rnn(
         implementation,
         num_warps,
         num_stages,
-        gather,
         resident_chunks,
         max_spins,
     )
@@ -143,7 +139,6 @@ def _config(
     implementation,
     num_warps,
     num_stages,
-    gather,
     resident_chunks,
     max_spins,
 ):
@@ -160,8 +155,6 @@ def _config(
             f"hidden={weights.hidden_size} with {gates} gates has more than 65536 gate-rows; the "
             "kernels store indices in 16 bits. Fix: use implementation='reference'."
         )
-    if gather not in ("global", "shared"):
-        raise ValueError(f"gather={gather!r} is not 'global' or 'shared'. Fix: pick one.")
     if implementation == "persistent":
         sms = _multiprocessors()
         if sms is not None and blocks > sms:
@@ -182,7 +175,6 @@ def _config(
         steps=int(x_shape[1]),
         num_warps=num_warps,
         num_stages=num_stages,
-        gather=gather,
         value_dtype="float16" if weights.values.dtype == jnp.float16 else "bfloat16",
         resident_chunks=resident_chunks,
         max_spins=max_spins,

@@ -23,10 +23,9 @@ group is one contiguous `(units, 32)` tile. The first `resident_chunks` chunks o
 loaded once before the time loop and stay in registers; the rest are reloaded every step with
 `evict_last` (L1/L2 resident).
 
-Gathers: `gather="global"` reads the hidden state with gathered global loads (L1-cached);
-`gather="shared"` loads the whole previous state once per step (coalesced) and gathers from it
-with Triton's `gather` op, which goes through shared memory (the paper's design: the state in
-shared memory, the weights in registers).
+Gathers read the previous state with gathered global loads (L1-cached). Pallas-Triton offers no
+shared-memory gather; a variant through Triton's `gather` op did not finish on an H100 within
+the benchmark's limit and was dropped (see benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -39,11 +38,9 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from jaxpp.kernels.sparse_rnn import _cells, _take_rows
+from jaxpp.kernels.sparse_rnn import _cells
 
 CHUNK = 32
-# gather="shared" holds the padded previous state (float32) on chip: 16384 values = 64 KiB.
-SHARED_STATE_LIMIT = 16384
 _INT32_MAX = 2**31 - 1
 
 
@@ -65,7 +62,6 @@ class KernelConfig:
     resident_chunks: int = 0
     max_spins: int = 1 << 20
     interpret: bool = False
-    gather: str = "global"
     value_dtype: str = "bfloat16"
 
     @property
@@ -113,38 +109,23 @@ def _load_chunk(cfg, w_ref, p, g, gates, n_chunks, r0, size, chunk, *, evict: bo
     return vals, jnp.bitwise_and(words, 0xFFFF)
 
 
-def _gatherer(cfg, src_ref, src_row0, src_rows):
-    """Returns `gather(cols) -> (size, CHUNK, batch)` rows of the source slab at `cols`."""
-    padded = 1 << max(0, (src_rows - 1).bit_length())
-    if cfg.gather == "global" or padded * cfg.batch > SHARED_STATE_LIMIT:
-        return lambda cols: src_ref[cols + src_row0, :]
-    rows = jax.lax.broadcasted_iota(jnp.int32, (padded, cfg.batch), 0)
-    src = plt.load(src_ref.at[pl.ds(src_row0, padded), :], mask=rows < src_rows, other=0.0)
-
-    def gather(cols):
-        size = cols.shape[0]
-        flat = jnp.broadcast_to(cols.reshape(size * CHUNK, 1), (size * CHUNK, cfg.batch))
-        return _take_rows.take_rows(src, flat).reshape(size, CHUNK, cfg.batch)
-
-    return gather
-
-
-def _gather_matvec(cfg, gather, keys, resident, load, n_chunks):
+def _gather_matvec(cfg, src_ref, src_row0, keys, resident, load, n_chunks):
     """Sparse products of several row groups at once -> `{key: (size, batch)}`.
 
-    For each `(key, size)` computes `sum_k vals[r, k] * src[cols[r, k], :]` with
-    `gather(cols)`. One loop over the chunks serves every key, so each iteration has many
-    independent gathers in flight (the loop is latency-bound otherwise). `resident[key]` holds
-    the first chunks already in registers; `load(key, size, c)` loads chunk `c`. The batch is
-    the gathered rows' minor axis, so each gather is one wide load.
+    For each `(key, size)` computes `sum_k vals[r, k] * src[src_row0 + cols[r, k], :]`. One
+    loop over the chunks serves every key, so each iteration has many independent gathers in
+    flight (the loop is latency-bound otherwise), and the products accumulate elementwise in
+    `(size, CHUNK, batch)` registers: one cross-thread reduction per key and step, not one per
+    chunk. `resident[key]` holds the first chunks already in registers; `load(key, size, c)`
+    loads chunk `c`. The batch is the gathered rows' minor axis, so each gather is one wide load.
     """
 
     def term(vals, cols):
-        return jnp.sum(vals[:, :, None] * gather(cols), axis=1)
+        return vals[:, :, None] * src_ref[cols + src_row0, :]
 
     accs = []
     for key, size in keys:
-        acc = jnp.zeros((size, cfg.batch), jnp.float32)
+        acc = jnp.zeros((size, CHUNK, cfg.batch), jnp.float32)
         for vals, cols in resident.get(key, ()):
             acc = acc + term(vals, cols)
         accs.append(acc)
@@ -157,7 +138,7 @@ def _gather_matvec(cfg, gather, keys, resident, load, n_chunks):
             )
 
         accs = jax.lax.fori_loop(first, n_chunks, body, tuple(accs))
-    return {key: acc for (key, _), acc in zip(keys, accs, strict=True)}
+    return {key: jnp.sum(acc, axis=1) for (key, _), acc in zip(keys, accs, strict=True)}
 
 
 def _forward_block(cfg, p, refs, offsets, resident, wait=None):
@@ -184,8 +165,7 @@ def _forward_block(cfg, p, refs, offsets, resident, wait=None):
 
     if wait is not None:
         wait()
-    gather = _gatherer(cfg, src_ref, src_row0, hidden)
-    ms = _gather_matvec(cfg, gather, keys, resident, load, n_chunks)
+    ms = _gather_matvec(cfg, src_ref, src_row0, keys, resident, load, n_chunks)
     for r0, size in cfg.row_groups:
         unit0 = p * cfg.units + r0
         h_prev = src_ref[pl.ds(src_row0 + unit0, size), :] if cfg.cell == "gru" else None
@@ -212,11 +192,7 @@ def _backward_block(cfg, p, refs, offsets, carries, resident, wait=None):
 
     if wait is not None:
         wait()
-    # The gate-row cotangents are G times the state: too large for shared memory; global.
-    gather = _gatherer(
-        dataclasses.replace(cfg, gather="global"), dmsrc_ref, dmsrc_row0, cfg.gates * hidden
-    )
-    dms_in = _gather_matvec(cfg, gather, keys, resident, load, n_chunks)
+    dms_in = _gather_matvec(cfg, dmsrc_ref, dmsrc_row0, keys, resident, load, n_chunks)
     new_carries = []
     for (r0, size), (dc, direct) in zip(cfg.row_groups, carries, strict=True):
         unit0 = p * cfg.units + r0
