@@ -312,7 +312,12 @@ def _variant(nw, stages=1, res=0):
     )
 
 
-QUICK_VARIANTS = [_variant(16), _variant(8), _variant(16, 1, 4)]
+QUICK_VARIANTS = [
+    _variant(16),
+    _variant(8),
+    _variant(16, 1, 4),
+    ("nw16_s1_res0_sorted", _variant(16)[1] | {"bank_aware": False}),
+]
 
 
 def run_quick(log, results):
