@@ -329,5 +329,5 @@ def _rng_from_json(data: Mapping | None) -> jax.Array | None:
 
 
 def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
+    text = str(error).split("See full TensorStore details")[0].strip()
     return text.splitlines()[0][:300] if text else "(no message)"
