@@ -10,7 +10,7 @@ from jax._src import tree_util
 from jax.sharding import Mesh, PartitionSpec
 
 from jaxpp import _compiler, schedules
-from jaxpp.runtime import _local, _plan, _trace
+from jaxpp.runtime import _distributed, _local, _plan, _trace
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,9 +137,17 @@ class MpmdFunction:
                 for name, spec in zip(step.graph.step_inputs, per_leaf, strict=True)
                 if spec is not None
             }
-        executor = _local.LocalExecutor(
-            step.graph, plan, [mesh.rank_mesh(r) for r in range(mesh.num_ranks)], input_specs=specs
-        )
+        rank_meshes = [mesh.rank_mesh(r) for r in range(mesh.num_ranks)]
+        if jax.process_count() > 1:
+            executor = _distributed.DistributedExecutor(
+                step.graph,
+                plan,
+                rank_meshes,
+                output_avals=jax.tree.leaves(out_shape),
+                input_specs=specs,
+            )
+        else:
+            executor = _local.LocalExecutor(step.graph, plan, rank_meshes, input_specs=specs)
         return CompiledPipeline(step.graph, plan, executor, jax.tree.structure(out_shape))
 
     def __call__(self, *args):
@@ -200,7 +208,10 @@ def mpmd_jit_with_loop(
 
     The loop body is cut into stages at `mark_stage_end`; the code before and after
     the loop runs on the ranks that own its data. Results are `jax.Array`s on the
-    devices of the rank that computed them.
+    devices of the rank that computed them. With several processes
+    (`jax.process_count() > 1`) each process runs the ranks it owns
+    (`jaxpp.runtime.DistributedExecutor`); every process calls the step with the same
+    arguments, and `jaxpp.runtime.fetch` brings a result to every process.
 
     Args:
         fun: the train step.

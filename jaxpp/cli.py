@@ -1,4 +1,4 @@
-"""The `jaxpp` command line: `jaxpp schedule ...`, `jaxpp train ...`.
+"""The `jaxpp` command line: `jaxpp schedule ...`, `jaxpp train ...`, `jaxpp launch ...`.
 
 Example:
     >>> main(["--help"])  # doctest: +SKIP
@@ -33,6 +33,12 @@ def _command_registrars() -> list:
         pass
     else:
         registrars.append(_cli_train.register)
+    try:
+        from jaxpp import _cli_launch
+    except ImportError:
+        pass
+    else:
+        registrars.append(_cli_launch.register)
     return registrars
 
 

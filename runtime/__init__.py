@@ -1,5 +1,13 @@
 """Lowering TaskGraphs to Plans, and the executors that follow them."""
 
+from jaxpp.runtime._coordination import LOST_PEER_EXIT_CODE as LOST_PEER_EXIT_CODE
+from jaxpp.runtime._coordination import CoordinatorUnreachableError as CoordinatorUnreachableError
+from jaxpp.runtime._coordination import PeerLostError as PeerLostError
+from jaxpp.runtime._coordination import initialize as initialize
+from jaxpp.runtime._distributed import DistributedExecutor as DistributedExecutor
+from jaxpp.runtime._distributed import fetch as fetch
+from jaxpp.runtime._distributed import stage_mesh as stage_mesh
+from jaxpp.runtime._launch import launch as launch
 from jaxpp.runtime._local import LocalExecutor as LocalExecutor
 from jaxpp.runtime._local import StepStats as StepStats
 from jaxpp.runtime._local import TaskTiming as TaskTiming
@@ -18,8 +26,12 @@ from jaxpp.runtime._trace import profile_from_timings as profile_from_timings
 from jaxpp.runtime._trace import trace_events as trace_events
 
 __all__ = [
+    "LOST_PEER_EXIT_CODE",
     "Buffer",
+    "CoordinatorUnreachableError",
+    "DistributedExecutor",
     "Free",
+    "PeerLostError",
     "LocalExecutor",
     "MicrobatchInput",
     "Plan",
@@ -31,7 +43,11 @@ __all__ = [
     "Task",
     "TaskGraph",
     "TaskTiming",
+    "fetch",
+    "initialize",
+    "launch",
     "lower",
     "profile_from_timings",
+    "stage_mesh",
     "trace_events",
 ]

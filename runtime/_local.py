@@ -75,6 +75,13 @@ class LocalExecutor:
         self._compiled: dict[tuple[str, int], object] = {}
         self._mb_index: dict[tuple[int, int], jax.Array] = {}
         self._split_fns: dict[int, object] = {}
+        # Step inputs by position (value names may differ between processes).
+        position = {name: i for i, name in enumerate(graph.step_inputs)}
+        self._input_order = tuple(
+            sorted(
+                plan.input_ranks.items(), key=lambda kv: (position.get(kv[0], len(position)), kv[0])
+            )
+        )
         self.last_stats: StepStats | None = None
 
     # -- placement helpers ------------------------------------------------------------
@@ -103,7 +110,7 @@ class LocalExecutor:
         fn = self._compiled.get(key)
         if fn is None:
             if task.inputs:
-                fn = jax.jit(task.fn)
+                fn = jax.jit(task.fn, donate_argnums=task.donate)
             else:
                 fn = jax.jit(task.fn, out_shardings=self._replicated(rank))
             self._compiled[key] = fn
@@ -122,6 +129,26 @@ class LocalExecutor:
             self._split_fns[num] = fn
         return fn(x)
 
+    # -- what a subclass that runs only some ranks overrides -----------------------------
+
+    def _runs_on(self, rank: int) -> bool:
+        """Whether this process runs the instructions of `rank` (here: every rank)."""
+        del rank
+        return True
+
+    def _place_input(self, name: str, x, rank: int) -> jax.Array | None:
+        """A step input on `rank` (None where this process holds no part of it)."""
+        return self._place(x, rank, self.input_specs.get(name))
+
+    def _send(self, send: _plan.Send, x) -> jax.Array | None:
+        """Runs a Send; `x` is the source (None here when this process does not hold it)."""
+        return self._place(x, send.dst)
+
+    def _output(self, index: int, buffer: _plan.Buffer, env: Mapping) -> jax.Array:
+        """Step output `index`, held in `buffer`."""
+        del index
+        return env[buffer]
+
     # -- running ------------------------------------------------------------------------
 
     def run(self, inputs: Sequence, *, record_timing: bool = False) -> list:
@@ -137,16 +164,18 @@ class LocalExecutor:
         given.update(graph.constants)
         env: dict[_plan.Buffer, object] = {}
         start = time.perf_counter()
-        for name, ranks in plan.input_ranks.items():
+        for name, ranks in self._input_order:
             for r in ranks:
-                env[_plan.Buffer(name, None, r)] = self._place(
-                    given[name], r, self.input_specs.get(name)
-                )
+                value = self._place_input(name, given[name], r)
+                if value is not None:
+                    env[_plan.Buffer(name, None, r)] = value
         live: list[dict[tuple[int, int], int]] = [{} for _ in range(plan.num_ranks)]
         peak = [0] * plan.num_ranks
         timings = []
         for ins in plan.instructions:
             if isinstance(ins, _plan.Run):
+                if not self._runs_on(ins.rank):
+                    continue
                 task = self._tasks[ins.task]
                 args = [env[b] for b in ins.inputs]
                 if _taskgraph.MICROBATCH_INDEX in task.inputs:
@@ -166,14 +195,19 @@ class LocalExecutor:
                         counts[pair] = counts.get(pair, 0) + 1
                         peak[b.rank] = max(peak[b.rank], len(counts))
             elif isinstance(ins, _plan.Send):
-                x = env[ins.source]
-                env[ins.target] = self._place(x, ins.dst)
+                value = self._send(ins, env.get(ins.source))
+                if value is not None:
+                    env[ins.target] = value
             elif isinstance(ins, _plan.Split):
+                if not self._runs_on(ins.rank):
+                    continue
                 for b, value in zip(
                     ins.outputs, self._split(env[ins.source], ins.num_microbatches), strict=True
                 ):
                     env[b] = value
             elif isinstance(ins, _plan.Free):
+                if not self._runs_on(ins.buffer.rank):
+                    continue
                 del env[ins.buffer]
                 pair = plan.activations.get(ins.buffer)
                 if pair is not None:
@@ -181,7 +215,10 @@ class LocalExecutor:
                     counts[pair] -= 1
                     if counts[pair] == 0:
                         del counts[pair]
-        outputs = [given[name] if b is None else env[b] for name, b in plan.outputs]
+        outputs = [
+            given[name] if b is None else self._output(index, b, env)
+            for index, (name, b) in enumerate(plan.outputs)
+        ]
         jax.block_until_ready(outputs)
         self.last_stats = StepStats(time.perf_counter() - start, tuple(peak), tuple(timings))
         return outputs

@@ -1,0 +1,438 @@
+"""DistributedExecutor: one process per host (or stage group) on `jax.distributed`.
+
+Every process lowers the same Plan and walks the same global instruction list; it
+runs the Runs, Splits and Frees of the ranks whose devices it owns (a rank may span
+several processes: they all run its tasks, as SPMD programs over the rank's mesh),
+and takes part in the Sends whose source or target rank it owns. A Send inside one
+process is a `jax.device_put`; across processes it is a jitted collective-permute
+over a mesh of the sender's and the receiver's devices, built once per
+(shape, dtype, partition spec, source rank, target rank). Since every process
+follows the one global order, every pair of processes issues its transfers in the
+same order on both sides and the collectives cannot deadlock.
+
+Results are `jax.Array`s as in multi-controller JAX: addressable in the processes
+that own the rank holding them. `fetch` brings a value to every process or to one.
+"""
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jaxpp import schedules
+from jaxpp.runtime import _coordination, _local, _plan, _taskgraph
+
+_PAIR_AXIS = "_jaxpp_pair"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _TransferKey:
+    shape: tuple[int, ...]
+    dtype: str
+    spec: PartitionSpec
+    src: int
+    dst: int
+
+
+class DistributedExecutor(_local.LocalExecutor):
+    """Runs a Plan with one process per host or per stage group.
+
+    Every process builds it with the same graph, plan and meshes (the global meshes
+    of all ranks) and calls `run` with the same inputs; each does its own part.
+
+    Args:
+        graph: the compiled task graph.
+        plan: the instructions (the same in every process).
+        rank_meshes: the mesh of each rank, over global devices.
+        output_avals: shape and dtype of each flat step output (processes that hold
+            no part of an output return a non-addressable array of this type).
+        input_specs: optional PartitionSpec per step input name.
+
+    Step inputs may be host values (numpy, or arrays addressable in this process;
+    every process must pass the same value) or arrays that an earlier step left on a
+    rank (committed, on exactly that rank's devices).
+    """
+
+    def __init__(
+        self,
+        graph: _taskgraph.TaskGraph,
+        plan: _plan.Plan,
+        rank_meshes: Sequence[Mesh],
+        *,
+        output_avals: Sequence[jax.ShapeDtypeStruct],
+        input_specs: Mapping[str, PartitionSpec] | None = None,
+    ) -> None:
+        super().__init__(graph, plan, rank_meshes, input_specs=input_specs)
+        self.output_avals = tuple(output_avals)
+        me = jax.process_index()
+        self._processes = tuple(
+            frozenset(d.process_index for d in m.devices.flat) for m in self.rank_meshes
+        )
+        self._mine = tuple(me in p for p in self._processes)
+        self._only_mine = tuple(p == {me} for p in self._processes)
+        self._rank_of_devices = {
+            frozenset(m.devices.flat): r for r, m in enumerate(self.rank_meshes)
+        }
+        self._transfers: dict[_TransferKey, object] = {}
+        self._reshard_fns: dict[NamedSharding, object] = {}
+        self._zeros: dict[tuple, jax.Array] = {}
+        # Sends by position in the plan: value names may differ between processes (the
+        # compiler numbers values in an order that can vary), positions do not.
+        sends = (ins for ins in plan.instructions if isinstance(ins, _plan.Send))
+        self._send_index = {send: k for k, send in enumerate(sends)}
+        self._agreed: dict[int, tuple] = {}
+        self._plan_id = _plan_id(plan, self.rank_meshes)
+        self._sync_transfers = all(
+            d.platform == "cpu" for m in self.rank_meshes for d in m.devices.flat
+        )
+        _coordination.describe_ranks(self._processes)
+
+    def run(self, inputs: Sequence, *, record_timing: bool = False) -> list:
+        """Executes this process's part of one step; returns the flat step outputs.
+
+        Every process of the run must call it with the same inputs. If a collective
+        fails because a peer died, it waits for the watchdog to name that peer (and
+        stop this process) before re-raising.
+        """
+        try:
+            return super().run(inputs, record_timing=record_timing)
+        except jax.errors.JaxRuntimeError as error:
+            _coordination.wait_for_verdict(error)
+            raise
+
+    # -- ownership ----------------------------------------------------------------------
+
+    def _runs_on(self, rank: int) -> bool:
+        return self._mine[rank]
+
+    # -- inputs -------------------------------------------------------------------------
+
+    def _place_input(self, name: str, x, rank: int) -> jax.Array | None:
+        spec = self.input_specs.get(name)
+        home = self._home_rank(name, x)
+        if home is None:  # a host value: every process of `rank` has it
+            if not self._mine[rank]:
+                return None
+            if self._only_mine[rank]:
+                return self._place(x, rank, spec)
+            host = np.asarray(x)
+            target = NamedSharding(self.rank_meshes[rank], spec or PartitionSpec())
+            return jax.make_array_from_callback(host.shape, target, lambda index: host[index])
+        if home == rank:
+            if not self._mine[rank]:
+                return None
+            target = self._sharding_on(x, rank, spec)
+            if x.sharding.is_equivalent_to(target, x.ndim):
+                return x
+            return self._reshard(x, target)
+        agreed = (tuple(x.shape), np.dtype(x.dtype).name, _spec_of(x, self.rank_meshes[home]))
+        moved = self._transfer(x, home, rank, agreed)
+        if moved is not None and spec is not None:
+            target = NamedSharding(self.rank_meshes[rank], spec)
+            if not moved.sharding.is_equivalent_to(target, moved.ndim):
+                moved = self._reshard(moved, target)
+        return moved
+
+    def _home_rank(self, name: str, x) -> int | None:
+        """The rank an input array lives on, or None for a host value."""
+        if not isinstance(x, jax.Array):
+            return None
+        devices = frozenset(x.sharding.device_set)
+        if x.committed and devices in self._rank_of_devices:
+            return self._rank_of_devices[devices]
+        if x.is_fully_addressable:
+            return None
+        raise ValueError(
+            f"step input {name!r} is an array over devices "
+            f"{sorted(d.id for d in devices)} spread over processes "
+            f"{sorted({d.process_index for d in devices})}, which is no rank's device set. "
+            f"Fix: pass host values (numpy, the same in every process) or arrays that a "
+            f"previous pipelined step returned."
+        )
+
+    # -- transfers ----------------------------------------------------------------------
+
+    def _send(self, send: _plan.Send, x) -> jax.Array | None:
+        src, dst = send.source.rank, send.dst
+        if not (self._mine[src] or self._mine[dst]):
+            return None
+        if self._only_mine[src] and self._only_mine[dst]:
+            return self._place(x, dst)
+        return self._transfer(x, src, dst, self._agreed_type(send, x))
+
+    def _agreed_type(self, send: _plan.Send, x) -> tuple[tuple[int, ...], str, PartitionSpec]:
+        """Shape, dtype and spec of a Send's value, the same in every process it involves.
+
+        Processes that own only the receiving rank never see the value before it
+        arrives; the first time a value moves between two ranks, the sender's first
+        process publishes its type in the coordination service's key-value store and
+        the others read it there. Later Sends of that value use the same type (the
+        sender reshards if a later step produced another layout).
+        """
+        src, dst = send.source.rank, send.dst
+        index = self._send_index[send]
+        agreed = self._agreed.get(index)
+        if agreed is not None:
+            return agreed
+        store_key = f"jaxpp/transfer/{self._plan_id}/{index}"
+        if self._mine[src]:
+            agreed = (tuple(x.shape), np.dtype(x.dtype).name, _spec_of(x, self.rank_meshes[src]))
+            needs_telling = not self._processes[dst] <= self._processes[src]
+            if needs_telling and jax.process_index() == min(self._processes[src]):
+                _coordination.kv_set(store_key, _encode_type(agreed))
+        else:
+            waiting_for = f"the type of {send.source} from rank {src}"
+            agreed = _decode_type(_coordination.kv_get(store_key, waiting_for=waiting_for))
+        self._agreed[index] = agreed
+        return agreed
+
+    def _transfer(
+        self, x, src: int, dst: int, agreed: tuple[tuple[int, ...], str, PartitionSpec]
+    ) -> jax.Array | None:
+        """Moves `x` from rank `src` to rank `dst` (None in processes that do not receive).
+
+        Processes owning neither rank return at once; the others run one
+        collective-permute over the pair mesh, in the same global order.
+        """
+        if not (self._mine[src] or self._mine[dst]):
+            return None
+        mesh_src, mesh_dst = self.rank_meshes[src], self.rank_meshes[dst]
+        if mesh_src.devices.shape != mesh_dst.devices.shape:
+            raise ValueError(
+                f"rank {src} has a mesh of shape {mesh_src.devices.shape} but rank {dst} one of "
+                f"{mesh_dst.devices.shape}; a transfer between processes needs equal rank "
+                f"meshes. Fix: build the MpmdMesh by slicing one mesh along its stage axis."
+            )
+        shape, dtype_name, spec = agreed
+        dtype = np.dtype(dtype_name)
+        source_sharding = NamedSharding(mesh_src, spec)
+        if self._mine[src] and not x.sharding.is_equivalent_to(source_sharding, x.ndim):
+            x = self._reshard(x, source_sharding)
+        key = _TransferKey(shape, dtype_name, spec, src, dst)
+        permute, pair_sharding = self._transfer_fn(key)
+        pair_shape = (2, *shape)
+        shard_shape = source_sharding.shard_shape(shape)
+        pieces = []
+        dst_devices = set(mesh_dst.devices.flat)
+        by_device = {s.device: s.data for s in x.addressable_shards} if self._mine[src] else {}
+        for device in pair_sharding.addressable_devices:
+            if device in dst_devices:
+                pieces.append(self._zeros_on(device, shard_shape, dtype))
+            else:
+                pieces.append(_expand(by_device[device]))
+        stacked = jax.make_array_from_single_device_arrays(pair_shape, pair_sharding, pieces)
+        if self._sync_transfers:
+            # XLA's CPU client runs a computation whose inputs are not ready on its
+            # thread pool, where a gloo collective holds a thread while it waits for
+            # the peer: on a machine with few cores, waiting collectives can take every
+            # thread and starve the peer's. With ready inputs it runs on this thread.
+            jax.block_until_ready(stacked)
+        out = permute(stacked)
+        if not self._mine[dst]:
+            return None
+        received = [_squeeze(s.data) for s in out.addressable_shards if s.device in dst_devices]
+        return jax.make_array_from_single_device_arrays(
+            shape, NamedSharding(mesh_dst, spec), received
+        )
+
+    def _transfer_fn(self, key: _TransferKey):
+        fn = self._transfers.get(key)
+        if fn is None:
+            mesh_src, mesh_dst = self.rank_meshes[key.src], self.rank_meshes[key.dst]
+            pair = Mesh(
+                np.stack([mesh_src.devices, mesh_dst.devices]),
+                (_PAIR_AXIS, *mesh_src.axis_names),
+            )
+            spec = PartitionSpec(_PAIR_AXIS, *key.spec)
+
+            def move(stacked):
+                return jax.lax.ppermute(stacked, _PAIR_AXIS, perm=((0, 1),))
+
+            permute = jax.jit(jax.shard_map(move, mesh=pair, in_specs=spec, out_specs=spec))
+            fn = (permute, NamedSharding(pair, spec))
+            self._transfers[key] = fn
+        return fn
+
+    def _reshard(self, x: jax.Array, target: NamedSharding) -> jax.Array:
+        fn = self._reshard_fns.get(target)
+        if fn is None:
+            fn = jax.jit(lambda a: a, out_shardings=target)
+            self._reshard_fns[target] = fn
+        return fn(x)
+
+    def _zeros_on(self, device, shape: tuple[int, ...], dtype: np.dtype) -> jax.Array:
+        key = (device, shape, dtype.name)
+        z = self._zeros.get(key)
+        if z is None:
+            z = jax.device_put(np.zeros((1, *shape), dtype), device)
+            self._zeros[key] = z
+        return z
+
+    def _microbatch_index(self, rank: int, mb: int) -> jax.Array:
+        key = (rank, mb)
+        if key not in self._mb_index:
+            value = np.int32(mb)
+            self._mb_index[key] = jax.make_array_from_callback(
+                (), self._replicated(rank), lambda index: value
+            )
+        return self._mb_index[key]
+
+    # -- outputs ------------------------------------------------------------------------
+
+    def _output(self, index: int, buffer: _plan.Buffer, env: Mapping) -> jax.Array:
+        if self._mine[buffer.rank]:
+            return env[buffer]
+        aval = self.output_avals[index]
+        sharding = NamedSharding(self.rank_meshes[buffer.rank], PartitionSpec())
+        return jax.make_array_from_single_device_arrays(
+            aval.shape, sharding, [], dtype=aval.dtype
+        )
+
+
+def _plan_id(plan: _plan.Plan, meshes: Sequence[Mesh]) -> str:
+    """A name for this plan and placement, the same in every process (no value names)."""
+    shape = []
+    for ins in plan.instructions:
+        if isinstance(ins, _plan.Run):
+            shape.append(f"R{ins.rank}:{ins.task}:{ins.mb}")
+        elif isinstance(ins, _plan.Send):
+            shape.append(f"S{ins.source.rank}>{ins.dst}:{ins.source.mb}")
+        elif isinstance(ins, _plan.Split):
+            shape.append(f"P{ins.rank}")
+    devices = repr([[d.id for d in m.devices.flat] for m in meshes])
+    text = "\n".join((schedules.format_schedule(plan.schedule), devices, *shape))
+    return hashlib.sha1(text.encode()).hexdigest()[:16]
+
+
+def _encode_type(agreed: tuple[tuple[int, ...], str, PartitionSpec]) -> str:
+    shape, dtype, spec = agreed
+    axes = [list(a) if isinstance(a, tuple) else a for a in spec]
+    return json.dumps({"shape": list(shape), "dtype": dtype, "spec": axes})
+
+
+def _decode_type(text: str) -> tuple[tuple[int, ...], str, PartitionSpec]:
+    data = json.loads(text)
+    axes = [tuple(a) if isinstance(a, list) else a for a in data["spec"]]
+    return tuple(data["shape"]), data["dtype"], PartitionSpec(*axes)
+
+
+def _spec_of(x, mesh: Mesh) -> PartitionSpec:
+    sharding = getattr(x, "sharding", None)
+    spec = sharding.spec if isinstance(sharding, NamedSharding) else PartitionSpec()
+    names = set(mesh.axis_names)
+    for axis in spec:
+        for n in axis if isinstance(axis, tuple) else (axis,):
+            if n is not None and n not in names:
+                return PartitionSpec()
+    return spec
+
+
+def _expand(shard: jax.Array) -> jax.Array:
+    return shard[None]
+
+
+def _squeeze(shard: jax.Array) -> jax.Array:
+    return shard[0]
+
+
+def fetch(x, *, process: int | None = None) -> np.ndarray | None:
+    """Brings a value (a loss, a parameter) to every process, or to one, as numpy.
+
+    In a multi-process run every process must call it (with the array it holds,
+    addressable or not); processes other than `process` get None.
+
+    Args:
+        x: a `jax.Array` (possibly with shards only in other processes) or host value.
+        process: the process that wants it; None for every process.
+
+    Raises:
+        ValueError: if `process` is not a process of the run.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> fetch(jnp.arange(3.0))
+        array([0., 1., 2.], dtype=float32)
+    """
+    count, me = jax.process_count(), jax.process_index()
+    if process is not None and not 0 <= process < count:
+        raise ValueError(
+            f"process={process} is not a process of this run (0..{count - 1}). Fix: pass a "
+            f"process index, or None to fetch to every process."
+        )
+    wanted = process is None or process == me
+    if not isinstance(x, jax.Array):
+        return np.asarray(x) if wanted else None
+    owners = sorted({d.process_index for d in x.sharding.device_set})
+    if count == 1 or (process is not None and owners == [process]):
+        return np.asarray(x) if wanted else None
+    local = None
+    if me in owners:
+        replicated = x
+        if not x.is_fully_replicated:
+            replicated = jax.jit(lambda a: a, out_shardings=_replicated_like(x))(x)
+        local = np.asarray(replicated.addressable_data(0))
+    if process is not None and process in owners:
+        return local if wanted else None
+    from jax.experimental import multihost_utils
+
+    if local is None:
+        local = np.zeros(x.shape, x.dtype)
+    value = multihost_utils.broadcast_one_to_all(local, is_source=me == owners[0])
+    return np.asarray(value) if wanted else None
+
+
+def _replicated_like(x: jax.Array) -> NamedSharding:
+    if isinstance(x.sharding, NamedSharding):
+        return NamedSharding(x.sharding.mesh, PartitionSpec())
+    devices = sorted(x.sharding.device_set, key=lambda d: d.id)
+    return NamedSharding(Mesh(np.array(devices), ("_devices",)), PartitionSpec())
+
+
+def stage_mesh(
+    num_ranks: int,
+    inner: Mapping[str, int] | None = None,
+    *,
+    stage_axis: str = "stages",
+    devices: Sequence[jax.Device] | None = None,
+) -> Mesh:
+    """A mesh of every device of the run, ranks along `stage_axis`, checked to fit.
+
+    Devices are ordered by process, so a rank spans as few processes as it can:
+    with one device per process and `inner={"data": 2}`, each rank spans two.
+
+    Args:
+        num_ranks: pipeline ranks.
+        inner: the SPMD axes inside a rank and their sizes (default: none).
+        stage_axis: the name of the rank axis.
+        devices: the devices to use (default: `jax.devices()`, all processes').
+
+    Raises:
+        ValueError: if the devices do not fill `num_ranks` ranks of that shape.
+
+    Example:
+        >>> import jax
+        >>> stage_mesh(4, {"data": 2}).shape
+        OrderedDict([('stages', 4), ('data', 2)])
+    """
+    inner = dict(inner or {})
+    devices = list(jax.devices() if devices is None else devices)
+    per_rank = int(np.prod(tuple(inner.values()), dtype=int))
+    need = num_ranks * per_rank
+    if len(devices) != need:
+        per_process: dict[int, int] = {}
+        for d in devices:
+            per_process[d.process_index] = per_process.get(d.process_index, 0) + 1
+        layout = ", ".join(f"{n}" for n in per_process.values())
+        raise ValueError(
+            f"the pipeline needs {num_ranks} ranks x {per_rank} devices = {need} devices but "
+            f"the run has {len(devices)} ({len(per_process)} processes with {layout} devices). "
+            f"Fix: launch {need} devices in all, e.g. jaxpp launch -n {num_ranks} "
+            f"--devices-per-process {per_rank}, or change the number of ranks."
+        )
+    devices.sort(key=lambda d: (d.process_index, d.id))
+    shape = (num_ranks, *inner.values())
+    return Mesh(np.array(devices).reshape(shape), (stage_axis, *inner))

@@ -1,0 +1,110 @@
+"""One process of a multi-process test run; started by `jaxpp launch` from the tests.
+
+Usage: python distributed_worker.py CASE [CASE ...]
+Each case runs a pipelined step in every process and checks it against jax.jit
+(computed in this process); it prints "PASS <case>" and exits non-zero on failure.
+Cases: schedules4 (4 processes, 1 device each), spanning4 (4 x 1, ranks of 2 devices
+spanning 2 processes), mixed2 (2 processes x 2 devices, 2 ranks per process and
+ranks split over both processes), kill (process 1 dies in the middle of step 2),
+badcount (a 4-rank mesh on whatever was launched).
+"""
+
+import functools
+import os
+import pathlib
+import signal
+import sys
+import threading
+import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "jaxpp"))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+from pipeline_models import assert_trees_close, make_problem, train_step  # noqa: E402
+
+import jaxpp  # noqa: E402
+from jaxpp import runtime  # noqa: E402
+
+
+def run_case(name, schedule, layers, mesh, *, steps=2, in_shardings=None, **kwargs):
+    state, batch, loss = make_problem(
+        jax.random.key(len(name)), layers_per_stage=layers, num_microbatches=8, **kwargs
+    )
+    step = functools.partial(train_step, schedule=schedule, loss=loss)
+    pipelined = jaxpp.mpmd_jit_with_loop(step, mpmd_mesh=mesh, in_shardings=in_shardings)
+    reference = jax.jit(step)
+    ref_state, pp_state = state, state
+    for i in range(steps):
+        ref_state, ref_losses = reference(ref_state, batch)
+        pp_state, pp_losses = pipelined(pp_state, batch)
+        got = jax.tree.map(runtime.fetch, (pp_state, pp_losses))
+        assert_trees_close(got[1], ref_losses, what=f"{name}: losses, step {i}")
+        assert_trees_close(got[0], ref_state, what=f"{name}: state, step {i}")
+    assert isinstance(pipelined.last_compiled.executor, runtime.DistributedExecutor)
+    print(f"PASS {name} (process {jax.process_index()})", flush=True)
+
+
+def mpmd(mesh):
+    return jaxpp.MpmdMesh(mesh, "stages")
+
+
+def schedules4():
+    mesh = mpmd(runtime.stage_mesh(4))
+    run_case("1f1b", jaxpp.Std1F1B(4), (1, 1, 1, 1), mesh, tied=True)
+    run_case("interleaved", jaxpp.Interleaved1F1B(8, ranks=4), (1,) * 8, mesh)
+    run_case("zb-h1", jaxpp.ZeroBubble(4), (1, 1, 1, 1), mesh)
+    run_case("dualpipev", jaxpp.DualPipeV(8, ranks=4), (1,) * 8, mesh)
+
+
+def spanning4():
+    mesh = mpmd(runtime.stage_mesh(2, {"data": 2}))
+    spec = {"x": P(None, "data"), "y": P(None, "data")}
+    assert len({d.process_index for d in mesh.rank_mesh(0).devices.flat}) == 2
+    run_case("spanning-1f1b", jaxpp.Std1F1B(2), (1, 1), mesh, in_shardings=(None, spec))
+    run_case("spanning-zb-h1", jaxpp.ZeroBubble(2), (1, 1), mesh, in_shardings=(None, spec))
+
+
+def mixed2():
+    mesh = mpmd(runtime.stage_mesh(4))  # process 0 owns ranks 0, 1; process 1 ranks 2, 3
+    run_case("two-ranks-per-process-dualpipev", jaxpp.DualPipeV(8, ranks=4), (1,) * 8, mesh)
+    devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
+    split = np.array(devices).reshape(2, 2).T  # rank r = device r of each process
+    mesh = mpmd(jax.sharding.Mesh(split, ("stages", "model")))
+    layer = {"w": P(None, "model"), "b": P("model")}
+    specs = (({"embed": None, "head": None, "layers": [layer] * 2}, None), None)
+    run_case("split-ranks-tp-1f1b", jaxpp.Std1F1B(2), (1, 1), mesh, in_shardings=specs)
+
+
+def kill():
+    mesh = mpmd(runtime.stage_mesh(jax.process_count()))
+    n = jax.process_count()
+    state, batch, loss = make_problem(jax.random.key(0), layers_per_stage=(1,) * n, num_microbatches=8)
+    step = functools.partial(train_step, schedule=jaxpp.Std1F1B(n), loss=loss)
+    pipelined = jaxpp.mpmd_jit_with_loop(step, mpmd_mesh=mesh)
+    state, _ = pipelined(state, batch)
+    runtime.fetch(state[0]["embed"])
+    print(f"READY pid {os.getpid()}", flush=True)
+    if jax.process_index() == 1:
+        threading.Timer(0.05, lambda: os.kill(os.getpid(), signal.SIGKILL)).start()
+    for _ in range(1000):
+        state, _ = pipelined(state, batch)
+        runtime.fetch(state[0]["embed"])
+    time.sleep(120)  # never reached in a healthy test: the watchdog stops us first
+
+
+def badcount():
+    runtime.stage_mesh(4)
+
+
+CASES = {f.__name__: f for f in (schedules4, spanning4, mixed2, kill, badcount)}
+
+if __name__ == "__main__":
+    import faulthandler
+
+    if os.environ.get("JAXPP_TEST_DUMP"):
+        faulthandler.dump_traceback_later(float(os.environ["JAXPP_TEST_DUMP"]), exit=True)
+    runtime.initialize()
+    for case in sys.argv[1:]:
+        CASES[case]()
