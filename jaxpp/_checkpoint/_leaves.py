@@ -31,14 +31,17 @@ class LeafRecord:
     Attributes:
         path: the leaf's key path written with "/", e.g. "params/layers/0/w".
         shape: the global shape.
-        dtype: the dtype name, e.g. "float32".
-        checksum: `checksum` of the leaf's bytes (position-weighted, order-free).
+        dtype: the dtype name, e.g. "float32" or "key<fry>" (typed PRNG keys).
+        checksum: `checksums` of the leaf's bytes (position-weighted, order-free).
+        key_impl: for typed PRNG keys, the implementation ("threefry2x32"); stored as
+            their uint32 key data.
     """
 
     path: str
     shape: tuple[int, ...]
     dtype: str
     checksum: int
+    key_impl: str | None = None
 
     def to_json(self) -> dict:
         return {
@@ -46,11 +49,18 @@ class LeafRecord:
             "shape": list(self.shape),
             "dtype": self.dtype,
             "checksum": self.checksum,
+            "key_impl": self.key_impl,
         }
 
     @classmethod
     def from_json(cls, data: Mapping) -> "LeafRecord":
-        return cls(str(data["path"]), tuple(data["shape"]), str(data["dtype"]), data["checksum"])
+        return cls(
+            str(data["path"]),
+            tuple(data["shape"]),
+            str(data["dtype"]),
+            int(data["checksum"]),
+            data.get("key_impl"),
+        )
 
 
 def leaf_paths(tree) -> tuple[str, ...]:
@@ -71,12 +81,32 @@ def records_of(tree) -> tuple[LeafRecord, ...]:
         >>> [r.path for r in records_of({"w": jnp.ones((2, 3)), "step": jnp.int32(4)})]
         ['step', 'w']
     """
-    leaves = jax.tree.leaves(tree)
+    leaves, paths = jax.tree.leaves(tree), leaf_paths(tree)
+    for path, x in zip(paths, leaves, strict=True):
+        if not (hasattr(x, "shape") and hasattr(x, "dtype")):
+            raise TypeError(
+                f"state leaf {path!r} is a {type(x).__name__} ({x!r}), not an array. Fix: keep "
+                f"arrays in the state (e.g. jnp.asarray({x!r})), or save it as data_position."
+            )
     sums = checksums(leaves)
     return tuple(
-        LeafRecord(path, tuple(np.shape(x)), str(np.dtype(x.dtype)), total)
-        for path, x, total in zip(leaf_paths(tree), leaves, sums, strict=True)
+        LeafRecord(path, tuple(np.shape(x)), dtype_name(x), total, _key_impl(x))
+        for path, x, total in zip(paths, leaves, sums, strict=True)
     )
+
+
+def dtype_name(x) -> str:
+    """The dtype of an array or `jax.ShapeDtypeStruct` as text ("float32", "key<fry>")."""
+    return str(x.dtype)
+
+
+def is_key(x) -> bool:
+    """Whether `x` (an array or `jax.ShapeDtypeStruct`) holds typed PRNG keys."""
+    return jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def _key_impl(x) -> str | None:
+    return str(jax.random.key_impl(x)) if is_key(x) else None
 
 
 def checksums(leaves: Sequence[jax.Array]) -> tuple[int, ...]:
@@ -150,7 +180,7 @@ def check_compatible(
     """
     by_path = {r.path: r for r in saved}
     target = {
-        path: (tuple(np.shape(x)), str(np.dtype(x.dtype)))
+        path: (tuple(np.shape(x)), dtype_name(x))
         for path, x in zip(target_paths, target_leaves, strict=True)
     }
     missing = [p for p in target if p not in by_path]

@@ -151,8 +151,9 @@ class CheckpointManager:
             "config": self.config,
             "leaves": [r.to_json() for r in records],
         }
+        stored = jax.tree.map(lambda x: jax.random.key_data(x) if _leaves.is_key(x) else x, state)
         args = ocp.args.Composite(
-            **{_STATE: ocp.args.StandardSave(state), _META: ocp.args.JsonSave(meta)}
+            **{_STATE: ocp.args.StandardSave(stored), _META: ocp.args.JsonSave(meta)}
         )
         return self._manager.save(step, args=args, force=True)
 
@@ -222,7 +223,7 @@ class CheckpointManager:
         paths = _leaves.leaf_paths(target)
         target_leaves, treedef = jax.tree.flatten(target)
         _leaves.check_compatible(records, paths, target_leaves, where=where)
-        abstract = jax.tree.unflatten(treedef, [_abstract_leaf(x) for x in target_leaves])
+        abstract = jax.tree.unflatten(treedef, [_stored_leaf(x) for x in target_leaves])
         try:
             restored = self._manager.restore(
                 step, args=ocp.args.Composite(**{_STATE: ocp.args.StandardRestore(abstract)})
@@ -233,6 +234,16 @@ class CheckpointManager:
                 f"{_first_line(error)}\nFix: the files are missing or damaged; restore "
                 f"another step (available: {list(steps)}) with restore(..., step=N)."
             ) from error
+        by_path = {r.path: r for r in records}
+        restored = jax.tree.unflatten(
+            treedef,
+            [
+                jax.random.wrap_key_data(x, impl=by_path[path].key_impl)
+                if by_path[path].key_impl
+                else x
+                for path, x in zip(paths, jax.tree.leaves(restored), strict=True)
+            ],
+        )
         _leaves.check_checksums(records, paths, jax.tree.leaves(restored), where=where)
         return Restored(
             state=restored,
@@ -288,10 +299,15 @@ class CheckpointManager:
         self.close()
 
 
-def _abstract_leaf(x) -> jax.ShapeDtypeStruct:
+def _stored_leaf(x) -> jax.ShapeDtypeStruct:
+    """What orbax reads for a target leaf: its shape and dtype (typed keys: their uint32
+    data) on its sharding, or on the first local device."""
     sharding = getattr(x, "sharding", None)
     if sharding is None:
         sharding = SingleDeviceSharding(jax.local_devices()[0])
+    if _leaves.is_key(x):
+        data = jax.eval_shape(jax.random.key_data, jax.ShapeDtypeStruct(np.shape(x), x.dtype))
+        return jax.ShapeDtypeStruct(data.shape, data.dtype, sharding=sharding)
     return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding)
 
 

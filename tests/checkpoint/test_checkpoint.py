@@ -124,3 +124,19 @@ def test_checkpoint_raw_rng_and_structured_data_position_round_trip(tmp_path):
     assert restored.data_position == position
     assert restored.rng.dtype == rng.dtype
     np.testing.assert_array_equal(restored.rng, rng)
+
+
+def test_checkpoint_typed_keys_in_state_round_trip_onto_target_devices(tmp_path):
+    keys = jax.random.split(jax.random.key(13), 3)
+    state = {"dropout_keys": keys, "w": jax.random.normal(jax.random.key(1), (5,))}
+    with checkpoint.CheckpointManager(tmp_path) as manager:
+        manager.save(1, state)
+        where = jax.sharding.SingleDeviceSharding(jax.devices()[2])
+        target = checkpoint.abstract_state(state, jax.tree.map(lambda _: where, state))
+        restored = manager.restore(target).state
+    assert restored["dropout_keys"].dtype == keys.dtype
+    assert restored["dropout_keys"].sharding.device_set == {jax.devices()[2]}
+    np.testing.assert_array_equal(
+        jax.random.key_data(restored["dropout_keys"]), jax.random.key_data(keys)
+    )
+    np.testing.assert_array_equal(restored["w"], state["w"])

@@ -156,5 +156,7 @@ def test_checkpoint_bad_options_and_values_raise(tmp_path):
             manager.save(1, {"w": jnp.ones(2)}, data_position=object())
         with pytest.raises(ValueError, match="rng has dtype float32; expected a typed key"):
             manager.save(2, {"w": jnp.ones(2)}, rng=jnp.ones(2))
+        with pytest.raises(TypeError, match="state leaf 'count' is a int .*jnp.asarray"):
+            manager.save(3, {"w": jnp.ones(2), "count": 3})
     with pytest.raises(TypeError, match="where a jax.sharding.Sharding belongs"):
         checkpoint.abstract_state({"w": jnp.ones(2)}, {"w": "cpu:0"})
