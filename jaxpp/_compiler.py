@@ -725,6 +725,7 @@ def _loop_task(
         stage=stage,
         kind=kind,
         num_equations=len(eqns) + len(accs),
+        donate=tuple(range(len(inputs), len(inputs) + len(accs))),
     )
 
 

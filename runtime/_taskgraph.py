@@ -29,6 +29,8 @@ class Task:
         stage: for loop tasks, the stage.
         kind: for loop tasks, F, B, I or W.
         num_equations: how much the task does (0 means a no-op that is skipped).
+        donate: positions of inputs whose buffers the task may reuse for outputs
+            (accumulators updated in place).
     """
 
     name: str
@@ -39,6 +41,7 @@ class Task:
     stage: int | None = None
     kind: Kind | None = None
     num_equations: int = 0
+    donate: tuple[int, ...] = ()
 
     def __repr__(self) -> str:
         return f"Task({self.name}: {', '.join(self.inputs)} -> {', '.join(self.outputs)})"
