@@ -125,3 +125,13 @@ def test_profile_gives_trace_costs_and_prediction():
         own = sum(profile.costs.duration(a) for a in rank_actions)
         assert profile.simulation.makespan >= own * (1 - 1e-9)
     assert 0.0 <= profile.bubble(profile.predicted_step_seconds) < 1.0
+
+
+def test_pipeline_compiles_each_task_once_for_all_microbatches():
+    pipelined, _ = _run_both(jaxpp.Std1F1B(4), (1, 1, 1, 1), steps=2)
+    compiled = pipelined.last_compiled.executor._compiled  # noqa: SLF001 -- the executor's cache
+    loop_tasks = {(t.name, t.stage) for t in pipelined.last_compiled.graph.loop_tasks.values()}
+    assert {(name, rank) for name, rank in compiled} >= loop_tasks
+    # 8 microbatches x 2 steps ran through each loop task, yet each compiled once.
+    for (name, _), fn in compiled.items():
+        assert fn._cache_size() == 1, f"{name} compiled {fn._cache_size()} times"  # noqa: SLF001
