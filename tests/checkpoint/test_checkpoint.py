@@ -16,19 +16,30 @@ def steps():
     return {layout: make_step(layout) for layout in (4, 2, "jit")}
 
 
-def _target(steps, layout):
+def _shardings(steps, layout):
     """Where `layout` wants the state: the pipeline's input placement, or device 0 for jit."""
     state = jax.eval_shape(init_state, jax.random.key(0))
     if layout == "jit":
         where = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        return checkpoint.abstract_state(state, jax.tree.map(lambda _: where, state))
+        return jax.tree.map(lambda _: where, state)
     shardings, _ = checkpoint.input_shardings(steps[layout], state, batch_at(0))
-    return checkpoint.abstract_state(state, shardings)
+    return shardings
+
+
+def _target(steps, layout):
+    state = jax.eval_shape(init_state, jax.random.key(0))
+    return checkpoint.abstract_state(state, _shardings(steps, layout))
+
+
+def _start(steps, layout, seed):
+    """A fresh state placed where `layout` wants it (so the step compiles once, not per
+    placement as the state moves to the stages)."""
+    return jax.device_put(init_state(jax.random.key(seed)), _shardings(steps, layout))
 
 
 def test_checkpoint_save_train_restore_train_is_bit_exact(steps, tmp_path):
     step = steps[4]
-    state, _ = train(step, init_state(jax.random.key(3)), 0, K)
+    state, _ = train(step, _start(steps, 4, 3), 0, K)
     rng = jax.random.key(11)
     manager = checkpoint.CheckpointManager(tmp_path, config={"width": 8})
     assert manager.save(K, state, data_position=K, rng=rng)
@@ -61,7 +72,7 @@ def test_checkpoint_save_train_restore_train_is_bit_exact(steps, tmp_path):
 def test_checkpoint_restore_other_layout_continues_like_uninterrupted_run(
     steps, tmp_path, saved_by, restored_into
 ):
-    state, _ = train(steps[saved_by], init_state(jax.random.key(5)), 0, K)
+    state, _ = train(steps[saved_by], _start(steps, saved_by, 5), 0, K)
     with checkpoint.CheckpointManager(tmp_path) as manager:
         manager.save(K, state, data_position=K)
     target = _target(steps, restored_into)
@@ -73,10 +84,9 @@ def test_checkpoint_restore_other_layout_continues_like_uninterrupted_run(
     ):
         path, leaf = path_leaf
         assert leaf.sharding.device_set == want.sharding.device_set, jax.tree_util.keystr(path)
-    # The uninterrupted run: the new layout continuing from the in-memory state (jax.jit
-    # needs it on one device; a pipeline takes it from wherever it is).
-    if restored_into == "jit":
-        state = jax.device_put(state, jax.devices()[0])
+    # The uninterrupted run: the new layout continuing from the in-memory state, moved
+    # where that layout wants it.
+    state = jax.device_put(state, _shardings(steps, restored_into))
     expected_state, expected_losses = train(steps[restored_into], state, K, K)
     resumed_state, resumed_losses = train(steps[restored_into], restored.state, K, K)
     assert_trees_equal(resumed_losses, expected_losses, what="losses")
