@@ -33,6 +33,12 @@ WIDTH = 2048
 SEQS = (1024, 2048, 4096, 8192, 16384)
 HEAD_DIMS = (64, 128, 256)
 IMPLS = ("ours", "cudnn", "tokamax", "xla")
+# Variants of ours: forward-config overrides timed beside the default (on head dim 128).
+VARIANTS = {
+    "ours_pp": ({"pingpong": True}, {}),
+    "ours_ov": ({}, {"overlap": True}),
+    "ours_pp_ov": ({"pingpong": True}, {"overlap": True}),
+}
 XLA_MAX_SEQ = 4096  # the XLA baseline materialises [B, N, T, S] logits
 
 
@@ -107,6 +113,8 @@ def implementations(
             out[name] = lambda q, k, v, causal: dot_product_attention(
                 q, k, v, causal=causal, implementation="mosaic", interpret=interpret
             )
+        elif name in VARIANTS:
+            out[name] = _variant(*VARIANTS[name], interpret=interpret)
         elif name == "cudnn":
             out[name] = lambda q, k, v, causal: jax.nn.dot_product_attention(
                 q, k, v, is_causal=causal, implementation="cudnn"
@@ -126,6 +134,29 @@ def implementations(
                 q, k, v, is_causal=causal, implementation="mosaic"
             )
     return out
+
+
+def _variant(
+    forward: dict[str, Any], backward: dict[str, Any], *, interpret: bool
+) -> Callable[..., Any]:
+    import jax
+
+    from jaxpp.kernels.attention import default_configs, dot_product_attention
+
+    def attn(q, k, v, causal):
+        fwd, bwd = default_configs(jax.devices()[0].device_kind, q.shape[-1])
+        return dot_product_attention(
+            q,
+            k,
+            v,
+            causal=causal,
+            implementation="mosaic",
+            interpret=interpret,
+            forward_config=dataclasses.replace(fwd, **forward),
+            backward_config=dataclasses.replace(bwd, **backward),
+        )
+
+    return attn
 
 
 def reference_forward(q, k, v, causal):
@@ -183,14 +214,23 @@ def run_grid(
     impls: dict[str, Callable[..., Any]],
     samples: int,
     modes: tuple[str, ...],
+    *,
+    xla_max_seq: int = XLA_MAX_SEQ,
+    variant_head_dims: tuple[int, ...] = (128,),
+    save: Callable[[list[dict[str, Any]]], None] | None = None,
 ) -> list[dict[str, Any]]:
-    rows = []
+    rows: list[dict[str, Any]] = []
     for shape in shapes:
         for mode in modes:
+            cache: dict[str, Any] = {}  # the float32 reference, shared by the implementations
             for name, attn in impls.items():
-                if name == "xla" and shape.seq > XLA_MAX_SEQ:
+                if name == "xla" and shape.seq > xla_max_seq:
                     continue
-                row = _bench_one(shape, mode, name, attn, samples)
+                if name in VARIANTS and shape.head_dim not in variant_head_dims:
+                    continue
+                if name in VARIANTS and mode == "fwd" and not VARIANTS[name][0]:
+                    continue  # a backward-only variant has the default forward
+                row = _bench_one(shape, mode, name, attn, samples, cache)
                 rows.append(row)
                 status = row.get("error", "")[:80] or (
                     f"{row['tflops']:7.1f} TFLOP/s  err {row['rel_error']:.1e}  "
@@ -200,11 +240,18 @@ def run_grid(
                     f"{shape.name:32s} {mode:7s} {name:8s} {status}  ({row['wall_s']:.0f}s)",
                     flush=True,
                 )
+        if save is not None:
+            save(rows)
     return rows
 
 
 def _bench_one(
-    shape: Shape, mode: str, name: str, attn: Callable[..., Any], samples: int
+    shape: Shape,
+    mode: str,
+    name: str,
+    attn: Callable[..., Any],
+    samples: int,
+    cache: dict[str, Any],
 ) -> dict[str, Any]:
     import jax
     import jax.numpy as jnp
@@ -235,12 +282,18 @@ def _bench_one(
     nbytes = shape.forward_bytes() * (1.0 if mode == "fwd" else 3.0)
     if mode == "fwd":
         fn = jax.jit(lambda q, k, v: attn(q, k, v, causal))
-        ref = jax.jit(lambda q, k, v: reference_forward(q, k, v, causal))
+        ref_fn = jax.jit(lambda q, k, v: reference_forward(q, k, v, causal))
         make = make_fwd
     else:
         fn = jax.jit(fwd_bwd)
-        ref = jax.jit(lambda q, k, v, do: reference_vjp(q, k, v, do, causal))
+        ref_fn = jax.jit(lambda q, k, v, do: reference_vjp(q, k, v, do, causal))
         make = make_bwd
+
+    def ref(*args):  # the gate's inputs (seed 0) are the same for every implementation
+        if "ref" not in cache:
+            cache["ref"] = ref_fn(*args)
+        return cache["ref"]
+
     row: dict[str, Any] = {
         "shape": dataclasses.asdict(shape),
         "name": shape.name,
@@ -270,36 +323,39 @@ def _bench_one(
 
 
 def summarize(rows: list[dict[str, Any]]) -> str:
-    """Geomean ratios of ours vs each baseline per (head_dim, mode), plus a table."""
+    """Geomean ratios of ours (and variants) vs each baseline per head dim and mode, a table."""
     by_key: dict[tuple[str, str], dict[str, float]] = {}
     for r in rows:
-        if "tflops" in r and r.get("tflops"):
+        if r.get("tflops"):
             by_key.setdefault((r["name"], r["mode"]), {})[r["impl"]] = r["tflops"]
     lines = [
         "| head dim | mode | vs cudnn | vs tokamax | vs xla | shapes |",
         "|---|---|---|---|---|---|",
     ]
-    groups: dict[tuple[int, str], dict[str, list[float]]] = {}
+    groups: dict[tuple[str, int, str], dict[str, list[float]]] = {}
     for (name, mode), t in by_key.items():
         head_dim = int(name.split(" d")[1].split()[0])
-        if "ours" not in t:
-            continue
-        g = groups.setdefault((head_dim, mode), {})
-        for base in ("cudnn", "tokamax", "xla"):
-            if base in t:
-                g.setdefault(base, []).append(t["ours"] / t[base])
-    for (head_dim, mode), g in sorted(groups.items()):
+        for ours in ("ours", *VARIANTS):
+            if ours not in t:
+                continue
+            g = groups.setdefault((ours, head_dim, mode), {})
+            for base in ("cudnn", "tokamax", "xla"):
+                if base in t:
+                    g.setdefault(base, []).append(t[ours] / t[base])
+    for (ours, head_dim, mode), g in sorted(groups.items()):
         cells = []
         for base in ("cudnn", "tokamax", "xla"):
             v = g.get(base)
             cells.append(f"{math.exp(sum(map(math.log, v)) / len(v)):.2f}x" if v else "-")
         n = max((len(v) for v in g.values()), default=0)
-        lines.append(f"| {head_dim} | {mode} | {' | '.join(cells)} | {n} |")
+        label = f"{head_dim}" if ours == "ours" else f"{head_dim} ({ours})"
+        lines.append(f"| {label} | {mode} | {' | '.join(cells)} | {n} |")
+    columns = (*IMPLS, *VARIANTS)
     lines.append("")
-    lines.append("| shape | mode | " + " | ".join(IMPLS) + " |")
-    lines.append("|---|---|" + "---|" * len(IMPLS))
+    lines.append("| shape | mode | " + " | ".join(columns) + " |")
+    lines.append("|---|---|" + "---|" * len(columns))
     for (name, mode), t in by_key.items():
-        cells = [f"{t[i]:.0f}" if i in t else "-" for i in IMPLS]
+        cells = [f"{t[i]:.0f}" if i in t else "-" for i in columns]
         lines.append(f"| {name} | {mode} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -345,6 +401,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--impls", nargs="+", default=list(IMPLS))
     parser.add_argument("--modes", nargs="+", default=["fwd", "fwd_bwd"])
     parser.add_argument("--no-gqa", action="store_true")
+    parser.add_argument("--xla-max-seq", type=int, default=XLA_MAX_SEQ)
     parser.add_argument("--samples", type=int, default=30)
     parser.add_argument("--tokens", type=int, default=TOKENS)
     parser.add_argument("--width", type=int, default=WIDTH)
@@ -371,16 +428,25 @@ def main(argv: list[str] | None = None) -> int:
         tokens=args.tokens,
         width=args.width,
     )
-    rows = run_grid(shapes, impls, args.samples, tuple(args.modes))
-    for r in rows:
-        if r.get("median_s"):
-            t_sol = tuning.sol_time(r["flops"], r["bytes"], ceilings)
-            r["t_sol_s"] = t_sol
-    tuning.write_results(
-        args.out,
-        results=rows,
-        ceilings=ceilings,
-        grid={"tokens": TOKENS, "width": WIDTH, "dtype": "bfloat16"},
+
+    def save(rows: list[dict[str, Any]]) -> None:
+        for r in rows:
+            if r.get("median_s"):
+                r["t_sol_s"] = tuning.sol_time(r["flops"], r["bytes"], ceilings)
+        tuning.write_results(
+            args.out,
+            results=rows,
+            ceilings=ceilings,
+            grid={
+                "tokens": args.tokens,
+                "width": args.width,
+                "dtype": "bfloat16",
+                "argv": sys.argv[1:],
+            },
+        )
+
+    rows = run_grid(
+        shapes, impls, args.samples, tuple(args.modes), xla_max_seq=args.xla_max_seq, save=save
     )
     print(summarize(rows))
     return 0

@@ -17,8 +17,11 @@ for sub in schedules runtime kernels; do ln -s "$PWD/$sub" "/tmp/pp/jaxpp/$sub";
 export PYTHONPATH=/tmp/pp${PYTHONPATH:+:$PYTHONPATH}
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,temperature.gpu --format=csv,noheader
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
-  timeout "${TEST_TIMEOUT:-240}" python3 -m pytest -q -o addopts="" -p no:cacheprovider \
-    --timeout 90 tests/gpu/test_attention_gpu.py 2>&1 | tee "$OUT/attention_tests.log" | tail -25
+  # from /tmp, so that the repo's own jaxpp/ folder does not shadow the package tree
+  repo=$PWD
+  (cd /tmp && timeout "${TEST_TIMEOUT:-240}" python3 -m pytest -q -o addopts="" \
+    -p no:cacheprovider --timeout 90 "$repo/tests/gpu/test_attention_gpu.py" 2>&1) \
+    | tee "$OUT/attention_tests.log" | tail -25
 fi
 timeout "${BENCH_TIMEOUT:-300}" python3 benchmarks/attention_bench.py --out "$OUT/attention_bench.json" "$@" \
   2>&1 | tee "$OUT/attention_bench.log" | grep -v "^  " | tail -60

@@ -45,6 +45,8 @@ class ForwardConfig:
         num_stages: SMEM slots in the K/V ring.
         compute_wgs: consumer warpgroups per CTA (each its own q tile).
         longest_first: with causal, launch the q tiles with most kv blocks first.
+        pingpong: with two consumers, order them by a shared barrier so that one runs
+            its softmax while the other's matmuls use the tensor cores (FA3 ping-pong).
     """
 
     block_q: int = 64
@@ -52,6 +54,7 @@ class ForwardConfig:
     num_stages: int = 2
     compute_wgs: int = 2
     longest_first: bool = True
+    pingpong: bool = False
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -66,6 +69,8 @@ class BackwardConfig:
         dkv_compute_wgs: consumer warpgroups of the dK/dV kernel.
         split_dkv: compute dK and dV in two passes (each recomputes P); frees registers
             for head dim 256.
+        overlap: issue the two SMEM-operand matmuls of a step (S and dP) together, so
+            the second runs while the first is awaited.
     """
 
     block_q: int = 64
@@ -74,6 +79,7 @@ class BackwardConfig:
     dq_compute_wgs: int = 2
     dkv_compute_wgs: int = 2
     split_dkv: bool = False
+    overlap: bool = False
 
 
 def _smem(shape: tuple[int, ...], dtype: Any) -> Any:
@@ -87,14 +93,34 @@ def _smem(shape: tuple[int, ...], dtype: Any) -> Any:
     )
 
 
-def _mma(a_ref: Any, b_ref: Any, shape: tuple[int, int]) -> jax.Array:
-    """a_ref @ b_ref (both SMEM) into a fresh float32 accumulator, returned as registers."""
+def _mma(
+    a_ref: Any, b_ref: Any, shape: tuple[int, int], after_issue: Callable[[], None] | None = None
+) -> jax.Array:
+    """a_ref @ b_ref (both SMEM) into a fresh float32 accumulator, returned as registers.
+
+    `after_issue` runs after the wgmma is issued and before its result is awaited.
+    """
 
     def body(acc_ref: Any) -> jax.Array:
         plgpu.wgmma(acc_ref, a_ref, b_ref)
+        if after_issue is not None:
+            after_issue()
         return acc_ref[...]
 
     return pl.run_scoped(body, plgpu.ACC(shape, jnp.float32))
+
+
+def _mma2(
+    a1: Any, b1: Any, a2: Any, b2: Any, shape: tuple[int, int]
+) -> tuple[jax.Array, jax.Array]:
+    """(a1 @ b1, a2 @ b2), both issued before either is awaited (all operands in SMEM)."""
+
+    def body(acc1: Any, acc2: Any) -> tuple[jax.Array, jax.Array]:
+        plgpu.wgmma(acc1, a1, b1)
+        plgpu.wgmma(acc2, a2, b2)
+        return acc1[...], acc2[...]
+
+    return pl.run_scoped(body, plgpu.ACC(shape, jnp.float32), plgpu.ACC(shape, jnp.float32))
 
 
 def _mma_acc(acc: jax.Array, a: jax.Array, b_ref: Any, a_smem: Any, interpret: bool) -> jax.Array:
@@ -190,9 +216,16 @@ def forward(
             return total_kv_steps
         return jnp.minimum(_cdiv(q_end, bkv), total_kv_steps)
 
+    pingpong = config.pingpong and wgs == 2
+
     def kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, scratch):
         q_smem, k_smem, v_smem, lse_smem, a_smem, barriers = scratch
-        q_bar, k_bar, v_bar, k_free, v_free = barriers
+        q_bar, k_bar, v_bar, k_free, v_free, sched = barriers
+
+        def sched_sync() -> None:
+            plgpu.barrier_arrive(sched)
+            plgpu.barrier_wait(sched)
+
         b = lax.axis_index("batch")
         h = lax.axis_index("heads")
         wg = lax.axis_index("wg")
@@ -221,7 +254,7 @@ def forward(
                 acc, m, denom = carry
                 slot = lax.rem(s, stages)
                 plgpu.barrier_wait(k_bar.at[slot])
-                logits = _mma(my_q, k_smem.at[slot].T, (bq, bkv))
+                logits = _mma(my_q, k_smem.at[slot].T, (bq, bkv), sched_sync if pingpong else None)
                 plgpu.barrier_arrive(k_free.at[slot])
                 logits = logits * c
                 if masked:
@@ -235,7 +268,12 @@ def forward(
                 p = jnp.exp2(logits - lax.broadcast_in_dim(m_new, (bq, bkv), (0,)))
                 denom = denom * alpha + p.sum(axis=1)
                 acc = acc * lax.broadcast_in_dim(alpha, (bq, head_dim), (0,))
-                plgpu.barrier_wait(v_bar.at[slot])
+                if pingpong:  # softmax done; take the tensor cores when the other is done
+                    plgpu.barrier_arrive(sched)
+                    plgpu.barrier_wait(v_bar.at[slot])
+                    plgpu.barrier_wait(sched)
+                else:
+                    plgpu.barrier_wait(v_bar.at[slot])
                 acc = _mma_acc(acc, p.astype(dtype), v_smem.at[slot], my_a, interpret)
                 plgpu.barrier_arrive(v_free.at[slot])
                 return acc, m_new, denom
@@ -246,13 +284,20 @@ def forward(
                 plgpu.barrier_arrive(k_free.at[slot])
                 plgpu.barrier_wait(v_bar.at[slot])
                 plgpu.barrier_arrive(v_free.at[slot])
+                if pingpong:  # keep the two consumers' barrier counts equal
+                    sched_sync()
+                    sched_sync()
 
+            if pingpong:  # consumer 1 starts one sync behind consumer 0
+                pl.when(wg == 1)(sched_sync)
             carry = (_zeros((bq, head_dim)), _row_vector(_NEG_INF, bq), _row_vector(0.0, bq))
             carry = lax.fori_loop(0, full_steps, lambda s, cr: step(s, cr, masked=False), carry)
             carry = lax.fori_loop(
                 full_steps, my_steps, lambda s, cr: step(s, cr, masked=True), carry
             )
             lax.fori_loop(my_steps, cta_steps, skip, None)
+            if pingpong:
+                pl.when(wg == 0)(sched_sync)
             acc, m, denom = carry
             inv_l = 1.0 / denom
             out = acc * lax.broadcast_in_dim(inv_l, (bq, head_dim), (0,))
@@ -287,6 +332,7 @@ def forward(
             plgpu.Barrier(num_barriers=stages),
             plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
             plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
+            plgpu.Barrier(num_arrivals=2) if pingpong else None,
         ),
     )
     return plgpu.kernel(
@@ -379,7 +425,11 @@ def backward_dq(
             def step(s, dq, *, masked: bool):
                 slot = lax.rem(s, stages)
                 plgpu.barrier_wait(k_bar.at[slot])
-                logits = _mma(my_q, k_smem.at[slot].T, (bq, bkv))
+                if config.overlap:
+                    plgpu.barrier_wait(v_bar.at[slot])
+                    logits, dp = _mma2(my_q, k_smem.at[slot].T, my_do, v_smem.at[slot].T, (bq, bkv))
+                else:
+                    logits = _mma(my_q, k_smem.at[slot].T, (bq, bkv))
                 p = jnp.exp2(logits * c - lse_b)
                 if masked:
                     kv_idx = _iota((bq, bkv), 1) + s * bkv
@@ -387,8 +437,9 @@ def backward_dq(
                     if causal:
                         keep = keep & (_iota((bq, bkv), 0) + q_base >= kv_idx)
                     p = jnp.where(keep, p, 0.0)
-                plgpu.barrier_wait(v_bar.at[slot])
-                dp = _mma(my_do, v_smem.at[slot].T, (bq, bkv))
+                if not config.overlap:
+                    plgpu.barrier_wait(v_bar.at[slot])
+                    dp = _mma(my_do, v_smem.at[slot].T, (bq, bkv))
                 plgpu.barrier_arrive(v_free.at[slot])
                 ds = p * (dp - delta_b)
                 dq = _mma_acc(dq, ds.astype(dtype), k_smem.at[slot], my_a, interpret)
@@ -526,17 +577,26 @@ def backward_dkv(
                 dk, dv = carry
                 slot = lax.rem(s - cta_first, stages)
                 plgpu.barrier_wait(q_bar.at[slot])
-                logits_t = _mma(my_k, q_smem.at[slot].T, (bkv, bq))
+                overlap = config.overlap and want_dk
+                if overlap:
+                    plgpu.barrier_wait(do_bar.at[slot])
+                    logits_t, dp_t = _mma2(
+                        my_k, q_smem.at[slot].T, my_v, do_smem.at[slot].T, (bkv, bq)
+                    )
+                else:
+                    logits_t = _mma(my_k, q_smem.at[slot].T, (bkv, bq))
                 lse = plgpu.load(lse_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
                 p_t = jnp.exp2(logits_t * c - lax.broadcast_in_dim(lse, (bkv, bq), (1,)))
                 if masked:
                     q_idx = _iota((bkv, bq), 1) + s * bq
                     p_t = jnp.where(q_idx >= _iota((bkv, bq), 0) + kv_base, p_t, 0.0)
-                plgpu.barrier_wait(do_bar.at[slot])
+                if not overlap:
+                    plgpu.barrier_wait(do_bar.at[slot])
                 if want_dv:
                     dv = _mma_acc(dv, p_t.astype(dtype), do_smem.at[slot], my_a, interpret)
                 if want_dk:
-                    dp_t = _mma(my_v, do_smem.at[slot].T, (bkv, bq))
+                    if not overlap:
+                        dp_t = _mma(my_v, do_smem.at[slot].T, (bkv, bq))
                     delta = plgpu.load(delta_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
                     ds_t = p_t * (dp_t - lax.broadcast_in_dim(delta, (bkv, bq), (1,)))
                     dk = _mma_acc(dk, ds_t.astype(dtype), q_smem.at[slot], my_a, interpret)

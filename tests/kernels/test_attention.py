@@ -62,17 +62,21 @@ def test_auto_on_cpu_runs_xla_without_pallas():
     assert "pallas" not in str(jaxpr) and "mosaic" not in str(jaxpr)
 
 
+_FWD_PP = ForwardConfig(block_q=64, block_kv=64, num_stages=2, compute_wgs=2, pingpong=True)
+_BWD_OV = BackwardConfig(block_q=64, block_kv=64, num_stages=2, overlap=True)
+
+
 @pytest.mark.parametrize(
-    ("t", "s", "heads", "kv_heads", "head_dim", "causal", "bwd"),
+    ("t", "s", "heads", "kv_heads", "head_dim", "causal", "fwd", "bwd"),
     (
-        (130, 200, 4, 2, 64, False, _BWD),  # ragged, GQA, 4 kv steps through 2 slots
-        (200, 150, 2, 1, 64, True, _BWD),  # causal, ragged, MQA, q longer than kv
-        (128, 256, 2, 2, 128, True, _BWD),  # causal, kv longer than q
-        (128, 128, 2, 1, 256, True, _BWD_SPLIT),  # head dim 256, split dK/dV passes
+        (130, 200, 4, 2, 64, False, _FWD, _BWD),  # ragged, GQA, 4 kv steps through 2 slots
+        (200, 150, 2, 1, 64, True, _FWD_PP, _BWD_OV),  # causal, ragged, MQA, ping-pong, overlap
+        (128, 256, 2, 2, 128, True, _FWD, _BWD),  # causal, kv longer than q
+        (128, 128, 2, 1, 256, True, _FWD, _BWD_SPLIT),  # head dim 256, split dK/dV passes
     ),
 )
 def test_mosaic_interpret_matches_reference_with_grads(
-    t, s, heads, kv_heads, head_dim, causal, bwd
+    t, s, heads, kv_heads, head_dim, causal, fwd, bwd
 ):
     q, k, v, do = _inputs(2, t, s, heads, kv_heads, head_dim)
 
@@ -84,7 +88,7 @@ def test_mosaic_interpret_matches_reference_with_grads(
             causal=causal,
             implementation="mosaic",
             interpret=True,
-            forward_config=_FWD,
+            forward_config=fwd,
             backward_config=bwd,
         )
 
