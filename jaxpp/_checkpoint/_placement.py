@@ -1,5 +1,7 @@
 """Where a pipelined step wants its inputs: restore targets for a new pipeline layout."""
 
+from collections.abc import Callable
+
 import jax
 import numpy as np
 from jax.sharding import Sharding
@@ -91,3 +93,23 @@ def _check_sharding(s) -> Sharding:
             f"of shardings shaped like the state, e.g. from input_shardings(step, state, batch)."
         )
     return s
+
+
+def restore_target(step: Callable, state, *other_args):
+    """Where `step(state, *other_args)` wants `state`, as a restore target.
+
+    For a pipelined step (`mpmd_jit_with_loop`) each leaf goes where `input_shardings`
+    says; for anything else (e.g. `jax.jit`) each leaf keeps the sharding it has.
+    `jax.device_put(state, jax.tree.map(lambda t: t.sharding, target))` places a fresh
+    state the same way, so the first step compiles once for its final placement.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> target = restore_target(jax.jit(lambda w, x: w * x), {"w": jnp.ones(2)}, 2.0)
+        >>> target["w"].shape, target["w"].sharding.device_set == {jax.devices()[0]}
+        ((2,), True)
+    """
+    if isinstance(step, _mpmd.MpmdFunction):
+        shardings = input_shardings(step, state, *other_args)[0]
+        return abstract_state(state, shardings)
+    return abstract_state(state)

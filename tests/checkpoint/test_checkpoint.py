@@ -101,6 +101,9 @@ def test_checkpoint_input_shardings_put_layers_on_their_stages(steps):
     assert [layer["w"].device_set for layer in layers] == [{devices[i // 2]} for i in range(4)]
     assert shardings["params"]["head"].device_set == {devices[1]}
     assert shardings["params"]["embed"].device_set == {devices[0]}
+    target = checkpoint.restore_target(steps[2], state, batch_at(0))
+    assert target["params"]["head"].sharding.device_set == {devices[1]}
+    assert target["opt_state"][1][0].mu["layers"][3]["w"].sharding.device_set == {devices[1]}
 
 
 def test_checkpoint_keep_last_n_and_every_k_keeps_those_steps(tmp_path):
