@@ -53,7 +53,8 @@ def sparse_rnn(
         resident_chunks: chunks of 32 non-zeros per row held in registers across all steps
             (persistent kernel); the rest are re-read from L1/L2 each step.
         max_spins: bound on each wait of the persistent kernel.
-        check_timeouts: raise `SparseRNNTimeoutError` when a wait timed out.
+        check_timeouts: raise `SparseRNNTimeoutError` when a wait timed out (needs a CPU
+            backend for the host callback; the outputs are NaN after a timeout either way).
 
     Returns:
         `(batch, steps, hidden)` hidden states in `x_proj`'s dtype.
@@ -64,6 +65,7 @@ def sparse_rnn(
         SparseRNNTimeoutError: a persistent-kernel wait timed out.
 
     Example:
+        >>> from jaxpp.kernels.sparse_rnn import SparseRecurrentWeights
         >>> rng = np.random.default_rng(0)
         >>> w = SparseRecurrentWeights.prune(rng.normal(size=(8, 8)), 0.5, num_gates=1)
         >>> x = jnp.asarray(rng.normal(size=(2, 3, 8)), jnp.float32)
@@ -192,6 +194,24 @@ def _multiprocessors() -> int | None:
     return getattr(device, "core_count", None) if device.platform == "gpu" else None
 
 
+def _report_timeouts(out: jax.Array, timeouts: jax.Array, check: bool) -> jax.Array:
+    """NaN-poisons `out` if any block timed out, and raises on the host when it can.
+
+    The raise goes through `jax.debug.callback`, which needs a CPU backend; with
+    `JAX_PLATFORMS=cuda` alone only the NaNs remain.
+    """
+    if check and _has_cpu_backend():
+        jax.debug.callback(_raise_on_timeouts, timeouts)
+    return jnp.where(jnp.any(timeouts > 0), jnp.nan, out)
+
+
+def _has_cpu_backend() -> bool:
+    try:
+        return bool(jax.devices("cpu"))
+    except RuntimeError:
+        return False
+
+
 def _raise_on_timeouts(timeouts: np.ndarray) -> None:
     bad = np.flatnonzero(np.asarray(timeouts))
     if bad.size:
@@ -240,8 +260,8 @@ def _kernel_fwd(cfg, persistent, check, x, h0, c0, values, columns, valid, t_row
     run = _kernel.forward_persistent if persistent else _kernel.forward_steps
     words = _kernel.pack(_kernel_values(values), columns)
     hbuf, cbuf, m, timeouts = run(cfg, xk, words, _state_buffer(h0, cfg), _state_buffer(c0, cfg))
-    if persistent and check:
-        jax.debug.callback(_raise_on_timeouts, timeouts)
+    if persistent:
+        hbuf = _report_timeouts(hbuf, timeouts, check)
     hs = _from_kernel(hbuf[cfg.hidden :], batch, cfg.steps)
     residuals = (xk, m, hbuf, cbuf, values, columns, valid, t_rows, t_src, t_valid, h0, c0)
     return hs, residuals
@@ -256,8 +276,8 @@ def _kernel_bwd(cfg, persistent, check, residuals, g):
     gk = _to_kernel(g, cfg.batch)
     run = _kernel.backward_persistent if persistent else _kernel.backward_steps
     dm, dx, dc0, dd0, timeouts = run(cfg, gk, xk, m, hbuf, cbuf, twords)
-    if persistent and check:
-        jax.debug.callback(_raise_on_timeouts, timeouts)
+    if persistent:
+        dm = _report_timeouts(dm, timeouts, check)
     gh = cfg.gates * cfg.hidden
     # dh0 = direct part + W^T dm_0, through the transposed layout.
     dm0 = dm[:gh]

@@ -1,4 +1,8 @@
-"""GPU tests of the persistent sparse RNN kernel (run on the GPU machine, not in CI)."""
+"""GPU tests of the persistent sparse RNN kernel (run on the GPU machine, not in CI).
+
+Run with a CPU backend beside the GPU, for the timeout check's host callback:
+    JAX_PLATFORMS=cuda,cpu python -m pytest -o addopts="" tests/gpu/test_sparse_rnn_gpu.py
+"""
 
 import jax
 import jax.numpy as jnp
@@ -67,8 +71,21 @@ def test_persistent_long_sequence_matches_reference(cell, hidden, batch, density
 
 def test_persistent_spin_bound_exceeded_raises_timeout():
     weights, x, h0, c0, _ = _problem("lstm", 2304, 4, 0.3, 64, seed=1)
+    try:
+        jax.devices("cpu")
+    except RuntimeError:
+        pytest.skip("the timeout error is raised through a host callback: needs a CPU backend")
     with pytest.raises(Exception, match="timed out waiting"):
         hs = sr.sparse_rnn(
             x, h0, weights, cell="lstm", c0=c0, implementation="persistent", max_spins=1
         )
         jax.block_until_ready(hs)
+
+
+def test_persistent_spin_bound_exceeded_poisons_output_with_nan():
+    weights, x, h0, c0, _ = _problem("lstm", 2304, 4, 0.3, 64, seed=2)
+    hs = sr.sparse_rnn(
+        x, h0, weights, cell="lstm", c0=c0, implementation="persistent", max_spins=1,
+        check_timeouts=False,
+    )  # fmt: skip
+    assert bool(jnp.all(jnp.isnan(hs)))
