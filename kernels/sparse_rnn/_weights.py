@@ -31,7 +31,7 @@ _GATES = {"tanh": 1, "gru": 3, "lstm": 4}
 
 
 @jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, slots=True)
 class SparseRecurrentWeights:
     """A pruned recurrent matrix packed for the sparse persistent RNN kernels.
 
