@@ -114,7 +114,7 @@ def pipeline_linen(
         >>> model = gpt.GPT(gpt.GPTConfig(num_layers=4, d_model=16, num_heads=2, vocab_size=8))
         >>> tokens = jnp.zeros((1, 4), jnp.int32)
         >>> pipelined = pipeline_linen(model, layout="E t|ttt L")
-        >>> variables = pipelined.init(jax.random.key(0), tokens)
+        >>> variables = jax.eval_shape(pipelined.init, jax.random.key(0), tokens)
         >>> jaxpr = jax.make_jaxpr(pipelined.apply)(variables, tokens)
         >>> sum(e.primitive.name == "jaxpp_stage_end" for e in jaxpr.eqns)
         2

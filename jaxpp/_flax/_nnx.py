@@ -50,9 +50,11 @@ def pipeline_nnx(
         >>> import jax, jax.numpy as jnp
         >>> from jaxpp.models import gpt, gpt_nnx
         >>> cfg = gpt.GPTConfig(num_layers=4, d_model=16, num_heads=2, vocab_size=8)
-        >>> model = gpt_nnx.GPT(cfg, rngs=nnx.Rngs(0))
+        >>> model = nnx.eval_shape(lambda: gpt_nnx.GPT(cfg, rngs=nnx.Rngs(0)))  # or a real one
         >>> pipelined = pipeline_nnx(model, num_stages=2)
-        >>> jaxpr = jax.make_jaxpr(pipelined)(jnp.zeros((1, 4), jnp.int32))
+        >>> graphdef, state = nnx.split(pipelined)
+        >>> forward = lambda state, tokens: nnx.merge(graphdef, state)(tokens)
+        >>> jaxpr = jax.make_jaxpr(forward)(state, jnp.zeros((1, 4), jnp.int32))
         >>> sum(e.primitive.name == "jaxpp_stage_end" for e in jaxpr.eqns)
         2
     """
