@@ -39,12 +39,13 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--schedules", default="1f1b", help="comma-separated built-in names")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--attention", default="auto", help="jaxpp.kernels.attention implementation")
     p.add_argument("--out", default=None)
     return p.parse_args()
 
 
 def _time_steps(step, state, batch, steps: int) -> tuple[list[float], object]:
-    for _ in range(2):  # compile and warm up
+    for _ in range(3):  # compile and warm up
         state, loss = step(state, batch)
     jax.block_until_ready((state, loss))
     times = []
@@ -70,6 +71,7 @@ def main() -> None:
         max_seq_len=args.seq_len,
         dtype=dtype,
         param_dtype=jnp.float32,
+        attention=args.attention,
     )
     model = jaxpp.flax.pipeline(gpt.GPT(config), num_stages=num_stages)
     shape = (args.microbatches, args.microbatch_size, args.seq_len + 1)
@@ -142,6 +144,7 @@ def main() -> None:
             "vocab": args.vocab,
             "params": gpt.param_count(config),
             "dtype": args.dtype,
+            "attention": args.attention,
         },
         "microbatches": args.microbatches,
         "microbatch_size": args.microbatch_size,

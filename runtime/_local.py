@@ -100,9 +100,10 @@ class LocalExecutor:
 
     def _place(self, x, rank: int, spec: PartitionSpec | None = None) -> jax.Array:
         target = self._sharding_on(x, rank, spec)
-        sharding = getattr(x, "sharding", None)
-        if sharding is not None and sharding.is_equivalent_to(target, np.ndim(x)):
+        if getattr(x, "sharding", None) == target:
             return x
+        # Also when the sharding is only equivalent: one canonical sharding per value keeps
+        # every task's compiled executable valid from the first step on.
         return jax.device_put(x, target)
 
     def _compiled_task(self, task: _taskgraph.Task, rank: int):
