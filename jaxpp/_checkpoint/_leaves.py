@@ -110,54 +110,85 @@ def _key_impl(x) -> str | None:
 
 
 def checksums(leaves: Sequence[jax.Array]) -> tuple[int, ...]:
-    """An order-free checksum of each array's bytes, computed where the arrays live.
+    """An order-free checksum of each array's bytes, computed shard by shard where they live.
 
-    Each element's bits are mixed with its flat index and summed modulo 2**32, so any
-    sharding (and any reduction order) gives the same number, and changing any one
-    element changes it. Arrays on the same devices share one jitted call.
+    Each element's bits are mixed with its flat index in the whole array and summed
+    modulo 2**32, so any sharding (and any reduction order) gives the same number, and
+    changing any one element changes it. Each process sums the shards it holds (one
+    replica of each); with several processes the partial sums are added across them.
 
     Example:
         >>> a, b = checksums([jnp.arange(4.0), jnp.arange(4.0)[::-1]])
         >>> a == checksums([jnp.arange(4.0)])[0], a != b
         (True, True)
     """
-    groups: dict[object, list[int]] = {}
-    arrays = [jnp.asarray(x) if not isinstance(x, jax.Array) else x for x in leaves]
+    arrays = [x if isinstance(x, jax.Array) else jnp.asarray(x) for x in leaves]
+    per_device: dict[jax.Device, list[tuple[int, jax.Array, np.ndarray, np.ndarray]]] = {}
     for i, x in enumerate(arrays):
-        groups.setdefault(_device_key(x), []).append(i)
-    out: list[int] = [0] * len(arrays)
-    for indices in groups.values():
-        sums = _checksum_many(tuple(arrays[i] for i in indices))
-        for i, total in zip(indices, sums, strict=True):
-            out[i] = int(total)
-    return tuple(out)
+        tail = _bits_tail(x.dtype)
+        strides = _row_major_strides(tuple(x.shape) + tail)
+        for shard in x.addressable_shards:
+            if shard.replica_id != 0:
+                continue  # another copy of the same elements
+            starts = [0 if s.start is None else s.start for s in shard.index] + [0] * len(tail)
+            item = (i, shard.data, np.asarray(starts, np.uint32), strides)
+            per_device.setdefault(shard.device, []).append(item)
+    totals = np.zeros(len(arrays), np.uint64)
+    for items in per_device.values():
+        _, datas, starts, strides = zip(*items, strict=True)
+        sums = jax.device_get(_checksum_shards(datas, starts, strides))
+        for (i, *_), total in zip(items, sums, strict=True):
+            totals[i] += np.uint64(total)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        totals = multihost_utils.process_allgather(totals % 2**32).sum(axis=0)
+    return tuple(int(t) % 2**32 for t in totals)
 
 
-def _device_key(x: jax.Array) -> tuple:
-    return tuple(sorted(d.id for d in x.sharding.device_set))
+def _bits_tail(dtype) -> tuple[int, ...]:
+    """The trailing axes `_to_bits` adds for a dtype (key data, complex parts, 64-bit halves)."""
+    if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+        key_data = jax.eval_shape(jax.random.key_data, jax.ShapeDtypeStruct((), dtype))
+        return tuple(key_data.shape) + _bits_tail(key_data.dtype)
+    if jnp.issubdtype(dtype, jnp.complexfloating):
+        return (2,) + _bits_tail(jnp.finfo(dtype).dtype)
+    return (2,) if np.dtype(dtype).itemsize == 8 else ()
+
+
+def _row_major_strides(shape: tuple[int, ...]) -> np.ndarray:
+    strides, stride = [], 1
+    for size in reversed(shape):
+        strides.append(stride)
+        stride = (stride * size) % 2**32
+    return np.asarray(strides[::-1], np.uint32)
 
 
 @jax.jit
-def _checksum_many(arrays: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
-    return tuple(_checksum(x) for x in arrays)
+def _checksum_shards(datas, starts, strides) -> tuple[jax.Array, ...]:
+    return tuple(_checksum(*args) for args in zip(datas, starts, strides, strict=True))
 
 
-def _checksum(x: jax.Array) -> jax.Array:
+def _checksum(data: jax.Array, starts: jax.Array, strides: jax.Array) -> jax.Array:
+    bits = _to_bits(data)
+    index = jnp.zeros(bits.shape, jnp.uint32)  # the element's flat index in the whole array
+    for axis in range(bits.ndim):
+        position = lax.broadcasted_iota(jnp.uint32, bits.shape, axis) + starts[axis]
+        index = index + position * strides[axis]
+    mixed = (bits ^ (index * jnp.uint32(_INDEX_MULTIPLIER))) * jnp.uint32(_MIX_MULTIPLIER)
+    mixed = mixed ^ (mixed >> 13)
+    return jnp.sum(mixed, dtype=jnp.uint32)
+
+
+def _to_bits(x: jax.Array) -> jax.Array:
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        x = jax.random.key_data(x)
     if jnp.issubdtype(x.dtype, jnp.complexfloating):
         x = jnp.stack([jnp.real(x), jnp.imag(x)], axis=-1)
     if x.dtype == jnp.bool_:
         x = x.astype(jnp.uint8)
-    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
-        x = jax.random.key_data(x)
     unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[x.dtype.itemsize]
-    bits = lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
-    index, stride = jnp.zeros(bits.shape, jnp.uint32), 1  # the flat (row-major) index
-    for axis in reversed(range(bits.ndim)):
-        index = index + lax.broadcasted_iota(jnp.uint32, bits.shape, axis) * jnp.uint32(stride)
-        stride = (stride * bits.shape[axis]) % 2**32
-    mixed = (bits ^ (index * jnp.uint32(_INDEX_MULTIPLIER))) * jnp.uint32(_MIX_MULTIPLIER)
-    mixed = mixed ^ (mixed >> 13)
-    return jnp.sum(mixed, dtype=jnp.uint32)
+    return lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
 
 
 def check_compatible(
