@@ -110,7 +110,9 @@ class MpmdFunction:
     def compile(self, *args) -> CompiledPipeline:
         """Traces and compiles for these arguments (cached by structure and shapes)."""
         leaves, in_tree = jax.tree.flatten(args)
-        key = (in_tree, tuple(jax.typeof(x) for x in leaves))
+        # Shapes and dtypes, not shardings: the next step's inputs (this step's outputs,
+        # placed on their ranks) must hit the same compiled pipeline.
+        key = (in_tree, tuple(_shape_dtype(x) for x in leaves))
         compiled = self._cache.get(key)
         if compiled is None:
             compiled = self._compile(args, leaves, in_tree)
@@ -179,6 +181,11 @@ class MpmdFunction:
     def last_stats(self) -> _local.StepStats | None:
         """Statistics of the most recent step (time, peak activations, timings)."""
         return None if self._last is None else self._last.executor.last_stats
+
+
+def _shape_dtype(x) -> tuple:
+    aval = jax.typeof(x)
+    return (tuple(aval.shape), aval.dtype, getattr(aval, "weak_type", False))
 
 
 def _broadcast_specs(in_shardings, args) -> list[PartitionSpec | None]:

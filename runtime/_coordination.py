@@ -285,6 +285,16 @@ def _start_watchdog(timeout_s: float) -> None:
     watchdog = _Watchdog(timeout_s)
     watchdog.start()
     _WATCHDOG = watchdog
+    previous = sys.excepthook
+
+    def excepthook(kind, value, traceback) -> None:
+        # A collective that failed because a peer died: let the watchdog name the
+        # peer before JAX's own shutdown (which would wait for that peer) runs.
+        previous(kind, value, traceback)
+        if isinstance(value, jax.errors.JaxRuntimeError):
+            wait_for_verdict(value)
+
+    sys.excepthook = excepthook
 
 
 def describe_ranks(processes_of_rank: tuple[frozenset[int], ...]) -> None:

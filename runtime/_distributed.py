@@ -112,28 +112,29 @@ class DistributedExecutor(_local.LocalExecutor):
     # -- inputs -------------------------------------------------------------------------
 
     def _place_input(self, name: str, x, rank: int) -> jax.Array | None:
+        # Inputs get exactly the same sharding every step, so tasks never recompile.
         spec = self.input_specs.get(name)
         home = self._home_rank(name, x)
         if home is None:  # a host value: every process of `rank` has it
             if not self._mine[rank]:
                 return None
+            target = _canonical(self._sharding_on(x, rank, spec))
             if self._only_mine[rank]:
-                return self._place(x, rank, spec)
+                return jax.device_put(x, target)
             host = np.asarray(x)
-            target = NamedSharding(self.rank_meshes[rank], spec or PartitionSpec())
             return jax.make_array_from_callback(host.shape, target, lambda index: host[index])
         if home == rank:
             if not self._mine[rank]:
                 return None
-            target = self._sharding_on(x, rank, spec)
-            if x.sharding.is_equivalent_to(target, x.ndim):
-                return x
-            return self._reshard(x, target)
+            target = _canonical(self._sharding_on(x, rank, spec))
+            if not x.sharding.is_equivalent_to(target, x.ndim):
+                return self._reshard(x, target)
+            return _relabel(x, target)
         agreed = (tuple(x.shape), np.dtype(x.dtype).name, _spec_of(x, self.rank_meshes[home]))
         moved = self._transfer(x, home, rank, agreed)
         if moved is not None and spec is not None:
-            target = NamedSharding(self.rank_meshes[rank], spec)
-            if not moved.sharding.is_equivalent_to(target, moved.ndim):
+            target = _canonical(NamedSharding(self.rank_meshes[rank], spec))
+            if moved.sharding != target:
                 moved = self._reshard(moved, target)
         return moved
 
@@ -288,9 +289,7 @@ class DistributedExecutor(_local.LocalExecutor):
             return env[buffer]
         aval = self.output_avals[index]
         sharding = NamedSharding(self.rank_meshes[buffer.rank], PartitionSpec())
-        return jax.make_array_from_single_device_arrays(
-            aval.shape, sharding, [], dtype=aval.dtype
-        )
+        return jax.make_array_from_single_device_arrays(aval.shape, sharding, [], dtype=aval.dtype)
 
 
 def _plan_id(plan: _plan.Plan, meshes: Sequence[Mesh]) -> str:
@@ -321,6 +320,7 @@ def _decode_type(text: str) -> tuple[tuple[int, ...], str, PartitionSpec]:
 
 
 def _spec_of(x, mesh: Mesh) -> PartitionSpec:
+    """The spec of `x` if it names axes of `mesh` only, else replicated; no trailing Nones."""
     sharding = getattr(x, "sharding", None)
     spec = sharding.spec if isinstance(sharding, NamedSharding) else PartitionSpec()
     names = set(mesh.axis_names)
@@ -328,7 +328,26 @@ def _spec_of(x, mesh: Mesh) -> PartitionSpec:
         for n in axis if isinstance(axis, tuple) else (axis,):
             if n is not None and n not in names:
                 return PartitionSpec()
-    return spec
+    return _trim(spec)
+
+
+def _trim(spec: PartitionSpec) -> PartitionSpec:
+    axes = list(spec)
+    while axes and axes[-1] is None:
+        axes.pop()
+    return PartitionSpec(*axes)
+
+
+def _canonical(sharding: NamedSharding) -> NamedSharding:
+    return NamedSharding(sharding.mesh, _trim(sharding.spec))
+
+
+def _relabel(x: jax.Array, target: NamedSharding) -> jax.Array:
+    """`x` with the sharding object `target`, which it is equivalent to (no copy)."""
+    if x.sharding == target:
+        return x
+    shards = [s.data for s in x.addressable_shards]
+    return jax.make_array_from_single_device_arrays(x.shape, target, shards)
 
 
 def _expand(shard: jax.Array) -> jax.Array:
@@ -339,23 +358,26 @@ def _squeeze(shard: jax.Array) -> jax.Array:
     return shard[0]
 
 
-def fetch(x, *, process: int | None = None) -> np.ndarray | None:
-    """Brings a value (a loss, a parameter) to every process, or to one, as numpy.
+def fetch(tree, *, process: int | None = None):
+    """Brings values (losses, parameters: any pytree) to every process, or to one, as numpy.
 
-    In a multi-process run every process must call it (with the array it holds,
-    addressable or not); processes other than `process` get None.
+    In a multi-process run every process must call it with the same tree structure
+    (the arrays it holds, addressable or not); it costs one collective over all
+    processes, plus one inside each rank whose values are sharded. Processes other
+    than `process` get None.
 
     Args:
-        x: a `jax.Array` (possibly with shards only in other processes) or host value.
-        process: the process that wants it; None for every process.
+        tree: a pytree of `jax.Array`s (possibly with shards only in other
+            processes) or host values.
+        process: the process that wants them; None for every process.
 
     Raises:
         ValueError: if `process` is not a process of the run.
 
     Example:
         >>> import jax.numpy as jnp
-        >>> fetch(jnp.arange(3.0))
-        array([0., 1., 2.], dtype=float32)
+        >>> fetch({"loss": jnp.float32(0.5), "w": jnp.arange(3.0)})
+        {'loss': array(0.5, dtype=float32), 'w': array([0., 1., 2.], dtype=float32)}
     """
     count, me = jax.process_count(), jax.process_index()
     if process is not None and not 0 <= process < count:
@@ -364,25 +386,47 @@ def fetch(x, *, process: int | None = None) -> np.ndarray | None:
             f"process index, or None to fetch to every process."
         )
     wanted = process is None or process == me
-    if not isinstance(x, jax.Array):
-        return np.asarray(x) if wanted else None
-    owners = sorted({d.process_index for d in x.sharding.device_set})
-    if count == 1 or (process is not None and owners == [process]):
-        return np.asarray(x) if wanted else None
-    local = None
-    if me in owners:
-        replicated = x
-        if not x.is_fully_replicated:
-            replicated = jax.jit(lambda a: a, out_shardings=_replicated_like(x))(x)
-        local = np.asarray(replicated.addressable_data(0))
-    if process is not None and process in owners:
-        return local if wanted else None
+    leaves, treedef = jax.tree.flatten(tree)
+    if count == 1:
+        return jax.tree.unflatten(treedef, [np.asarray(x) for x in leaves]) if wanted else None
+    local, sources = [], []
+    for x in leaves:
+        owners = sorted(_owners(x, count))
+        sources.append(owners[0])
+        local.append(_local_copy(x) if me in owners else np.zeros(np.shape(x), _dtype(x)))
     from jax.experimental import multihost_utils
 
-    if local is None:
-        local = np.zeros(x.shape, x.dtype)
-    value = multihost_utils.broadcast_one_to_all(local, is_source=me == owners[0])
-    return np.asarray(value) if wanted else None
+    gathered = multihost_utils.process_allgather(
+        [v if me == src else np.zeros_like(v) for v, src in zip(local, sources, strict=True)]
+    )
+    if not wanted:
+        return None
+    values = [np.asarray(g[src]) for g, src in zip(gathered, sources, strict=True)]
+    return jax.tree.unflatten(treedef, values)
+
+
+def _owners(x, count: int) -> set[int]:
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        return {d.process_index for d in x.sharding.device_set}
+    if isinstance(x, jax.Array) and x.committed:
+        return {d.process_index for d in x.sharding.device_set}
+    return set(range(count))  # a host value: every process has it
+
+
+def _dtype(x) -> np.dtype:
+    return np.dtype(x.dtype) if hasattr(x, "dtype") else np.asarray(x).dtype
+
+
+def _local_copy(x) -> np.ndarray:
+    if not isinstance(x, jax.Array) or x.is_fully_addressable:
+        return np.asarray(x)
+    if not x.is_fully_replicated:
+        x = jax.jit(_identity, out_shardings=_replicated_like(x))(x)
+    return np.asarray(x.addressable_data(0))
+
+
+def _identity(x):
+    return x
 
 
 def _replicated_like(x: jax.Array) -> NamedSharding:

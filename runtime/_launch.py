@@ -80,6 +80,7 @@ def launch(
     children: list[subprocess.Popen] = []
     lock = threading.Lock()
     readers = []
+    restore = _exit_on_sigterm()
     try:
         for i in range(num_processes):
             child_env = _child_env(
@@ -97,12 +98,25 @@ def launch(
                 reader = threading.Thread(target=_relay, args=(child, i, lock), daemon=True)
                 reader.start()
                 readers.append(reader)
-        code = _supervise(children, grace_s=timeout_s + 5)
+        code = _supervise(children, grace_s=1.2 * timeout_s + 2)
     finally:
         _kill_all(children)
         for reader in readers:
             reader.join(timeout=2)
+        restore()
     return code
+
+
+def _exit_on_sigterm():
+    """SIGTERM ends the launcher through `finally` (which kills the children)."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def handler(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    return lambda: signal.signal(signal.SIGTERM, previous)
 
 
 def _child_env(base, i, n, port, timeout_s, devices_per_process, gpus) -> dict[str, str]:

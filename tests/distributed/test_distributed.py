@@ -1,0 +1,196 @@
+"""Multi-process runs over gloo: the pipelined step equals jax.jit; faults stop every process.
+
+Each multi-process test starts `jaxpp launch` (which starts the workers in
+`distributed_worker.py`) with a hard timeout; on failure the launcher and, through
+it, every worker is killed, so nothing is left running.
+"""
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from jaxpp import runtime
+
+WORKER = Path(__file__).with_name("distributed_worker.py")
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _launch(cases, *, processes, devices=1, timeout_s=20.0, hard_timeout_s=150.0):
+    """Runs the worker cases under `jaxpp launch`; returns (exit code, output, seconds)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    command = [
+        sys.executable,
+        "-m",
+        "jaxpp.cli",
+        "launch",
+        "-n",
+        str(processes),
+        "--devices-per-process",
+        str(devices),
+        "--timeout",
+        f"{timeout_s:g}",
+        "--",
+        sys.executable,
+        str(WORKER),
+        *cases,
+    ]
+    start = time.monotonic()
+    launcher = subprocess.Popen(
+        command,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        out, _ = launcher.communicate(timeout=hard_timeout_s)
+    except subprocess.TimeoutExpired:
+        launcher.send_signal(signal.SIGTERM)  # the launcher kills its workers on SIGTERM
+        try:
+            out, _ = launcher.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(launcher.pid, signal.SIGKILL)
+            out, _ = launcher.communicate()
+        pytest.fail(f"jaxpp launch ran past {hard_timeout_s} s:\n{_tail(out)}")
+    return launcher.returncode, out.decode(errors="replace"), time.monotonic() - start
+
+
+def _tail(out, lines=60) -> str:
+    text = out.decode(errors="replace") if isinstance(out, bytes) else out
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def _assert_passed(out: str, names, processes) -> None:
+    for name in names:
+        for p in range(processes):
+            assert f"PASS {name} (process {p})" in out, f"{name} on process {p}:\n{_tail(out)}"
+
+
+def test_distributed_four_processes_every_schedule_and_spanning_stage_match_jit():
+    code, out, _ = _launch(["schedules4", "spanning4"], processes=4)
+    assert code == 0, _tail(out)
+    names = ("1f1b", "interleaved", "zb-h1", "dualpipev", "spanning-1f1b", "spanning-zb-h1")
+    _assert_passed(out, names, 4)
+
+
+def test_distributed_two_processes_two_ranks_each_and_split_ranks_match_jit():
+    code, out, _ = _launch(["mixed2"], processes=2, devices=2)
+    assert code == 0, _tail(out)
+    _assert_passed(out, ("two-ranks-per-process-dualpipev", "split-ranks-tp-1f1b"), 2)
+
+
+def test_distributed_killed_process_stops_others_with_named_error():
+    timeout_s = 3.0
+    code, out, _ = _launch(["kill"], processes=2, timeout_s=timeout_s, hard_timeout_s=90)
+    # A mesh one rank larger than the run: a clear error in every process.
+    assert re.search(r"PASS badcount: the pipeline needs 3 ranks x 1 devices = 3 devices", out)
+    assert "launch 3 devices in all, e.g. jaxpp launch -n 3" in out
+    pids = [int(p) for p in re.findall(r"READY pid (\d+)", out)]
+    assert len(pids) == 2, _tail(out)
+    assert code != 0
+    assert "process 1 (pid" in out and "was killed by SIGKILL" in out, _tail(out)
+    lost = re.search(r"\[0\] jaxpp: lost process 1 \(host (\S+), pid (\d+), stage ranks 1\)", out)
+    assert lost, _tail(out)
+    assert lost.group(1) == socket.gethostname() and int(lost.group(2)) in pids
+    seconds = float(re.search(r"for ([\d.]+) s \(timeout 3 s\)", out).group(1))
+    assert timeout_s <= seconds < timeout_s + 2
+    assert f"exit code {runtime.LOST_PEER_EXIT_CODE}" in out
+    for pid in pids:  # no orphans
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+def test_launch_failed_process_stops_the_others_and_returns_its_code():
+    script = (
+        "import os, sys, time\n"
+        "if os.environ['JAXPP_PROCESS_ID'] == '1': sys.exit(5)\n"
+        "print(os.getpid(), flush=True); time.sleep(60)\n"
+    )
+    start = time.monotonic()
+    code = runtime.launch([sys.executable, "-c", script], num_processes=2, timeout_s=0.5)
+    assert code == 5
+    assert time.monotonic() - start < 20  # the sleeper was killed after the grace
+
+
+def test_launch_sets_the_process_environment(capfd):
+    script = (
+        "import os\n"
+        "print(os.environ['JAXPP_PROCESS_ID'], os.environ['JAXPP_NUM_PROCESSES'],"
+        " os.environ['JAXPP_COORDINATOR'], os.environ['XLA_FLAGS'])\n"
+    )
+    code = runtime.launch(
+        [sys.executable, "-c", script], num_processes=2, devices_per_process=3, port=12345
+    )
+    assert code == 0
+    out = capfd.readouterr().out
+    for p in range(2):
+        assert (
+            f"[{p}] {p} 2 127.0.0.1:12345 " in out
+            and "--xla_force_host_platform_device_count=3" in out
+        )
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        pytest.param({"command": ()}, "no command to launch", id="no-command"),
+        pytest.param({"num_processes": 0}, "num_processes must be at least 1", id="zero"),
+        pytest.param({"devices_per_process": 0}, "devices_per_process must be", id="devices"),
+        pytest.param({"timeout_s": 0}, "timeout_s must be positive", id="timeout"),
+    ],
+)
+def test_launch_bad_arguments_raise(kwargs, match):
+    args = {"command": (sys.executable, "-c", "pass"), "num_processes": 2, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        runtime.launch(args.pop("command"), **args)
+
+
+def test_initialize_unreachable_coordinator_raises_fast():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed once we leave: nobody listens there
+    start = time.monotonic()
+    with pytest.raises(runtime.CoordinatorUnreachableError, match=r"cannot reach .* 127\.0\.0\.1"):
+        runtime.initialize(f"127.0.0.1:{port}", 2, 1, timeout_s=1.0)
+    assert time.monotonic() - start < 5
+    assert jax.process_count() == 1
+
+
+def test_initialize_malformed_settings_raise(monkeypatch):
+    with pytest.raises(ValueError, match="is not host:port"):
+        runtime.initialize("nohost", 2, 1, timeout_s=1.0)
+    monkeypatch.setenv("JAXPP_PROCESS_ID", "one")
+    with pytest.raises(ValueError, match="JAXPP_PROCESS_ID='one' is not an integer"):
+        runtime.initialize("127.0.0.1:1", 2, timeout_s=1.0)
+
+
+def test_stage_mesh_devices_do_not_fit_raises():
+    with pytest.raises(
+        ValueError, match=r"needs 4 ranks x 2 devices = 8 devices but the run has 6"
+    ):
+        runtime.stage_mesh(4, {"data": 2}, devices=jax.devices()[:6])
+
+
+def test_stage_mesh_orders_ranks_by_process():
+    mesh = runtime.stage_mesh(2, {"data": 4})
+    assert mesh.axis_names == ("stages", "data")
+    assert [d.id for d in mesh.devices[1]] == sorted(d.id for d in jax.devices())[4:]
+
+
+def test_fetch_single_process_returns_numpy_and_rejects_bad_process():
+    x = jax.random.normal(jax.random.key(1), (3, 4))
+    got = runtime.fetch({"x": x, "n": 2.0})
+    np.testing.assert_array_equal(got["x"], np.asarray(x))
+    assert runtime.fetch(x, process=0) is not None
+    with pytest.raises(ValueError, match="process=3 is not a process of this run"):
+        runtime.fetch(x, process=3)
