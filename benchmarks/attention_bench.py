@@ -366,10 +366,11 @@ def plot(rows: list[dict[str, Any]], path: pathlib.Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [(d, c, m) for d in HEAD_DIMS for c in (False, True) for m in ("fwd", "fwd_bwd")]
-    fig, axes = plt.subplots(len(HEAD_DIMS), 4, figsize=(18, 11), squeeze=False)
+    dims = sorted({r["shape"]["head_dim"] for r in rows if r.get("tflops")})
+    panels = [(d, c, m) for d in dims for c in (False, True) for m in ("fwd", "fwd_bwd")]
+    fig, axes = plt.subplots(len(dims), 4, figsize=(18, 3.7 * len(dims)), squeeze=False)
     for ax, (d, c, m) in zip(axes.flat, panels, strict=True):
-        for impl in IMPLS:
+        for impl in (*IMPLS, *VARIANTS):
             pts = sorted(
                 (r["shape"]["seq"], r["tflops"])
                 for r in rows
@@ -386,7 +387,8 @@ def plot(rows: list[dict[str, Any]], path: pathlib.Path) -> None:
         ax.set_title(f"d{d} {'causal' if c else 'full'} {m}", fontsize=9)
         ax.set_xlabel("seq")
         ax.set_ylabel("TFLOP/s")
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
 
