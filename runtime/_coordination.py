@@ -101,6 +101,11 @@ def initialize(
         timeout_s = float(env.get(_ENV_TIMEOUT) or DEFAULT_TIMEOUT_S)
     if timeout_s <= 0:
         raise ValueError(f"timeout_s must be positive, got {timeout_s}. Fix: e.g. timeout_s=30.")
+    from jax._src import distributed
+
+    if distributed.global_state.client is not None:  # the program initialized it itself
+        _start_watchdog(timeout_s)
+        return
     configured = coordinator_address is not None or _in_cluster(env)
     if not configured:
         return
@@ -164,7 +169,7 @@ def _wait_for_coordinator(address: str, timeout_s: float, process_id, num_proces
 
 
 def _client():
-    from jax._src import distributed
+    from jax._src import distributed  # the client jax.distributed.initialize made
 
     client = distributed.global_state.client
     if client is None:
