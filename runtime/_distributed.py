@@ -459,8 +459,8 @@ def stage_mesh(
 
     Example:
         >>> import jax
-        >>> stage_mesh(4, {"data": 2}).shape
-        OrderedDict([('stages', 4), ('data', 2)])
+        >>> dict(stage_mesh(4, {"data": 2}).shape)
+        {'stages': 4, 'data': 2}
     """
     inner = dict(inner or {})
     devices = list(jax.devices() if devices is None else devices)

@@ -7,7 +7,8 @@ checks them against jax.jit. Every process prints "PASS <case> (process <p>)", p
 Cases: schedules4 (4 processes, 1 device each), spanning4 (4 x 1, ranks of 2 devices
 spanning 2 processes), mixed2 (2 processes x 2 devices, 2 ranks per process and
 ranks split over both processes), kill (a mesh one rank too large must fail;
-then process 1 dies in the middle of a step).
+then process 1 dies in the middle of a step), stall (process 1 stops, SIGSTOP, in the
+middle of a step).
 """
 
 import functools
@@ -91,6 +92,16 @@ def kill():
         runtime.stage_mesh(n + 1)
     except ValueError as error:
         print(f"PASS badcount: {error}", flush=True)
+    _fail_mid_step(signal.SIGKILL)
+
+
+def stall():
+    _fail_mid_step(signal.SIGSTOP)
+
+
+def _fail_mid_step(how: signal.Signals) -> None:
+    """Process 1 gets `how` (dies or stops answering) in the middle of a step."""
+    n = jax.process_count()
     mesh = mpmd(runtime.stage_mesh(n))
     state, batch, loss = make_problem(
         jax.random.key(0), layers_per_stage=(1,) * n, num_microbatches=8
@@ -101,14 +112,14 @@ def kill():
     runtime.fetch(state[0]["embed"])
     print(f"READY pid {os.getpid()}", flush=True)
     if jax.process_index() == 1:
-        threading.Timer(0.05, lambda: os.kill(os.getpid(), signal.SIGKILL)).start()
+        threading.Timer(0.05, lambda: os.kill(os.getpid(), how)).start()
     for _ in range(1000):
         state, _ = pipelined(state, batch)
         runtime.fetch(state[0]["embed"])
     time.sleep(120)  # never reached in a healthy test: the watchdog stops us first
 
 
-CASES = {f.__name__: f for f in (schedules4, spanning4, mixed2, kill)}
+CASES = {f.__name__: f for f in (schedules4, spanning4, mixed2, kill, stall)}
 
 if __name__ == "__main__":
     import faulthandler

@@ -114,6 +114,23 @@ def test_distributed_killed_process_stops_others_with_named_error():
             os.kill(pid, 0)
 
 
+def test_distributed_stopped_process_is_named_and_killed():
+    timeout_s = 3.0
+    code, out, _ = _launch(["stall"], processes=2, timeout_s=timeout_s, hard_timeout_s=90)
+    pids = [int(p) for p in re.findall(r"READY pid (\d+)", out)]
+    assert len(pids) == 2, _tail(out)
+    assert code == runtime.LOST_PEER_EXIT_CODE, _tail(out)
+    assert re.search(
+        r"\[0\] jaxpp: lost process 1 \(host \S+, pid \d+, stage ranks 1\): "
+        r"no heartbeat for [\d.]+ s \(timeout 3 s\)",
+        out,
+    ), _tail(out)
+    assert "still run" in out  # the stopped process did not exit; the launcher killed it
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
 def test_launch_failed_process_stops_the_others_and_returns_its_code():
     script = (
         "import os, sys, time\n"
