@@ -1,11 +1,13 @@
 """`jaxpp train`: a tiny run through the command line learns, and prints its summary."""
 
+import os
+
 import jax
 import numpy as np
 import optax
 import pytest
 
-from jaxpp import _trainer, schedules
+from jaxpp import _cli_train, _trainer, schedules
 from jaxpp.cli import main
 from jaxpp.flax import pipeline
 from jaxpp.models import gpt
@@ -68,3 +70,28 @@ def test_make_train_step_accumulated_gradient_equals_full_batch_gradient():
         _trainer.make_train_step(model, optimizer, schedule=schedules.GPipe(2), num_microbatches=3)(
             state, batch
         )
+
+
+def test_resolve_schedule_file_gives_schedule_and_mismatch_raises_with_fix(tmp_path):
+    path = tmp_path / "two.txt"
+    path.write_text(schedules.format_schedule(schedules.Std1F1B(2).build(4)))
+    resolved = _trainer.resolve_schedule(str(path), 2, 4)
+    assert isinstance(resolved, schedules.Schedule) and resolved.num_ranks == 2
+    with pytest.raises(ValueError, match="is for 2 stages and 4 microbatches.*Fix: pass"):
+        _trainer.resolve_schedule(str(path), 4, 8)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        _trainer.resolve_schedule(str(tmp_path / "missing.txt"), 2, 4)
+
+
+def test_configure_devices_without_gpu_adds_cpu_device_count_once(monkeypatch):
+    monkeypatch.setattr(_cli_train, "_has_nvidia_gpu", lambda: False)
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_enable_fast_math=false")
+    _cli_train.configure_devices()
+    expected = "--xla_cpu_enable_fast_math=false --xla_force_host_platform_device_count=8"
+    assert os.environ["XLA_FLAGS"] == expected
+    _cli_train.configure_devices()
+    assert os.environ["XLA_FLAGS"] == expected
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+    _cli_train.configure_devices()
+    assert os.environ["XLA_FLAGS"] == "--xla_force_host_platform_device_count=2"
