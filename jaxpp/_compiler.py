@@ -395,35 +395,28 @@ def _build_graph(flat, consts, num_constvars, loop, body: _Body, placement, name
             return names(binding[a]) if isinstance(binding[a], Var) else None
         return names(a)
 
-    # Which positions consume each var; which produce it.
+    # Accumulators: one per loop output, or one per stage-local summand when an output is
+    # a sum across stages (tied weights, per-stage slices of a stacked weight), so that
+    # each stage accumulates its own part and the parts meet once, after the loop.
     positions = range(2 * S)
-    task_eqn_idx = {p: _task_equations(body, p) for p in positions}
-    produced_at: dict = {}
-    for p in positions:
-        for i in task_eqn_idx[p]:
-            for o in beqns[i].outvars:
-                produced_at.setdefault(o, set()).add(p)
+    candidate_idx = {p: _task_equations(body, p) for p in positions}
+    produced_at = _produced_at(beqns, candidate_idx)
+    targets = _accumulation_targets(body, operations, produced_at, last)
+    live = _live_equations(beqns, [t.atom for t in targets])
+    task_eqn_idx = {p: [i for i in candidate_idx[p] if i in live] for p in positions}
+    produced_at = _produced_at(beqns, task_eqn_idx)
     consumed_at: dict = {}
     for p in positions:
         for v in _free_inputs([beqns[i] for i in task_eqn_idx[p]]):
             consumed_at.setdefault(v, set()).add(p)
-
-    # Body outputs -> accumulators, owned by the position that makes each output.
-    out_pos = []
-    for a in body.flat.outvars:
-        if isinstance(a, Var) and a in produced_at:
-            ps = produced_at[a]
-            out_pos.append(min(ps) if len(ps) == 1 else last)
-        else:
-            out_pos.append(last)
-    acc_names = [f"acc{k}" for k in range(len(body.flat.outvars))]
+    body_avals = loop.params["body"].out_avals
     acc_avals = [
         (
-            jax.ShapeDtypeStruct((num_mb, *a.shape), a.dtype)
-            if op == "concat"
-            else jax.ShapeDtypeStruct(a.shape, a.dtype)
+            jax.ShapeDtypeStruct((num_mb, *body_avals[t.output].shape), body_avals[t.output].dtype)
+            if t.op == "concat"
+            else jax.ShapeDtypeStruct(body_avals[t.output].shape, body_avals[t.output].dtype)
         )
-        for a, op in zip(loop.params["body"].out_avals, operations, strict=True)
+        for t in targets
     ]
 
     def stage_of(p: int) -> int:
@@ -435,7 +428,7 @@ def _build_graph(flat, consts, num_constvars, loop, body: _Body, placement, name
         eqns = [beqns[i] for i in task_eqn_idx[p]]
         stage = stage_of(p)
         cross = [v for v in _defined(eqns) if any(q != p for q in consumed_at.get(v, ()))]
-        accumulated = [k for k, q in enumerate(out_pos) if q == p]
+        accumulated = [t for t in targets if t.position == p]
         kind = Kind.FORWARD if p < S else Kind.BACKWARD
         loop_tasks[(stage, kind)] = _loop_task(
             f"s{stage}/{kind.value}",
@@ -444,9 +437,6 @@ def _build_graph(flat, consts, num_constvars, loop, body: _Body, placement, name
             eqns,
             cross,
             accumulated,
-            body,
-            operations,
-            acc_names,
             body_name,
             loop_values,
             binding,
@@ -457,7 +447,7 @@ def _build_graph(flat, consts, num_constvars, loop, body: _Body, placement, name
         # may mix full B actions with I/W pairs, so all three tasks exist.
         i_eqns = _backward_slice(eqns, cross)
         i_set = set(map(id, i_eqns))
-        w_targets = [body.flat.outvars[k] for k in accumulated]
+        w_targets = [t.atom for t in accumulated]
         w_eqns = [e for e in _backward_slice(eqns, w_targets) if id(e) not in i_set]
         i_defined = _defined(i_eqns)
         handoff = [v for v in _free_inputs(w_eqns) if v in i_defined]
@@ -471,9 +461,6 @@ def _build_graph(flat, consts, num_constvars, loop, body: _Body, placement, name
             i_eqns,
             cross + [v for v in handoff if v not in cross],
             [],
-            body,
-            operations,
-            acc_names,
             body_name,
             loop_values,
             binding,
@@ -485,24 +472,27 @@ def _build_graph(flat, consts, num_constvars, loop, body: _Body, placement, name
             w_eqns,
             [],
             accumulated,
-            body,
-            operations,
-            acc_names,
             body_name,
             loop_values,
             binding,
         )
 
     # Outer code: everything but the loop, placed by ownership.
-    acc_rank = [placement[stage_of(q)] for q in out_pos]
+    acc_rank = [placement[stage_of(t.position)] for t in targets]
     outer_in = {v: names(v) for v in flat.invars}
     rename_loop_out: dict = {}
-    finals: list = []  # (rank, acc name, op, out var)
+    finals: list = []  # (rank, [accumulator names], op, loop out var): combined after the loop
+    loop_out_rank: dict = {}
     for k, (o, op) in enumerate(zip(loop.outvars, operations, strict=True)):
-        if op == "mean":
-            finals.append((acc_rank[k], acc_names[k], o))
+        mine = [j for j, t in enumerate(targets) if t.output == k]
+        if len(mine) == 1 and op != "mean":
+            rename_loop_out[o] = targets[mine[0]].acc
+            loop_out_rank[o] = acc_rank[mine[0]]
         else:
-            rename_loop_out[o] = acc_names[k]
+            # The combined value lives where the whole sum would have been computed.
+            rank = placement[stage_of(max(targets[j].position for j in mine))]
+            finals.append((rank, [targets[j].acc for j in mine], op, o))
+            loop_out_rank[o] = rank
     value_name = lambda v: rename_loop_out.get(v) or names(v)  # noqa: E731
 
     # Uses of outer values by loop tasks (invariants, microbatched inputs).
@@ -527,7 +517,7 @@ def _build_graph(flat, consts, num_constvars, loop, body: _Body, placement, name
     post_set = set(post_idx)
 
     # Post-loop equations: on the rank of their largest placed operand; depth counts hops.
-    rank_of: dict = {o: acc_rank[k] for k, o in enumerate(loop.outvars)}
+    rank_of: dict = dict(loop_out_rank)
     depth_of: dict = {o: 0 for o in loop.outvars}
     eqn_rank: dict = {}
     eqn_depth: dict = {}
@@ -577,7 +567,7 @@ def _build_graph(flat, consts, num_constvars, loop, body: _Body, placement, name
     for task_eqns in [eqns for _, eqns in pre_tasks] + list(post_groups.values()):
         outer_consumers.update(_free_inputs(task_eqns))
     outer_consumers.update(v for v in loop_uses)
-    for _, _, o in finals:
+    for *_, o in finals:
         outer_consumers.add(o)
 
     def outer_task(name, rank, eqns, extra_post=None):
@@ -597,21 +587,21 @@ def _build_graph(flat, consts, num_constvars, loop, body: _Body, placement, name
     tasks_pre = [outer_task(f"pre/r{r}", r, eqns) for r, eqns in pre_tasks]
     # Accumulator initial values, one task per rank.
     for r in all_ranks:
-        ks = [k for k in range(len(acc_names)) if acc_rank[k] == r]
-        if ks:
+        js = [j for j in range(len(targets)) if acc_rank[j] == r]
+        if js:
             tasks_pre.append(
                 _init_task(
                     r,
-                    [acc_names[k] for k in ks],
-                    [operations[k] for k in ks],
-                    [acc_avals[k] for k in ks],
+                    [targets[j].acc for j in js],
+                    [targets[j].op for j in js],
+                    [acc_avals[j] for j in js],
                 )
             )
     tasks_post = []
     for r in all_ranks:
-        mine = [(acc, o) for rr, acc, o in finals if rr == r]
+        mine = [(accs, op, o) for rr, accs, op, o in finals if rr == r]
         if mine:
-            tasks_post.append(_mean_task(r, mine, num_mb, value_name))
+            tasks_post.append(_combine_task(r, mine, num_mb, value_name))
     for (d, r), eqns in sorted(post_groups.items()):
         tasks_post.append(outer_task(f"post/r{r}/d{d}", r, eqns))
 
@@ -660,29 +650,17 @@ def _uses_split_backward(schedule, num_stages, num_mb, placement) -> bool:
     return built.uses_split_backward
 
 
-def _loop_task(
-    name,
-    stage,
-    kind,
-    eqns,
-    cross,
-    accumulated,
-    body,
-    operations,
-    acc_names,
-    body_name,
-    loop_values,
-    binding,
-):
-    """A per-microbatch task; accumulates its body outputs into accumulators."""
+def _loop_task(name, stage, kind, eqns, cross, accumulated, body_name, loop_values, binding):
+    """A per-microbatch task; adds its share of the loop outputs to their accumulators."""
+    out_atoms = [t.atom for t in accumulated]
+    eqns = _backward_slice(eqns, list(cross) + out_atoms)
     inputs = _free_inputs(eqns)
-    out_atoms = [body.flat.outvars[k] for k in accumulated]
     # Outputs that are plain inputs of the task (pass-through) are read from the inputs.
     for a in out_atoms:
         if isinstance(a, Var) and a not in _defined(eqns) and a not in inputs:
             inputs.append(a)
-    ops = [operations[k] for k in accumulated]
-    accs = [acc_names[k] for k in accumulated]
+    ops = [t.op for t in accumulated]
+    accs = [t.acc for t in accumulated]
     needs_mb = "concat" in ops
     # Invariants bound to literals are substituted in the equations.
     literal_inputs = {
@@ -729,6 +707,75 @@ def _loop_task(
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class _Target:
+    """A value a loop task adds into an accumulator each microbatch."""
+
+    output: int  # which loop output it contributes to
+    atom: object  # the body value
+    op: str
+    acc: str  # accumulator name
+    position: int  # the task that accumulates it
+
+
+def _produced_at(beqns, task_eqn_idx) -> dict:
+    produced: dict = {}
+    for p, idx in task_eqn_idx.items():
+        for i in idx:
+            for o in beqns[i].outvars:
+                produced.setdefault(o, set()).add(p)
+    return produced
+
+
+def _accumulation_targets(body: _Body, operations, produced_at, last: int) -> list[_Target]:
+    """Accumulation targets; sums across stages are split into per-stage summands."""
+    defining = {o: e for e in body.flat.eqns for o in e.outvars}
+    use_count: dict = {}
+    for e in body.flat.eqns:
+        for a in e.invars:
+            if isinstance(a, Var):
+                use_count[a] = use_count.get(a, 0) + 1
+    for a in body.flat.outvars:
+        if isinstance(a, Var):
+            use_count[a] = use_count.get(a, 0) + 1
+
+    def position(a) -> int:
+        ps = produced_at.get(a, ()) if isinstance(a, Var) else ()
+        return next(iter(ps)) if len(ps) == 1 else last
+
+    def summands(a) -> list:
+        e = defining.get(a) if isinstance(a, Var) else None
+        if e is None or e.primitive.name not in ("add_any", "add") or use_count.get(a) != 1:
+            return [a]
+        if any(getattr(x.aval, "shape", None) != a.aval.shape for x in e.invars):
+            return [a]  # a broadcasting add is not a plain sum
+        return [leaf for x in e.invars for leaf in summands(x)]
+
+    targets: list[_Target] = []
+    for k, (a, op) in enumerate(zip(body.flat.outvars, operations, strict=True)):
+        parts = summands(a) if op in ("add", "mean") else [a]
+        if len({position(x) for x in parts}) <= 1:
+            parts = [a]
+        for j, x in enumerate(parts):
+            name = f"acc{k}" if len(parts) == 1 else f"acc{k}_{j}"
+            targets.append(_Target(k, x, op, name, position(x)))
+    return targets
+
+
+def _live_equations(beqns, sinks) -> set[int]:
+    """Indices of the equations needed to compute `sinks`."""
+    needed = {a for a in sinks if isinstance(a, Var)}
+    live = set()
+    for i in reversed(range(len(beqns))):
+        e = beqns[i]
+        if _is_marker(e):
+            continue
+        if any(o in needed for o in e.outvars):
+            live.add(i)
+            needed.update(a for a in e.invars if isinstance(a, Var))
+    return live
+
+
 def _init_task(rank, accs, ops, avals):
     def fn():
         out = []
@@ -749,15 +796,26 @@ def _init_task(rank, accs, ops, avals):
     )
 
 
-def _mean_task(rank, pairs, num_mb, value_name):
-    def fn(*accs):
-        return tuple(_treduce.finalize("mean", a, num_mb) for a in accs)
+def _combine_task(rank, groups, num_mb, value_name):
+    """After the loop: sums per-stage accumulators of one output, and applies Mean."""
+    sizes = [len(accs) for accs, _, _ in groups]
+
+    def fn(*values):
+        out, offset = [], 0
+        for (_, op, _), size in zip(groups, sizes, strict=True):
+            parts = values[offset : offset + size]
+            offset += size
+            total = parts[0]
+            for part in parts[1:]:
+                total = total + part
+            out.append(_treduce.finalize(op, total, num_mb))
+        return tuple(out)
 
     return _taskgraph.Task(
-        name=f"mean/r{rank}",
+        name=f"combine/r{rank}",
         fn=fn,
-        inputs=tuple(a for a, _ in pairs),
-        outputs=tuple(value_name(o) for _, o in pairs),
+        inputs=tuple(acc for accs, _, _ in groups for acc in accs),
+        outputs=tuple(value_name(o) for _, _, o in groups),
         rank=rank,
-        num_equations=len(pairs),
+        num_equations=len(groups),
     )

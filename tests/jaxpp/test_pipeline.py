@@ -10,6 +10,7 @@ from pipeline_models import assert_trees_close, make_problem, train_step
 
 import jaxpp
 from jaxpp import schedules
+from jaxpp.runtime import Run, Send
 
 # (builder, layers per stage) for every built-in schedule on 4 ranks.
 FOUR_RANKS = [
@@ -135,3 +136,19 @@ def test_pipeline_compiles_each_task_once_for_all_microbatches():
     # 8 microbatches x 2 steps ran through each loop task, yet each compiled once.
     for (name, _), fn in compiled.items():
         assert fn._cache_size() == 1, f"{name} compiled {fn._cache_size()} times"  # noqa: SLF001
+
+
+def test_pipeline_tied_weight_gradients_meet_once_after_the_loop():
+    """Each stage accumulates its share of a shared weight's gradient; no per-mb transfer."""
+    sends = {}
+    for tied in (False, True):
+        pipelined, _ = _run_both(jaxpp.Std1F1B(4), (1, 1, 1, 1), steps=1, tied=tied)
+        plan = pipelined.last_compiled.plan
+        sends[tied] = sum(
+            1 for i in plan.instructions if isinstance(i, Send) and i.source.mb is not None
+        )
+        if tied:
+            assert any(
+                isinstance(i, Run) and i.task.startswith("combine/") for i in plan.instructions
+            )
+    assert sends[True] == sends[False]
