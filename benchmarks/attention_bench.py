@@ -113,6 +113,10 @@ def implementations(
             out[name] = lambda q, k, v, causal: dot_product_attention(
                 q, k, v, causal=causal, implementation="mosaic", interpret=interpret
             )
+        elif name == "triton":  # ours, Pallas Triton (not in the default list yet)
+            out[name] = lambda q, k, v, causal: dot_product_attention(
+                q, k, v, causal=causal, implementation="triton", interpret=interpret
+            )
         elif name in VARIANTS:
             out[name] = _variant(*VARIANTS[name], interpret=interpret)
         elif name == "cudnn":

@@ -9,7 +9,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from jaxpp.kernels.attention import _configs, _mosaic, _reference
+from jaxpp.kernels.attention import _configs, _mosaic, _reference, _triton
 
 IMPLEMENTATIONS = ("auto", "mosaic", "triton", "xla")
 MOSAIC_HEAD_DIMS = (64, 128, 256)
@@ -26,6 +26,7 @@ def dot_product_attention(
     compute_dtype: jnp.dtype | None = None,
     forward_config: _mosaic.ForwardConfig | None = None,
     backward_config: _mosaic.BackwardConfig | None = None,
+    triton_config: _triton.TritonConfig | None = None,
     interpret: bool = False,
 ) -> jax.Array:
     """Scaled dot-product attention in BTNH layout, differentiable.
@@ -40,13 +41,15 @@ def dot_product_attention(
             on "xla", or on a kernel in `compute_dtype` when given).
         causal: mask keys after the query position.
         scale: logit scale; default 1/sqrt(head_dim).
-        implementation: "mosaic" (Pallas Mosaic GPU, Hopper sm_90a), "triton" (not yet
-            built), "xla" (reference, any backend) or "auto" (mosaic on Hopper for the
-            supported head dims and dtypes, else xla; xla on CPU).
+        implementation: "mosaic" (Pallas Mosaic GPU, Hopper sm_90a), "triton" (Pallas
+            Triton, FA2-style, for other GPUs; checked in interpret mode only so far),
+            "xla" (reference, any backend) or "auto" (mosaic on Hopper for the supported
+            head dims and dtypes, else xla; xla on CPU).
         compute_dtype: float32 inputs only: run the kernel in this 16-bit dtype
             (e.g. jnp.bfloat16) and return float32.
-        forward_config, backward_config: override the per-device default tiles.
-        interpret: run the Mosaic kernels in Pallas interpret mode (CPU tests).
+        forward_config, backward_config: override the per-device default Mosaic tiles.
+        triton_config: override the Triton tiles.
+        interpret: run the Pallas kernels in interpret mode (CPU tests).
 
     Returns:
         The attention output, shape and dtype of q.
@@ -74,23 +77,22 @@ def dot_product_attention(
         implementation = "mosaic" if (hopper and ok) or interpret else "xla"
     if implementation == "xla":
         return _reference.xla_attention(q, k, v, causal=causal, scale=scale)
-    if implementation == "triton":
-        raise NotImplementedError(
-            "implementation='triton' is not built yet; use implementation='xla' on non-Hopper "
-            "GPUs, or 'mosaic' on H100/H200."
-        )
-    _check_mosaic(q, head_dim, kernel_dtype)
+    _check_kernel(implementation, head_dim, kernel_dtype)
     fwd_default, bwd_default = _configs.default_configs(device_kind, head_dim)
     static = _Static(
+        implementation=implementation,
         causal=bool(causal),
         scale=scale,
+        q_len=q.shape[1],
+        kv_len=k.shape[1],
         forward=forward_config or fwd_default,
         backward=backward_config or bwd_default,
+        triton=triton_config or _triton.TritonConfig(),
         interpret=bool(interpret),
     )
     out_dtype = q.dtype
     q, k, v = (x.astype(kernel_dtype) for x in (q, k, v))
-    return _mosaic_attention(q, k, v, static).astype(out_dtype)
+    return _kernel_attention(q, k, v, static).astype(out_dtype)
 
 
 def _device_of(x: jax.Array) -> jax.Device:
@@ -129,33 +131,40 @@ def _check_inputs(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str)
         raise ValueError(f"empty sequence (q_len={q.shape[1]}, kv_len={k.shape[1]}).")
 
 
-def _check_mosaic(q: jax.Array, head_dim: int, kernel_dtype: jnp.dtype) -> None:
+def _check_kernel(implementation: str, head_dim: int, kernel_dtype: jnp.dtype) -> None:
     if head_dim not in MOSAIC_HEAD_DIMS:
         raise NotImplementedError(
-            f"implementation='mosaic' supports head_dim in {MOSAIC_HEAD_DIMS}, got {head_dim}; "
-            "use implementation='xla' (or 'auto')."
+            f"implementation={implementation!r} supports head_dim in {MOSAIC_HEAD_DIMS}, got "
+            f"{head_dim}; use implementation='xla' (or 'auto')."
         )
     if kernel_dtype not in (jnp.float16, jnp.bfloat16):
         raise NotImplementedError(
-            f"implementation='mosaic' computes in float16/bfloat16, got {kernel_dtype}; pass "
-            "compute_dtype=jnp.bfloat16 to run float32 inputs in bfloat16, or use "
-            "implementation='xla'."
+            f"implementation={implementation!r} computes in float16/bfloat16, got "
+            f"{kernel_dtype}; pass compute_dtype=jnp.bfloat16 to run float32 inputs in "
+            "bfloat16, or use implementation='xla'."
         )
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class _Static:
+    implementation: str  # "mosaic" or "triton"
     causal: bool
     scale: float
+    q_len: int
+    kv_len: int
     forward: _mosaic.ForwardConfig
     backward: _mosaic.BackwardConfig
+    triton: _triton.TritonConfig
     interpret: bool
 
-    def padding(self, q_len: int, kv_len: int) -> tuple[int, int]:
-        f, b = self.forward, self.backward
-        q_mult = math.lcm(f.block_q * f.compute_wgs, b.block_q * b.dq_compute_wgs, b.block_q)
-        kv_mult = math.lcm(f.block_kv, b.block_kv * b.dkv_compute_wgs, b.block_kv)
-        return -(-q_len // q_mult) * q_mult, -(-kv_len // kv_mult) * kv_mult
+    def padded_lengths(self) -> tuple[int, int]:
+        if self.implementation == "triton":
+            q_mult = kv_mult = math.lcm(self.triton.block_q, self.triton.block_kv)
+        else:
+            f, b = self.forward, self.backward
+            q_mult = math.lcm(f.block_q * f.compute_wgs, b.block_q * b.dq_compute_wgs, b.block_q)
+            kv_mult = math.lcm(f.block_kv, b.block_kv * b.dkv_compute_wgs, b.block_kv)
+        return -(-self.q_len // q_mult) * q_mult, -(-self.kv_len // kv_mult) * kv_mult
 
 
 def _pad_seq(x: jax.Array, length: int) -> jax.Array:
@@ -165,54 +174,49 @@ def _pad_seq(x: jax.Array, length: int) -> jax.Array:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _mosaic_attention(q: jax.Array, k: jax.Array, v: jax.Array, static: _Static) -> jax.Array:
-    return _mosaic_fwd(q, k, v, static)[0]
+def _kernel_attention(q: jax.Array, k: jax.Array, v: jax.Array, static: _Static) -> jax.Array:
+    return _kernel_fwd(q, k, v, static)[0]
 
 
-def _mosaic_fwd(q, k, v, static: _Static):
-    q_len, kv_len = q.shape[1], k.shape[1]
-    t_pad, s_pad = static.padding(q_len, kv_len)
+def _kernel_fwd(q, k, v, static: _Static):
+    t_pad, s_pad = static.padded_lengths()
     qp, kp, vp = _pad_seq(q, t_pad), _pad_seq(k, s_pad), _pad_seq(v, s_pad)
-    out, lse = _mosaic.forward(
-        qp,
-        kp,
-        vp,
-        causal=static.causal,
-        scale=static.scale,
-        kv_len=kv_len,
-        config=static.forward,
-        interpret=static.interpret,
-    )
-    return out[:, :q_len], (qp, kp, vp, out, lse, q_len, kv_len)
-
-
-def _mosaic_bwd(static: _Static, residuals, d_out):
-    qp, kp, vp, out, lse, q_len, kv_len = residuals
-    t_pad = qp.shape[1]
-    dop = _pad_seq(d_out.astype(qp.dtype), t_pad)
-    delta = jnp.einsum("btnh,btnh->bnt", out.astype(jnp.float32), dop.astype(jnp.float32))
     common = dict(
-        causal=static.causal, scale=static.scale, config=static.backward, interpret=static.interpret
+        causal=static.causal, scale=static.scale, kv_len=static.kv_len, interpret=static.interpret
     )
-    dq = _mosaic.backward_dq(qp, kp, vp, dop, lse, delta, kv_len=kv_len, **common)
-    if static.backward.split_dkv:
-        (dk,) = _mosaic.backward_dkv(
-            qp, kp, vp, dop, lse, delta, q_len=q_len, outputs="dk", **common
-        )
-        (dv,) = _mosaic.backward_dkv(
-            qp, kp, vp, dop, lse, delta, q_len=q_len, outputs="dv", **common
+    if static.implementation == "triton":
+        out, lse = _triton.forward(qp, kp, vp, config=static.triton, **common)
+    else:
+        out, lse = _mosaic.forward(qp, kp, vp, config=static.forward, **common)
+    return out[:, : static.q_len], (qp, kp, vp, out, lse)
+
+
+def _kernel_bwd(static: _Static, residuals, d_out):
+    qp, kp, vp, out, lse = residuals
+    q_len, kv_len = static.q_len, static.kv_len
+    dop = _pad_seq(d_out.astype(qp.dtype), qp.shape[1])
+    delta = jnp.einsum("btnh,btnh->bnt", out.astype(jnp.float32), dop.astype(jnp.float32))
+    args = (qp, kp, vp, dop, lse, delta)
+    common = dict(causal=static.causal, scale=static.scale, interpret=static.interpret)
+    if static.implementation == "triton":
+        dq, dk, dv = _triton.backward(
+            *args, q_len=q_len, kv_len=kv_len, config=static.triton, **common
         )
     else:
-        dk, dv = _mosaic.backward_dkv(
-            qp, kp, vp, dop, lse, delta, q_len=q_len, outputs="dkv", **common
-        )
+        common["config"] = static.backward
+        dq = _mosaic.backward_dq(*args, kv_len=kv_len, **common)
+        if static.backward.split_dkv:
+            (dk,) = _mosaic.backward_dkv(*args, q_len=q_len, outputs="dk", **common)
+            (dv,) = _mosaic.backward_dkv(*args, q_len=q_len, outputs="dv", **common)
+        else:
+            dk, dv = _mosaic.backward_dkv(*args, q_len=q_len, outputs="dkv", **common)
     batch, s_pad, num_heads, head_dim = dk.shape
     num_kv_heads = kp.shape[2]
-    if num_heads != num_kv_heads:
+    if num_heads != num_kv_heads:  # dK, dV come per q head: sum each kv head's group
         shape = (batch, s_pad, num_kv_heads, num_heads // num_kv_heads, head_dim)
         dk = dk.reshape(shape).sum(axis=3, dtype=jnp.float32).astype(kp.dtype)
         dv = dv.reshape(shape).sum(axis=3, dtype=jnp.float32).astype(vp.dtype)
     return dq[:, :q_len], dk[:, :kv_len], dv[:, :kv_len]
 
 
-_mosaic_attention.defvjp(_mosaic_fwd, _mosaic_bwd)
+_kernel_attention.defvjp(_kernel_fwd, _kernel_bwd)

@@ -25,12 +25,23 @@ def _inputs(key, batch, t, s, heads, kv_heads, head_dim, dtype):
     return q, k, v, do
 
 
-def _check(t, s, heads, kv_heads, head_dim, causal, dtype=jnp.bfloat16, batch=2, seed=0):
+def _check(
+    t,
+    s,
+    heads,
+    kv_heads,
+    head_dim,
+    causal,
+    dtype=jnp.bfloat16,
+    batch=2,
+    seed=0,
+    implementation="mosaic",
+):
     q, k, v, do = _inputs(jax.random.key(seed), batch, t, s, heads, kv_heads, head_dim, dtype)
     scale = head_dim**-0.5
 
     def ours(q, k, v):
-        return dot_product_attention(q, k, v, causal=causal, implementation="mosaic")
+        return dot_product_attention(q, k, v, causal=causal, implementation=implementation)
 
     def ref(q, k, v):
         f32 = [x.astype(jnp.float32) for x in (q, k, v)]
@@ -79,6 +90,11 @@ def test_mosaic_attention_repeatable_backward_is_deterministic():
     first, second = f(q, k, v, do), f(q, k, v, do)
     for a, b in zip(first, second, strict=True):
         assert bool(jnp.all(a == b))
+
+
+@pytest.mark.parametrize("causal", (False, True))
+def test_triton_attention_ragged_gqa_matches_reference(causal):
+    _check(1000, 1000, 8, 2, 128, causal, implementation="triton")
 
 
 def test_auto_on_hopper_picks_mosaic():

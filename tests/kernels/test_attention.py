@@ -69,7 +69,7 @@ _BWD_OV = BackwardConfig(block_q=64, block_kv=64, num_stages=2, overlap=True)
 @pytest.mark.parametrize(
     ("t", "s", "heads", "kv_heads", "head_dim", "causal", "fwd", "bwd"),
     (
-        (130, 200, 4, 2, 64, False, _FWD, _BWD),  # ragged, GQA, 4 kv steps through 2 slots
+        (130, 200, 2, 1, 64, False, _FWD, _BWD),  # ragged, MQA, 4 kv steps through 2 slots
         (200, 150, 2, 1, 64, True, _FWD_PP, _BWD_OV),  # causal, ragged, MQA, ping-pong, overlap
         (128, 256, 2, 2, 128, True, _FWD, _BWD),  # causal, kv longer than q
         (128, 128, 2, 1, 256, True, _FWD, _BWD_SPLIT),  # head dim 256, split dK/dV passes
@@ -144,10 +144,32 @@ def test_unknown_implementation_raises():
         dot_product_attention(q, k, v, implementation="cuda")
 
 
-def test_triton_not_built_raises():
-    q, k, v, _ = _inputs(7, 16, 16, 2, 2, 64)
-    with pytest.raises(NotImplementedError, match="implementation='xla'"):
-        dot_product_attention(q, k, v, implementation="triton")
+@pytest.mark.parametrize(
+    ("t", "s", "heads", "kv_heads", "head_dim", "causal"),
+    (
+        (200, 150, 2, 1, 64, True),  # causal, ragged, MQA, q longer than kv
+        (70, 130, 4, 2, 128, False),  # ragged, GQA, kv longer than q
+    ),
+)
+def test_triton_interpret_matches_reference_with_grads(t, s, heads, kv_heads, head_dim, causal):
+    q, k, v, do = _inputs(12, t, s, heads, kv_heads, head_dim)
+
+    def ours(a, b, c):
+        return dot_product_attention(
+            a, b, c, causal=causal, implementation="triton", interpret=True
+        )
+
+    got = _vjp(ours, q, k, v, do)
+    want = _f32_reference(q, k, v, do, causal)
+    for name, g, w in zip(("out", "dq", "dk", "dv"), got, want, strict=True):
+        err = tuning.relative_error(g, w)
+        assert err < 1.5e-2, f"{name}: relative error {err:.3g}"
+
+
+def test_triton_unsupported_head_dim_raises():
+    q, k, v, _ = _inputs(7, 16, 16, 2, 2, 32)
+    with pytest.raises(NotImplementedError, match="implementation='triton' supports head_dim"):
+        dot_product_attention(q, k, v, implementation="triton", interpret=True)
 
 
 def test_heads_not_multiple_of_kv_heads_raises():
