@@ -53,6 +53,6 @@ def run(args: argparse.Namespace) -> int:
             port=args.port,
             prefix_output=not args.no_prefix,
         )
-    except ValueError as error:
+    except (ValueError, FileNotFoundError) as error:
         print(f"jaxpp launch: error: {error}")
         return 2

@@ -108,6 +108,12 @@ def initialize(
         return
     configured = coordinator_address is not None or _in_cluster(env)
     if not configured:
+        if num_processes not in (None, 1):
+            raise ValueError(
+                f"num_processes={num_processes} but no coordinator address is set and no "
+                f"SLURM or Open MPI job was found. Fix: pass coordinator_address='host:port' "
+                f"(process 0's host), set JAXPP_COORDINATOR, or start with jaxpp launch."
+            )
         return
     if coordinator_address is not None and process_id not in (None, 0):
         _wait_for_coordinator(coordinator_address, timeout_s, process_id, num_processes)

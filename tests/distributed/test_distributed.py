@@ -18,7 +18,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxpp import runtime
+from jaxpp import cli, runtime
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
 ROOT = Path(__file__).resolve().parents[2]
@@ -143,6 +143,12 @@ def test_launch_failed_process_stops_the_others_and_returns_its_code():
     assert time.monotonic() - start < 20  # the sleeper was killed after the grace
 
 
+def test_launch_cli_missing_program_is_an_error(capsys):
+    code = cli.main(["launch", "-n", "1", "--", "/nonexistent/program"])
+    assert code == 2
+    assert "jaxpp launch: error:" in capsys.readouterr().out
+
+
 def test_launch_sets_the_process_environment(capfd):
     script = (
         "import os\n"
@@ -190,6 +196,8 @@ def test_initialize_unreachable_coordinator_raises_fast():
 def test_initialize_malformed_settings_raise(monkeypatch):
     with pytest.raises(ValueError, match="is not host:port"):
         runtime.initialize("nohost", 2, 1, timeout_s=1.0)
+    with pytest.raises(ValueError, match="num_processes=2 but no coordinator address"):
+        runtime.initialize(num_processes=2, process_id=1)
     monkeypatch.setenv("JAXPP_PROCESS_ID", "one")
     with pytest.raises(ValueError, match="JAXPP_PROCESS_ID='one' is not an integer"):
         runtime.initialize("127.0.0.1:1", 2, timeout_s=1.0)
