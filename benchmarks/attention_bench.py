@@ -354,7 +354,7 @@ def summarize(rows: list[dict[str, Any]]) -> str:
         n = max((len(v) for v in g.values()), default=0)
         label = f"{head_dim}" if ours == "ours" else f"{head_dim} ({ours})"
         lines.append(f"| {label} | {mode} | {' | '.join(cells)} | {n} |")
-    columns = (*IMPLS, *VARIANTS)
+    columns = (*IMPLS, "triton", *VARIANTS)
     lines.append("")
     lines.append("| shape | mode | " + " | ".join(columns) + " |")
     lines.append("|---|---|" + "---|" * len(columns))
@@ -374,7 +374,7 @@ def plot(rows: list[dict[str, Any]], path: pathlib.Path) -> None:
     panels = [(d, c, m) for d in dims for c in (False, True) for m in ("fwd", "fwd_bwd")]
     fig, axes = plt.subplots(len(dims), 4, figsize=(18, 3.7 * len(dims)), squeeze=False)
     for ax, (d, c, m) in zip(axes.flat, panels, strict=True):
-        for impl in (*IMPLS, *VARIANTS):
+        for impl in (*IMPLS, "triton", *VARIANTS):
             pts = sorted(
                 (r["shape"]["seq"], r["tflops"])
                 for r in rows
