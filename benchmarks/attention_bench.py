@@ -38,6 +38,7 @@ VARIANTS = {
     "ours_pp": ({"pingpong": True}, {}),
     "ours_ov": ({}, {"overlap": True}),
     "ours_pp_ov": ({"pingpong": True}, {"overlap": True}),
+    "ours_v1": ({"pingpong": False}, {"overlap": False}),
 }
 XLA_MAX_SEQ = 4096  # the XLA baseline materialises [B, N, T, S] logits
 
@@ -408,6 +409,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--modes", nargs="+", default=["fwd", "fwd_bwd"])
     parser.add_argument("--no-gqa", action="store_true")
     parser.add_argument("--xla-max-seq", type=int, default=XLA_MAX_SEQ)
+    parser.add_argument("--variant-head-dims", type=int, nargs="+", default=[128])
     parser.add_argument("--samples", type=int, default=30)
     parser.add_argument("--tokens", type=int, default=TOKENS)
     parser.add_argument("--width", type=int, default=WIDTH)
@@ -452,7 +454,13 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     rows = run_grid(
-        shapes, impls, args.samples, tuple(args.modes), xla_max_seq=args.xla_max_seq, save=save
+        shapes,
+        impls,
+        args.samples,
+        tuple(args.modes),
+        xla_max_seq=args.xla_max_seq,
+        save=save,
+        variant_head_dims=tuple(args.variant_head_dims),
     )
     print(summarize(rows))
     return 0
