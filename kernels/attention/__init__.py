@@ -1,4 +1,5 @@
-"""kernels/attention: FlashAttention for Hopper (Pallas Mosaic GPU) with an XLA reference.
+"""kernels/attention: FlashAttention for Hopper (Pallas Mosaic GPU), a Pallas Triton
+fallback and an XLA reference.
 
 `dot_product_attention` is the entry point (BTNH, GQA/MQA, causal, forward and backward).
 """
@@ -8,10 +9,12 @@ from jaxpp.kernels.attention._configs import default_configs as default_configs
 from jaxpp.kernels.attention._mosaic import BackwardConfig as BackwardConfig
 from jaxpp.kernels.attention._mosaic import ForwardConfig as ForwardConfig
 from jaxpp.kernels.attention._reference import xla_attention as xla_attention
+from jaxpp.kernels.attention._triton import TritonConfig as TritonConfig
 
 __all__ = [
     "BackwardConfig",
     "ForwardConfig",
+    "TritonConfig",
     "default_configs",
     "dot_product_attention",
     "xla_attention",
