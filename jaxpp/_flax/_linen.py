@@ -91,8 +91,9 @@ def pipeline_linen(
 
     Give either `num_stages` (layers split evenly, earlier stages take the extras)
     or `layout` (e.g. `"E tt|tt L"`; see `jaxpp.flax.parse_layout`). Works for
-    unrolled layers (a list of submodules, `nn.remat` too) and for an `nn.scan`
-    stack (params stacked on axis 0; split into per-stage scans over slices).
+    unrolled layers (submodules the model calls in turn; remat inside the layer is
+    fine, an `nn.remat(Layer)` class hides the calls and is refused) and for one
+    `nn.scan` stack (params stacked on axis 0; split into per-stage scans over slices).
 
     Args:
         module: the model, e.g. `GPT(config)`; it is not modified.
@@ -241,11 +242,11 @@ def _choose_layers(name, layer, calls, children, variables) -> _FoundLayers:
 
 
 def _is_direct_call(context, path: tuple[str, ...] | None) -> bool:
-    """A method of a direct submodule of the root, called by the root (not a transform)."""
+    """`__call__` of a direct submodule of the root, called by the root (not a transform)."""
     return (
         path is not None
         and len(path) == 1
-        and context.method_name not in ("setup", "<lambda>")
+        and context.method_name == "__call__"
         and isinstance(context.module.parent, nn.Module)
     )
 

@@ -145,6 +145,29 @@ def test_pipeline_linen_compact_user_model_same_values_and_grads():
     assert _marker_counts(jaxpr.jaxpr) == {"forward": 2, "backward": 2}
 
 
+class _TiedToy(nn.Module):
+    """Calls its embedding twice (`__call__` and `attend`) and its 2 layers once each."""
+
+    def setup(self):
+        self.embed = nn.Embed(8, 8)
+        self.layers = [_Residual() for _ in range(2)]
+
+    def __call__(self, tokens):
+        h = self.embed(tokens)
+        for layer in self.layers:
+            h = layer(h)
+        return self.embed.attend(h)
+
+
+def test_pipeline_linen_other_methods_of_a_submodule_do_not_count_as_layer_calls():
+    model = _TiedToy()
+    tokens = jnp.zeros((2, 3), jnp.int32)
+    variables = jax.eval_shape(model.init, jax.random.key(0), tokens)
+    pipelined = jflax.pipeline(model, layout="t|t")
+    jaxpr = jax.make_jaxpr(pipelined.apply)(variables, tokens).jaxpr
+    assert _marker_counts(jaxpr)["forward"] == 2
+
+
 def test_pipeline_linen_layer_count_mismatch_raises_with_fix():
     model = gpt.GPT(_config())
     tokens = _tokens(0)[:, :-1]
