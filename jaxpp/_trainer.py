@@ -323,7 +323,7 @@ def train(config: TrainConfig, *, out: TextIO | None = None) -> TrainResult:
         if index == 1 and config.executor == "pipeline":
             busy = _measure_busy(run_step, state, batch)
         if (index + 1) % config.log_every == 0 or index == 0 or index + 1 == config.steps:
-            bubble = _bubble(busy, seconds[-1])
+            bubble = _step_bubble(run_step, busy, seconds[-1])
             print(
                 f"step {index + 1:5d}/{config.steps}  loss {loss:7.4f} "
                 f"(floor {language.entropy_floor:.3f})  gnorm {float(metrics['grad_norm']):6.3f}"
@@ -362,11 +362,24 @@ def _pipelined(step_fn: TrainStep, num_ranks: int) -> Callable:
 
 
 def _measure_busy(run_step: Callable, state: TrainState, batch: Batch) -> tuple[float, ...] | None:
-    """Per-rank busy seconds of one step, from the executor's profile (None if it has none)."""
+    """Per-rank busy seconds of one step, from the executor's profile (None if it has none).
+
+    The profile runs the step twice more with per-task timing and discards the results;
+    a step's bubble is then 1 - sum(busy) / (ranks * step seconds).
+    """
     profile = getattr(run_step, "profile", None)
     if profile is None:
         return None
     return tuple(profile(state, batch).busy_seconds)
+
+
+def _step_bubble(
+    run_step: Callable, busy: tuple[float, ...] | None, seconds: float
+) -> float | None:
+    """The executor's own per-step bubble when it reports one, else from the profile."""
+    stats = getattr(run_step, "last_stats", None)
+    reported = getattr(stats, "bubble", None)
+    return float(reported) if reported is not None else _bubble(busy, seconds)
 
 
 def _bubble(busy: tuple[float, ...] | None, step_seconds: float) -> float | None:
