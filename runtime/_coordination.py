@@ -10,11 +10,12 @@ stopped, or cut off), or a coordinator that stops answering, makes every other
 process print which process, host and stage ranks it lost and exit with
 `LOST_PEER_EXIT_CODE`.
 
-The watchdog is per process, like `jax.distributed` itself: it is the one piece of
-module state here, set by `initialize` (an entry point) and read by executors.
+Module state, per process like `jax.distributed` itself: the watchdog (set by
+`initialize`, an entry point) and a counter that numbers executors in creation order.
 """
 
 import dataclasses
+import itertools
 import json
 import os
 import socket
@@ -287,6 +288,13 @@ class _Watchdog:
 
 
 _WATCHDOG: _Watchdog | None = None
+_EXECUTOR_IDS = itertools.count()
+
+
+def next_executor_id() -> int:
+    """A number for a new executor: every process creates its executors in the same
+    order (they compile the same steps in the same order), so the numbers agree."""
+    return next(_EXECUTOR_IDS)
 
 
 def _start_watchdog(timeout_s: float) -> None:

@@ -85,7 +85,9 @@ class DistributedExecutor(_local.LocalExecutor):
         sends = (ins for ins in plan.instructions if isinstance(ins, _plan.Send))
         self._send_index = {send: k for k, send in enumerate(sends)}
         self._agreed: dict[int, tuple] = {}
-        self._plan_id = _plan_id(plan, self.rank_meshes)
+        # Two executors may share a plan's structure (one step, two batch shapes): the
+        # creation number tells their transfers apart, the plan's hash checks the order.
+        self._plan_id = f"{_coordination.next_executor_id()}-{_plan_id(plan, self.rank_meshes)}"
         self._sync_transfers = all(
             d.platform == "cpu" for m in self.rank_meshes for d in m.devices.flat
         )

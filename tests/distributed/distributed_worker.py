@@ -78,6 +78,8 @@ def spanning4():
 def mixed2():
     mesh = mpmd(runtime.stage_mesh(4))  # process 0 owns ranks 0, 1; process 1 ranks 2, 3
     run_case("two-ranks-per-process-1f1b", jaxpp.Std1F1B(4), (1, 1, 1, 1), mesh, steps=1)
+    # The same plan structure with other shapes: its transfers must not reuse the types above.
+    run_case("same-plan-other-shapes", jaxpp.Std1F1B(4), (1, 1, 1, 1), mesh, steps=1, mb_size=2)
     devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
     split = np.array(devices).reshape(2, 2).T  # rank r = device r of each process
     mesh = mpmd(jax.sharding.Mesh(split, ("stages", "model")))
