@@ -88,6 +88,7 @@ class DistributedExecutor(_local.LocalExecutor):
         # Two executors may share a plan's structure (one step, two batch shapes): the
         # creation number tells their transfers apart, the plan's hash checks the order.
         self._plan_id = f"{_coordination.next_executor_id()}-{_plan_id(plan, self.rank_meshes)}"
+        self._runs = 0
         self._sync_transfers = all(
             d.platform == "cpu" for m in self.rank_meshes for d in m.devices.flat
         )
@@ -101,10 +102,38 @@ class DistributedExecutor(_local.LocalExecutor):
         stop this process) before re-raising.
         """
         try:
-            return super().run(inputs, record_timing=record_timing)
+            outputs = super().run(inputs, record_timing=record_timing)
         except jax.errors.JaxRuntimeError as error:
             _coordination.wait_for_verdict(error)
             raise
+        self._runs += 1
+        if record_timing:
+            self.last_stats = self._gather_stats(self.last_stats)
+        return outputs
+
+    def _gather_stats(self, stats: _local.StepStats) -> _local.StepStats:
+        """Every rank's timings and peak activations, from the process that leads it.
+
+        Each process measured only its ranks; they swap them through the key-value store
+        (start times stay relative to each process's own step start).
+        """
+        me = jax.process_index()
+        leads = {r for r, p in enumerate(self._processes) if min(p) == me}
+        mine = {
+            "timings": [dataclasses.astuple(t) for t in stats.timings if t.rank in leads],
+            "peak": {str(r): stats.peak_activations[r] for r in leads},
+        }
+        prefix = f"jaxpp/stats/{self._plan_id}/{self._runs}"
+        _coordination.kv_set(f"{prefix}/{me}", json.dumps(mine))
+        timings, peak = [], list(stats.peak_activations)
+        for p in sorted(set().union(*self._processes)):
+            text = _coordination.kv_get(f"{prefix}/{p}", waiting_for=f"the timings of process {p}")
+            theirs = json.loads(text)
+            timings.extend(_local.TaskTiming(*t) for t in theirs["timings"])
+            for r, n in theirs["peak"].items():
+                peak[int(r)] = n
+        timings.sort(key=lambda t: (t.start, t.rank))
+        return _local.StepStats(stats.seconds, tuple(peak), tuple(timings))
 
     # -- ownership ----------------------------------------------------------------------
 

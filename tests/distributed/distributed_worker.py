@@ -30,7 +30,7 @@ import jaxpp  # noqa: E402
 from jaxpp import runtime  # noqa: E402
 
 
-def run_case(name, schedule, layers, mesh, *, steps=2, in_shardings=None, **kwargs):
+def run_case(name, schedule, layers, mesh, *, steps=2, in_shardings=None, profile=False, **kwargs):
     """Runs the pipelined step in every process; process 0 checks it against jax.jit."""
     state, batch, loss = make_problem(
         jax.random.key(len(name)), layers_per_stage=layers, num_microbatches=8, **kwargs
@@ -50,6 +50,10 @@ def run_case(name, schedule, layers, mesh, *, steps=2, in_shardings=None, **kwar
         else:
             assert got is None
     assert isinstance(pipelined.last_compiled.executor, runtime.DistributedExecutor)
+    if profile:  # every process sees every rank's task timings
+        busy = pipelined.profile(pp_state, batch).busy_seconds
+        assert len(busy) == mesh.num_ranks and all(b > 0 for b in busy), busy
+        assert all(p > 0 for p in pipelined.last_stats.peak_activations)
     if checker:
         print(f"CHECKED {name} against jax.jit", flush=True)
     print(f"PASS {name} (process {jax.process_index()})", flush=True)
@@ -61,7 +65,7 @@ def mpmd(mesh):
 
 def schedules4():
     mesh = mpmd(runtime.stage_mesh(4))
-    run_case("1f1b", jaxpp.Std1F1B(4), (1, 1, 1, 1), mesh, tied=True)
+    run_case("1f1b", jaxpp.Std1F1B(4), (1, 1, 1, 1), mesh, tied=True, profile=True)
     run_case("interleaved", jaxpp.Interleaved1F1B(8, ranks=4), (1,) * 8, mesh, steps=1)
     run_case("zb-h1", jaxpp.ZeroBubble(4), (1, 1, 1, 1), mesh, steps=1)
     run_case("dualpipev", jaxpp.DualPipeV(8, ranks=4), (1,) * 8, mesh, steps=1)
