@@ -119,6 +119,15 @@ def initialize(
     if coordinator_address is not None and process_id not in (None, 0):
         _wait_for_coordinator(coordinator_address, timeout_s, process_id, num_processes)
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # If some process never joins, JAX aborts this one when its timeout ends (no Python
+    # exception); say first what was missing and how to fix it.
+    warning = threading.Timer(
+        0.9 * timeout_s,
+        _warn_not_joined,
+        args=(coordinator_address, num_processes, process_id, timeout_s),
+    )
+    warning.daemon = True
+    warning.start()
     try:
         jax.distributed.initialize(
             coordinator_address,
@@ -137,7 +146,19 @@ def initialize(
             f"start every process of the run, with the same coordinator address and process "
             f"count, and distinct process ids."
         ) from error
+    finally:
+        warning.cancel()
     _start_watchdog(timeout_s)
+
+
+def _warn_not_joined(address, num_processes, process_id, timeout_s: float) -> None:
+    sys.stderr.write(
+        f"jaxpp: process {process_id} of {num_processes}: not every process joined the run "
+        f"at coordinator {address} within {timeout_s:g} s; JAX will stop this process. Fix: "
+        f"start all {num_processes} processes (ids 0..{(num_processes or 1) - 1}) with the "
+        f"same coordinator address, or raise the timeout (JAXPP_TIMEOUT).\n"
+    )
+    sys.stderr.flush()
 
 
 def _in_cluster(env) -> bool:

@@ -194,6 +194,21 @@ def test_initialize_unreachable_coordinator_raises_fast():
     assert jax.process_count() == 1
 
 
+def test_initialize_missing_process_stops_with_clear_error():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code = f"from jaxpp import runtime; runtime.initialize('127.0.0.1:{port}', 2, 0, timeout_s=1)"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    start = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode != 0
+    assert "process 0 of 2: not every process joined the run at coordinator" in done.stderr
+    assert time.monotonic() - start < 30
+
+
 def test_initialize_malformed_settings_raise(monkeypatch):
     with pytest.raises(ValueError, match="is not host:port"):
         runtime.initialize("nohost", 2, 1, timeout_s=1.0)
