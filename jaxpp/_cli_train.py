@@ -35,6 +35,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--d-model", type=int, default=64)
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--vocab", type=int, default=64)
+    parser.add_argument("--kv-heads", type=int, default=None, help="GQA key/value heads")
+    parser.add_argument("--scan-layers", action="store_true", help="one nn.scan over the blocks")
+    parser.add_argument("--remat", action="store_true", help="recompute block activations")
+    parser.add_argument("--tie-embeddings", action="store_true")
+    parser.add_argument(
+        "--attention", default="auto", help="jaxpp.kernels.attention implementation"
+    )
     parser.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
     parser.add_argument("--lr-schedule", choices=("cosine", "constant"), default="cosine")
     parser.add_argument("--warmup", type=int, default=10, help="warmup steps (cosine)")
@@ -63,6 +70,11 @@ def run(args: argparse.Namespace) -> int:
             d_model=args.d_model,
             num_heads=args.heads,
             vocab_size=args.vocab,
+            num_kv_heads=args.kv_heads,
+            scan_layers=args.scan_layers,
+            remat=args.remat,
+            tie_embeddings=args.tie_embeddings,
+            attention=args.attention,
             learning_rate=args.lr,
             lr_schedule=args.lr_schedule,
             warmup_steps=args.warmup,

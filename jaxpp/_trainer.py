@@ -172,6 +172,11 @@ class TrainConfig:
     d_model: int = 64
     num_heads: int = 4
     vocab_size: int = 64
+    num_kv_heads: int | None = None
+    scan_layers: bool = False
+    remat: bool = False
+    tie_embeddings: bool = False
+    attention: str = "auto"
     learning_rate: float = 3e-3
     lr_schedule: str = "cosine"
     warmup_steps: int = 10
@@ -204,6 +209,11 @@ class TrainConfig:
             num_heads=self.num_heads,
             max_seq_len=self.seq_len,
             dtype=DTYPES[self.dtype],
+            num_kv_heads=self.num_kv_heads,
+            scan_layers=self.scan_layers,
+            remat=self.remat,
+            tie_embeddings=self.tie_embeddings,
+            attention=self.attention,
         )
 
 
