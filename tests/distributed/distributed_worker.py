@@ -59,6 +59,15 @@ def run_case(name, schedule, layers, mesh, *, steps=2, in_shardings=None, profil
     print(f"PASS {name} (process {jax.process_index()})", flush=True)
 
 
+OTHER_SCHEDULES = (
+    ("gpipe", jaxpp.GPipe(4), (1, 1, 1, 1)),
+    ("eager1f1b", jaxpp.Eager1F1B(4), (1, 1, 1, 1)),
+    ("loopedbfs", jaxpp.LoopedBFS(8, ranks=4), (1,) * 8),
+    ("zb-h2", jaxpp.ZeroBubbleH2(4), (1, 1, 1, 1)),
+    ("zbv", jaxpp.ZBV(8, ranks=4), (1,) * 8),
+)
+
+
 def mpmd(mesh):
     return jaxpp.MpmdMesh(mesh, "stages")
 
@@ -84,6 +93,9 @@ def mixed2():
     run_case("two-ranks-per-process-1f1b", jaxpp.Std1F1B(4), (1, 1, 1, 1), mesh, steps=1)
     # The same plan structure with other shapes: its transfers must not reuse the types above.
     run_case("same-plan-other-shapes", jaxpp.Std1F1B(4), (1, 1, 1, 1), mesh, steps=1, mb_size=2)
+    # The other built-in schedules (schedules4 runs 1F1B, interleaved, ZB-H1, DualPipeV).
+    for name, schedule, layers in OTHER_SCHEDULES:
+        run_case(name, schedule, layers, mesh, steps=1)
     devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
     split = np.array(devices).reshape(2, 2).T  # rank r = device r of each process
     mesh = mpmd(jax.sharding.Mesh(split, ("stages", "model")))
