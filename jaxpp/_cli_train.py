@@ -2,6 +2,7 @@
 
 On a machine without an NVIDIA GPU it runs on 8 virtual CPU devices (it sets
 `JAX_PLATFORMS=cpu` and `--xla_force_host_platform_device_count=8` unless already set).
+With `-n N` it runs as N processes, like `jaxpp launch -n N -- jaxpp train ...`.
 
 Example:
     >>> from jaxpp.cli import main
@@ -11,6 +12,7 @@ Example:
 import argparse
 import os
 import pathlib
+import sys
 
 _DEVICE_FLAG = "--xla_force_host_platform_device_count"
 
@@ -49,13 +51,28 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--executor", choices=("pipeline", "jit"), default="pipeline")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--log-every", type=int, default=10)
-    parser.set_defaults(run=run)
+    launch = parser.add_argument_group("several processes (as jaxpp launch)")
+    launch.add_argument(
+        "-n", "--num-processes", type=int, default=1, help="local processes (default 1)"
+    )
+    launch.add_argument(
+        "--devices-per-process", type=int, default=None, help="CPU devices or GPUs per process"
+    )
+    launch.add_argument(
+        "--timeout", type=float, default=None, help="seconds before a silent process is lost"
+    )
+    parser.set_defaults(run=run, parser=parser)
 
 
 def run(args: argparse.Namespace) -> int:
     """Runs `jaxpp train` with parsed arguments; returns the exit code."""
+    if args.num_processes > 1 and "JAXPP_PROCESS_ID" not in os.environ:
+        return _relaunch(args)
     configure_devices()
     from jaxpp import _trainer
+    from jaxpp.runtime import _coordination
+
+    _coordination.initialize()  # a no-op unless launched as one of several processes
 
     try:
         config = _trainer.TrainConfig(
@@ -88,6 +105,35 @@ def run(args: argparse.Namespace) -> int:
         print(f"jaxpp train: error: {error}")
         return 2
     return 0
+
+
+def _relaunch(args: argparse.Namespace) -> int:
+    """`jaxpp train -n N ...`: runs this command as N processes under `jaxpp launch`."""
+    from jaxpp.runtime import _coordination, _launch
+
+    forwarded = []
+    for action in args.parser._actions:
+        value = getattr(args, action.dest, None)
+        if not action.option_strings or action.dest in _LAUNCH_DESTS or value is None:
+            continue
+        if action.nargs == 0:  # a switch
+            if value is True:
+                forwarded.append(action.option_strings[-1])
+        else:
+            forwarded += [action.option_strings[-1], str(value)]
+    try:
+        return _launch.launch(
+            [sys.executable, "-m", "jaxpp.cli", "train", *forwarded],
+            num_processes=args.num_processes,
+            devices_per_process=args.devices_per_process,
+            timeout_s=args.timeout or _coordination.DEFAULT_TIMEOUT_S,
+        )
+    except ValueError as error:
+        print(f"jaxpp train: error: {error}")
+        return 2
+
+
+_LAUNCH_DESTS = frozenset({"help", "num_processes", "devices_per_process", "timeout"})
 
 
 def configure_devices(num_cpu_devices: int = 8) -> None:

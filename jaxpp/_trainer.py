@@ -8,6 +8,7 @@ progress line every few steps and a summary table, and returns the numbers.
 """
 
 import dataclasses
+import io
 import pathlib
 import statistics
 import sys
@@ -24,6 +25,7 @@ from jaxpp import schedules
 from jaxpp._flax import _linen
 from jaxpp._treduce import Add, Concat, treduce
 from jaxpp.models import gpt, synthetic
+from jaxpp.runtime import _distributed
 
 EXECUTORS = ("pipeline", "jit")
 LR_SCHEDULES = ("cosine", "constant")
@@ -286,6 +288,8 @@ def train(config: TrainConfig, *, out: TextIO | None = None) -> TrainResult:
         2
     """
     out = sys.stdout if out is None else out
+    if jax.process_index() != 0:  # several processes (jaxpp train -n N): process 0 reports
+        out = io.StringIO()
     model_config = config.model_config()
     schedule = resolve_schedule(config.schedule, config.num_stages, config.num_microbatches)
     model = _linen.pipeline_linen(gpt.GPT(model_config), num_stages=config.num_stages)
@@ -327,7 +331,8 @@ def train(config: TrainConfig, *, out: TextIO | None = None) -> TrainResult:
             break
         start = time.perf_counter()
         state, metrics = run_step(state, batch)
-        loss = float(metrics["loss"])  # waits for the step
+        metrics = _distributed.fetch(metrics)  # waits for the step; to every process
+        loss = float(metrics["loss"])
         seconds.append(time.perf_counter() - start)
         losses.append(loss)
         if index == 1 and config.executor == "pipeline":

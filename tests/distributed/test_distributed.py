@@ -239,3 +239,33 @@ def test_fetch_single_process_returns_numpy_and_rejects_bad_process():
     assert runtime.fetch(x, process=0) is not None
     with pytest.raises(ValueError, match="process=3 is not a process of this run"):
         runtime.fetch(x, process=3)
+
+
+TRAIN_ARGS = (
+    "train --stages 2 --steps 3 --layers 2 --d-model 16 --heads 2 --batch-size 8 --seq-len 8 "
+    "--microbatches 4 --log-every 1"
+).split()
+
+
+def test_train_two_processes_matches_one_process(capsys):
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    done = subprocess.run(
+        [sys.executable, "-m", "jaxpp.cli", *TRAIN_ARGS, "-n", "2", "--timeout", "20"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=150,
+        start_new_session=True,
+    )
+    assert done.returncode == 0, _tail(done.stdout + done.stderr)
+    assert "[0] jaxpp train: GPT 2 layers" in done.stdout
+    assert not re.search(r"^\[1\] (step|jaxpp train)", done.stdout, re.M)  # process 0 reports
+    assert cli.main(TRAIN_ARGS) == 0
+    single = capsys.readouterr().out
+
+    def steps(text):
+        return re.findall(r"step +(\d+)/3 +loss +([\d.]+) .* gnorm +([\d.]+)", text)
+
+    assert len(steps(single)) == 3
+    assert steps(done.stdout) == steps(single)
