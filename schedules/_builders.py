@@ -45,7 +45,8 @@ class _Builder:
 
     name: ClassVar[str] = ""
     # Stages each rank holds: a fixed number, or None for "any divisor" (then ranks
-    # defaults to num_stages).
+    # defaults to num_stages / 2 for an even stage count: two virtual stages per rank,
+    # what "interleaved" means; an odd count defaults to one stage per rank).
     _stages_per_rank: ClassVar[int | None] = 1
 
     def __post_init__(self) -> None:
@@ -64,7 +65,11 @@ class _Builder:
                     f"{per_rank} per rank. Fix: use a multiple of {per_rank} stages, e.g. "
                     f"{cls}({per_rank * max(1, self.num_stages // per_rank)})."
                 )
-            object.__setattr__(self, "ranks", self.num_stages // (per_rank or 1))
+            if per_rank is None:
+                default = self.num_stages // 2 if self.num_stages % 2 == 0 else self.num_stages
+            else:
+                default = self.num_stages // per_rank
+            object.__setattr__(self, "ranks", default)
         ranks = self.ranks
         if not isinstance(ranks, int) or isinstance(ranks, bool) or ranks < 1:
             raise ValueError(f"{cls}: ranks={ranks!r} must be an int >= 1.")
