@@ -234,6 +234,8 @@ class Interleaved1F1B(_Builder):
     Microbatches go in rounds of about `ranks` (`round_sizes`); rank r warms up with
     `(v-1) * round + 2(p-1-r)` forwards. Any `m >= 1` works; for `m >= p` (a multiple of
     p or not) and F=1, B=2 the bubble is `(p-1)/(v*m+p-1)`. With v = 1 this is `Std1F1B`.
+    Without `ranks`, an even stage count gets two stages per rank (`Interleaved1F1B(8)`
+    runs on 4 ranks), as does `LoopedBFS`.
 
     Example:
         >>> s = Interleaved1F1B(4, ranks=2).build(2)
