@@ -273,9 +273,15 @@ def _insert_sends(runs, graph, micro):
             if b.rank not in delivered[key]:
                 sends_after.setdefault(where, []).append(Send(Buffer(b.value, b.mb, src), b.rank))
                 delivered[key].add(b.rank)
+        reads = {(b.value, b.mb) for b in _reads(ins)}
         for b in _writes(ins):
             key = (b.value, b.mb)
-            producer[key] = (index, b.rank)
+            if key in producer and key not in reads:
+                # The same value computed again on another rank (code before the loop
+                # runs on every rank that needs it): that rank has it now too.
+                delivered[key].add(b.rank)
+                continue
+            producer[key] = (index, b.rank)  # a new value, or a new version (accumulator)
             delivered[key] = {b.rank}
     out: list[Instruction] = []
     for index, ins in enumerate(runs):
@@ -285,16 +291,16 @@ def _insert_sends(runs, graph, micro):
 
 
 def _output_buffers(graph, instructions) -> tuple[tuple[str, Buffer | None], ...]:
-    last_written: dict[str, Buffer] = {}
+    first_written: dict[str, Buffer] = {}
     for ins in instructions:
         if isinstance(ins, Run):
             for b in ins.outputs:
-                if b.mb is None and b.value not in last_written:
-                    last_written[b.value] = b
+                if b.mb is None and b.value not in first_written:
+                    first_written[b.value] = b
     outputs = []
     for name in graph.step_outputs:
-        if name in last_written:
-            outputs.append((name, last_written[name]))
+        if name in first_written:
+            outputs.append((name, first_written[name]))
         elif name in graph.step_inputs or name in graph.constants:
             outputs.append((name, None))
         else:

@@ -88,7 +88,10 @@ def profile_from_timings(
     per_stage: dict[int, dict[schedules.Kind, float]] = {}
     for (stage, kind), values in durations.items():
         per_stage.setdefault(stage, {})[kind] = statistics.median(values)
-    costs = schedules.Costs(per_stage=per_stage)
+    # Tasks with no work never run, so they have no timing: they cost nothing.
+    costs = schedules.Costs(
+        forward=0.0, backward=0.0, input_grad=0.0, weight_grad=0.0, per_stage=per_stage
+    )
     return Profile(
         timings=tuple(timings),
         costs=costs,

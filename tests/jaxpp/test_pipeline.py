@@ -112,12 +112,18 @@ def test_pipeline_uneven_microbatch_count_matches_jit():
     _run_both(jaxpp.Std1F1B(4), (1, 1, 1, 1), num_microbatches=6, steps=1)
 
 
-def test_profile_gives_trace_costs_and_prediction():
-    pipelined, state = _run_both(jaxpp.Std1F1B(4), (1, 1, 1, 1), steps=1)
+@pytest.mark.parametrize("schedule", [jaxpp.Std1F1B(4), jaxpp.ZeroBubble(4)], ids=str)
+def test_profile_gives_trace_costs_and_prediction(schedule):
+    pipelined, state = _run_both(schedule, (1, 1, 1, 1), steps=1)
     _, batch, _ = make_problem(jax.random.key(0), layers_per_stage=(1, 1, 1, 1), num_microbatches=8)
     profile = pipelined.profile(state, batch)
+    measured = sum(t.end - t.start for t in profile.timings)
+    # Even tasks that never run (stage 0's empty I) must not add phantom time.
+    assert profile.predicted_step_seconds < 3 * measured
     names = {e["name"] for e in profile.chrome_trace()["traceEvents"] if e["ph"] == "X"}
-    assert {f"s{s}/{k}[{mb}]" for s in range(4) for k in "FB" for mb in range(8)} <= names
+    kinds = "FIW" if schedule.build(8).uses_split_backward else "FB"
+    expected = {f"s{s}/{k}[{mb}]" for s in range(4) for k in kinds for mb in range(8)}
+    assert expected - {f"s0/I[{mb}]" for mb in range(8)} <= names
     assert set(profile.costs.per_stage) == {0, 1, 2, 3}
     assert profile.simulation.makespan > 0 and all(b > 0 for b in profile.busy_seconds)
     # With the measured costs, the simulator cannot beat any rank's own work.

@@ -1,5 +1,7 @@
 """Plans are data: lowering is checked without devices, on hand-made task graphs."""
 
+import dataclasses
+
 import pytest
 
 from jaxpp import runtime, schedules
@@ -137,3 +139,20 @@ def test_lower_schedule_with_other_stage_count_raises():
 def test_lower_schedule_with_other_microbatch_count_raises():
     with pytest.raises(ValueError, match="num_microbatches=2"):
         runtime.lower(_graph(2, 2), schedules.Std1F1B(2).build(4))
+
+
+def test_lower_sends_nothing_to_a_rank_that_computed_the_value_itself():
+    graph = _graph(2, 2)
+    shared = [
+        runtime.Task(f"pre/r{r}", lambda w: (w,), ("w0",), ("cast",), rank=r, num_equations=1)
+        for r in (0, 1)
+    ]
+    loop = dict(graph.loop_tasks)
+    for stage in (0, 1):
+        task = loop[(stage, Kind.FORWARD)]
+        loop[(stage, Kind.FORWARD)] = dataclasses.replace(task, inputs=(*task.inputs, "cast"))
+    graph = dataclasses.replace(graph, pre_tasks=tuple(shared), loop_tasks=loop)
+    plan = runtime.lower(graph, schedules.Std1F1B(2).build(2))
+    assert not [
+        i for i in plan.instructions if isinstance(i, _plan.Send) and i.source.value == "cast"
+    ]
