@@ -193,6 +193,10 @@ class TrainConfig:
             raise ValueError(f"executor={self.executor!r}; expected one of {EXECUTORS}.")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype={self.dtype!r}; expected one of {tuple(DTYPES)}.")
+        for name in ("num_stages", "num_microbatches", "batch_size", "log_every"):
+            if getattr(self, name) < 1:
+                flag = "--" + name.removeprefix("num_").replace("_", "-")
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1 (flag {flag}).")
         if self.batch_size % self.num_microbatches:
             raise ValueError(
                 f"batch size {self.batch_size} is not divisible by {self.num_microbatches} "
@@ -338,7 +342,7 @@ def train(config: TrainConfig, *, out: TextIO | None = None) -> TrainResult:
         if index == 1 and config.executor == "pipeline":
             busy = _measure_busy(run_step, state, batch)
         if (index + 1) % config.log_every == 0 or index == 0 or index + 1 == config.steps:
-            bubble = _step_bubble(run_step, busy, seconds[-1])
+            bubble = _bubble(busy, seconds[-1])
             print(
                 f"step {index + 1:5d}/{config.steps}  loss {loss:7.4f} "
                 f"(floor {language.entropy_floor:.3f})  gnorm {float(metrics['grad_norm']):6.3f}"
@@ -386,15 +390,6 @@ def _measure_busy(run_step: Callable, state: TrainState, batch: Batch) -> tuple[
     if profile is None:
         return None
     return tuple(profile(state, batch).busy_seconds)
-
-
-def _step_bubble(
-    run_step: Callable, busy: tuple[float, ...] | None, seconds: float
-) -> float | None:
-    """The executor's own per-step bubble when it reports one, else from the profile."""
-    stats = getattr(run_step, "last_stats", None)
-    reported = getattr(stats, "bubble", None)
-    return float(reported) if reported is not None else _bubble(busy, seconds)
 
 
 def _bubble(busy: tuple[float, ...] | None, step_seconds: float) -> float | None:

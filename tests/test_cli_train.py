@@ -95,3 +95,11 @@ def test_configure_devices_without_gpu_adds_cpu_device_count_once(monkeypatch):
     monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
     _cli_train.configure_devices()
     assert os.environ["XLA_FLAGS"] == "--xla_force_host_platform_device_count=2"
+
+
+@pytest.mark.parametrize("field", ["num_stages", "num_microbatches", "batch_size", "log_every"])
+def test_train_config_zero_counts_raise_with_flag(field):
+    from jaxpp._trainer import TrainConfig
+
+    with pytest.raises(ValueError, match=f"{field}=0 must be >= 1"):
+        TrainConfig(**{field: 0})
