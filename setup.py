@@ -48,7 +48,13 @@ setuptools.setup(
         "numpy>=2.0",
     ],
     extras_require={
-        "test": ["pytest>=8", "hypothesis>=6.100", "pytest-xdist>=3.5", "matplotlib>=3.8", "ruff>=0.6"],
+        "test": [
+            "pytest>=8",
+            "hypothesis>=6.100",
+            "pytest-xdist>=3.5",
+            "matplotlib>=3.8",
+            "ruff>=0.6",
+        ],
         "plots": ["matplotlib>=3.8"],
     },
     entry_points={"console_scripts": ["jaxpp = jaxpp.cli:main"]},

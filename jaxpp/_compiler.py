@@ -776,12 +776,22 @@ def _live_equations(beqns, sinks) -> set[int]:
     return live
 
 
+def _lowest(dtype):
+    """The identity of `max` for `dtype`."""
+    dtype = jnp.dtype(dtype)
+    if jnp.issubdtype(dtype, jnp.floating):
+        return -jnp.inf
+    if dtype == jnp.bool_:
+        return False
+    return jnp.iinfo(dtype).min
+
+
 def _init_task(rank, accs, ops, avals):
     def fn():
         out = []
         for op, aval in zip(ops, avals, strict=True):
             if op == "max":
-                out.append(jnp.full(aval.shape, -jnp.inf, aval.dtype))
+                out.append(jnp.full(aval.shape, _lowest(aval.dtype), aval.dtype))
             else:
                 out.append(jnp.zeros(aval.shape, aval.dtype))
         return tuple(out)

@@ -134,6 +134,7 @@ class MpmdFunction:
         specs = {}
         if self._in_shardings is not None:
             per_leaf = _broadcast_specs(self._in_shardings, args)
+            _check_spec_axes(per_leaf, mesh)
             specs = {
                 name: spec
                 for name, spec in zip(step.graph.step_inputs, per_leaf, strict=True)
@@ -186,6 +187,19 @@ class MpmdFunction:
 def _shape_dtype(x) -> tuple:
     aval = jax.typeof(x)
     return (tuple(aval.shape), aval.dtype, getattr(aval, "weak_type", False))
+
+
+def _check_spec_axes(specs, mesh: MpmdMesh) -> None:
+    allowed = tuple(n for n in mesh.jax_mesh.axis_names if n != mesh.stage_axis)
+    for spec in specs:
+        for entry in spec or ():
+            for axis in entry if isinstance(entry, tuple) else (entry,):
+                if axis is not None and axis not in allowed:
+                    raise ValueError(
+                        f"in_shardings names mesh axis {axis!r} in {spec}, but inside a stage "
+                        f"only {allowed} exist (the stage axis {mesh.stage_axis!r} is what "
+                        f"jaxpp pipelines over). Fix: shard over {allowed} or replicate (None)."
+                    )
 
 
 def _broadcast_specs(in_shardings, args) -> list[PartitionSpec | None]:

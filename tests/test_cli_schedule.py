@@ -3,9 +3,9 @@
 import json
 
 import pytest
-from jaxpp.schedules import BUILTINS, ZBV, format_schedule, from_csv, parse, to_csv
 
 from jaxpp.cli import main
+from jaxpp.schedules import BUILTINS, ZBV, format_schedule, from_csv, parse, to_csv
 
 
 def test_cli_compare_prints_a_row_for_every_builtin(capsys):

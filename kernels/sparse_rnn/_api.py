@@ -81,6 +81,12 @@ def sparse_rnn(
         )
     if implementation == "auto":
         implementation = "persistent" if jax.default_backend() == "gpu" else "reference"
+    if implementation == "persistent" and jax.default_backend() != "gpu":
+        raise ValueError(
+            f"implementation='persistent' spins on GPU atomics and cannot run on the "
+            f"{jax.default_backend()} backend. Fix: use implementation='step' (one launch per "
+            f"step, runs in interpret mode) or 'reference'."
+        )
     if c0 is None:
         c0 = jnp.zeros(h0.shape, jnp.float32)
     if implementation == "reference":

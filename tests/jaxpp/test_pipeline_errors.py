@@ -107,3 +107,22 @@ def test_treduce_is_not_differentiable_from_outside():
 
     with pytest.raises(NotImplementedError, match="inside the\\s+loop body"):
         jax.grad(f)(1.0)
+
+
+def test_in_shardings_naming_the_stage_axis_raises():
+    from jax.sharding import PartitionSpec as P
+
+    state, batch, loss = _problem()
+    step = functools.partial(train_step, schedule=jaxpp.Std1F1B(4), loss=loss)
+    bad = (None, {"x": P("stages"), "y": None})
+    with pytest.raises(ValueError, match="only \\(\\) exist"):
+        jaxpp.mpmd_jit_with_loop(step, mpmd_mesh=_mesh(4), in_shardings=bad)(state, batch)
+
+
+def test_max_accumulator_of_integers_starts_at_the_lowest_integer():
+    from jaxpp._compiler import _init_task
+
+    avals = [jax.ShapeDtypeStruct((2,), jnp.int32), jax.ShapeDtypeStruct((2,), jnp.float32)]
+    ints, floats = _init_task(0, ["a", "b"], ["max", "max"], avals).fn()
+    assert ints.tolist() == [np.iinfo(np.int32).min] * 2
+    assert floats.tolist() == [-np.inf, -np.inf]

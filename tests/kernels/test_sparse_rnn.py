@@ -254,3 +254,11 @@ def test_sparse_rnn_hidden_too_large_for_chip_raises():
     x, h0 = jnp.ones((1, 2, 4 * hidden)), jnp.zeros((1, hidden))
     with pytest.raises(ValueError, match="more than the kernel holds on chip"):
         sr.sparse_rnn(x, h0, w, cell="lstm", implementation="step")
+
+
+def test_sparse_rnn_persistent_on_cpu_raises_with_fix():
+    w = jax.random.normal(jax.random.key(0), (16, 16))
+    weights = sr.SparseRecurrentWeights.prune(w, 0.5, num_gates=1)
+    x = jax.random.normal(jax.random.key(1), (2, 3, 16))  # [batch, time, hidden]
+    with pytest.raises(ValueError, match="implementation='step'"):
+        sr.sparse_rnn(x, jnp.zeros((2, 16)), weights, cell="tanh", implementation="persistent")

@@ -4,6 +4,7 @@ import random
 from collections import defaultdict
 
 from hypothesis import strategies as st
+
 from jaxpp.schedules import Action, Costs, Kind, Schedule
 
 K = Kind

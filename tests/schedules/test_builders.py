@@ -3,6 +3,7 @@
 import pathlib
 
 import pytest
+
 from jaxpp.schedules import (
     BUILTINS,
     ZBV,

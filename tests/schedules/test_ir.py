@@ -1,6 +1,7 @@
 """Tests for the IR types: Kind, Action, Schedule, parse_action."""
 
 import pytest
+
 from jaxpp.schedules import Action, Kind, Schedule, ScheduleError, parse_action
 
 

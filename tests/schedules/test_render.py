@@ -3,6 +3,7 @@
 import json
 
 import pytest
+
 from jaxpp.schedules import (
     ZBV,
     Costs,

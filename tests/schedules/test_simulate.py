@@ -2,6 +2,14 @@
 
 import pytest
 from hypothesis import given, settings
+from schedule_strategies import (
+    critical_path,
+    random_costs,
+    reference_needs,
+    reference_start_times,
+    valid_schedules,
+)
+
 from jaxpp.schedules import (
     Action,
     Costs,
@@ -13,13 +21,6 @@ from jaxpp.schedules import (
     ZeroBubble,
     parse,
     simulate,
-)
-from schedule_strategies import (
-    critical_path,
-    random_costs,
-    reference_needs,
-    reference_start_times,
-    valid_schedules,
 )
 
 

@@ -2,6 +2,8 @@
 
 import pytest
 from hypothesis import given, settings
+from schedule_strategies import valid_schedules
+
 from jaxpp.schedules import (
     BUILTINS,
     Action,
@@ -12,7 +14,6 @@ from jaxpp.schedules import (
     to_csv,
     validate,
 )
-from schedule_strategies import valid_schedules
 
 
 @pytest.mark.parametrize("name", list(BUILTINS))

@@ -5,8 +5,9 @@ import random
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from jaxpp.schedules import BUILTINS, Costs, Schedule, ScheduleError, parse, validate
 from schedule_strategies import random_valid_schedule, reference_start_times
+
+from jaxpp.schedules import BUILTINS, Costs, Schedule, ScheduleError, parse, validate
 
 
 def _schedule(*rows: str, header: str = "") -> Schedule:
