@@ -333,8 +333,10 @@ def _task_equations(body: _Body, p: int) -> list[int]:
     ]
 
 
-def _defined(eqns: Iterable) -> set:
-    return {o for e in eqns for o in e.outvars}
+def _defined(eqns: Iterable) -> dict:
+    """Vars defined by `eqns`, in definition order (a dict, so iteration is deterministic:
+    every process of a multi-process run must derive the same task signatures)."""
+    return dict.fromkeys(o for e in eqns for o in e.outvars)
 
 
 def _free_inputs(eqns: Sequence) -> list:

@@ -158,3 +158,42 @@ def test_pipeline_tied_weight_gradients_meet_once_after_the_loop():
                 isinstance(i, Run) and i.task.startswith("combine/") for i in plan.instructions
             )
     assert sends[True] == sends[False]
+
+
+_PLAN_TEXT_SCRIPT = """
+import functools, hashlib, os, sys
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+os.environ["JAX_PLATFORMS"] = "cpu"
+sys.path.insert(0, sys.argv[1])
+import jax, numpy as np, jaxpp
+from pipeline_models import make_problem, train_step
+state, batch, loss = make_problem(
+    jax.random.key(0), layers_per_stage=(1, 1, 1, 1), num_microbatches=4, tied=True)
+step = functools.partial(train_step, schedule=jaxpp.ZeroBubble(4), loss=loss)
+mesh = jaxpp.MpmdMesh(jax.sharding.Mesh(np.array(jax.devices()[:4]), ("stages",)), "stages")
+plan = jaxpp.mpmd_jit_with_loop(step, mpmd_mesh=mesh).compile(state, batch).plan
+print(hashlib.sha256(str(plan).encode()).hexdigest())
+"""
+
+
+def test_plan_is_identical_in_every_process():
+    """Processes of a multi-process run each compile the step; their plans must agree."""
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    here = str(pathlib.Path(__file__).parent)
+    digests = set()
+    for seed in ("1", "2"):
+        env = dict(os.environ, PYTHONHASHSEED=seed)
+        out = subprocess.run(
+            [sys.executable, "-c", _PLAN_TEXT_SCRIPT, here],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=True,
+        )
+        digests.add(out.stdout.strip().splitlines()[-1])
+    assert len(digests) == 1
