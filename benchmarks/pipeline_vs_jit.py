@@ -115,6 +115,10 @@ def main() -> None:
         )
         times, loss = _time_steps(step, state, batch, args.steps)
         median = statistics.median(times)
+        # Same step, same number of updates: the losses must agree before speed counts.
+        tolerance = 1e-4 if dtype == jnp.float32 else 2e-2
+        if not np.isclose(float(loss), float(jit_loss), rtol=tolerance):
+            raise SystemExit(f"{name}: loss {float(loss)} differs from jax.jit's {float(jit_loss)}")
         profile = step.profile(state, batch)
         rows.append(
             {

@@ -23,7 +23,7 @@ import optax
 
 from jaxpp import schedules
 from jaxpp._flax import _linen
-from jaxpp._treduce import Add, Concat, treduce
+from jaxpp._treduce import Add, Concat, split_microbatches, treduce
 from jaxpp.models import gpt, synthetic
 from jaxpp.runtime import _distributed
 
@@ -82,7 +82,7 @@ def make_train_step(
     loss_fn = gpt.make_loss_fn(model)
 
     def step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
-        microbatches = jax.tree.map(lambda x: _split(x, num_microbatches), batch)
+        microbatches = split_microbatches(batch, num_microbatches)
 
         def microbatch_step(microbatch: Batch):
             return jax.value_and_grad(loss_fn)(state.params, microbatch)
@@ -97,15 +97,6 @@ def make_train_step(
         return TrainState(state.step + 1, params, opt_state), metrics
 
     return step
-
-
-def _split(x: jax.Array, num_microbatches: int) -> jax.Array:
-    if x.shape[0] % num_microbatches:
-        raise ValueError(
-            f"batch size {x.shape[0]} is not divisible by num_microbatches={num_microbatches}. "
-            f"Fix: use a batch size that is a multiple of it."
-        )
-    return x.reshape(num_microbatches, x.shape[0] // num_microbatches, *x.shape[1:])
 
 
 def init_state(
@@ -329,7 +320,7 @@ def train(config: TrainConfig, *, out: TextIO | None = None) -> TrainResult:
         f"entropy floor {language.entropy_floor:.3f} nats"
     )
     print(header, file=out, flush=True)
-    losses, seconds, busy = [], [], None
+    losses, seconds, profile = [], [], None
     for index, batch in data.iterate(start=0):
         if index >= config.steps:
             break
@@ -340,9 +331,9 @@ def train(config: TrainConfig, *, out: TextIO | None = None) -> TrainResult:
         seconds.append(time.perf_counter() - start)
         losses.append(loss)
         if index == 1 and config.executor == "pipeline":
-            busy = _measure_busy(run_step, state, batch)
+            profile = _profile(run_step, state, batch)
         if (index + 1) % config.log_every == 0 or index == 0 or index + 1 == config.steps:
-            bubble = _bubble(busy, seconds[-1])
+            bubble = _bubble(profile, seconds[-1])
             print(
                 f"step {index + 1:5d}/{config.steps}  loss {loss:7.4f} "
                 f"(floor {language.entropy_floor:.3f})  gnorm {float(metrics['grad_norm']):6.3f}"
@@ -358,7 +349,7 @@ def train(config: TrainConfig, *, out: TextIO | None = None) -> TrainResult:
         tokens_per_step,
         None,
     )
-    bubble = _bubble(busy, result.median_step_seconds)
+    bubble = _bubble(profile, result.median_step_seconds)
     result = dataclasses.replace(result, bubble=bubble)
     flops = gpt.train_flops_per_token(model_config, config.seq_len) * result.tokens_per_second
     print(_summary(result, flops), file=out, flush=True)
@@ -380,22 +371,15 @@ def _pipelined(step_fn: TrainStep, num_ranks: int) -> Callable:
     return mpmd_jit_with_loop(step_fn, mpmd_mesh=mesh)
 
 
-def _measure_busy(run_step: Callable, state: TrainState, batch: Batch) -> tuple[float, ...] | None:
-    """Per-rank busy seconds of one step, from the executor's profile (None if it has none).
-
-    The profile runs the step twice more with per-task timing and discards the results;
-    a step's bubble is then 1 - sum(busy) / (ranks * step seconds).
-    """
+def _profile(run_step: Callable, state: TrainState, batch: Batch):
+    """The executor's profile of one step (None for `jax.jit`): it runs the step twice more
+    with per-task timing and discards the results."""
     profile = getattr(run_step, "profile", None)
-    if profile is None:
-        return None
-    return tuple(profile(state, batch).busy_seconds)
+    return None if profile is None else profile(state, batch)
 
 
-def _bubble(busy: tuple[float, ...] | None, step_seconds: float) -> float | None:
-    if busy is None:
-        return None
-    return max(0.0, 1.0 - sum(busy) / (len(busy) * step_seconds))
+def _bubble(profile, step_seconds: float) -> float | None:
+    return None if profile is None else profile.bubble(step_seconds)
 
 
 def _format_bubble(bubble: float | None) -> str:

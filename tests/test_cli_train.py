@@ -66,7 +66,7 @@ def test_make_train_step_accumulated_gradient_equals_full_batch_gradient():
     np.testing.assert_allclose(metrics["loss"], loss, rtol=1e-5)
     for a, e in zip(jax.tree.leaves(new_state.params), jax.tree.leaves(expected), strict=True):
         np.testing.assert_allclose(a, e, rtol=1e-5, atol=1e-6)
-    with pytest.raises(ValueError, match="not divisible by num_microbatches=3"):
+    with pytest.raises(ValueError, match="does not split into 3 equal microbatches"):
         _trainer.make_train_step(model, optimizer, schedule=schedules.GPipe(2), num_microbatches=3)(
             state, batch
         )
