@@ -35,6 +35,22 @@ LOG2E = math.log2(math.e)
 _NEG_INF = float("-inf")
 
 
+def _check_tiles(config, *, blocks: tuple[str, ...], positive: tuple[str, ...]) -> None:
+    """Tile sizes must be multiples of 64 up to 256 (wgmma); counts at least 1."""
+    name = type(config).__name__
+    for field in blocks:
+        value = getattr(config, field)
+        if not isinstance(value, int) or value % 64 or not 64 <= value <= 256:
+            raise ValueError(
+                f"{name}.{field}={value!r}: tiles are multiples of 64 from 64 to 256 (wgmma "
+                f"shapes). Fix: use 64, 128, 192 or 256."
+            )
+    for field in positive:
+        value = getattr(config, field)
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}.{field}={value!r} must be an int >= 1.")
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class ForwardConfig:
     """Tiles of the forward kernel.
@@ -55,6 +71,9 @@ class ForwardConfig:
     compute_wgs: int = 2
     longest_first: bool = True
     pingpong: bool = False
+
+    def __post_init__(self) -> None:
+        _check_tiles(self, blocks=("block_q", "block_kv"), positive=("num_stages", "compute_wgs"))
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -80,6 +99,13 @@ class BackwardConfig:
     dkv_compute_wgs: int = 2
     split_dkv: bool = False
     overlap: bool = False
+
+    def __post_init__(self) -> None:
+        _check_tiles(
+            self,
+            blocks=("block_q", "block_kv"),
+            positive=("num_stages", "dq_compute_wgs", "dkv_compute_wgs"),
+        )
 
 
 def _smem(shape: tuple[int, ...], dtype: Any) -> Any:

@@ -194,3 +194,13 @@ def test_k_v_shape_mismatch_raises():
     q, k, v, _ = _inputs(11, 16, 16, 2, 2, 64)
     with pytest.raises(ValueError, match="k and v must match"):
         dot_product_attention(q, k, v[:, :8])
+
+
+@pytest.mark.parametrize("kwargs", [{"block_q": 48}, {"block_kv": 320}, {"num_stages": 0}], ids=str)
+def test_mosaic_configs_with_bad_tiles_raise_with_valid_values(kwargs):
+    from jaxpp.kernels.attention import _mosaic
+
+    with pytest.raises(ValueError, match="multiples of 64|must be an int >= 1"):
+        _mosaic.ForwardConfig(**kwargs)
+    with pytest.raises(ValueError, match="multiples of 64|must be an int >= 1"):
+        _mosaic.BackwardConfig(**kwargs)
