@@ -1,0 +1,293 @@
+"""Runs benchmark configurations: the same GPT train step under `jax.jit` with shardings
+(SPMD) or `mpmd_jit_with_loop` (jaxpp), a correctness gate, then the timed steps.
+
+The step (`make_step`) takes the batch already split into microbatches,
+`tokens` [microbatches, microbatch_size, seq_len + 1], and accumulates gradients with
+`jaxpp.treduce`: pipelined under jaxpp, a sequential loop (gradient accumulation) under
+`jax.jit`. Every configuration starts from the same parameters (one key) and batch,
+so its first-step loss must equal the single-device reference before its speed counts.
+"""
+
+import dataclasses
+import statistics
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jaxpp import _mpmd, schedules
+from jaxpp._bench import _configs, _spmd
+from jaxpp._flax import _pipeline
+from jaxpp._trainer import TrainState
+from jaxpp._treduce import Add, Concat, treduce
+from jaxpp.models import gpt
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+Batch = Mapping[str, jax.Array]
+
+
+class CorrectnessError(ValueError):
+    """A configuration's first-step loss differs from the single-device reference."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class Problem:
+    """The model, optimizer, initial-state function and batch every configuration shares."""
+
+    preset: _configs.ModelPreset
+    learning_rate: float = 1e-4
+    seed: int = 0
+
+    def model_config(self, *, remat: bool = False, attention: str = "auto") -> gpt.GPTConfig:
+        """The GPT: compute in the preset's dtype, float32 parameters (master weights)."""
+        p = self.preset
+        return gpt.GPTConfig(
+            vocab_size=p.vocab_size, num_layers=p.num_layers, d_model=p.d_model,
+            num_heads=p.num_heads, num_kv_heads=p.num_kv_heads, d_ff=p.d_ff,
+            max_seq_len=p.seq_len, dtype=DTYPES[p.dtype], param_dtype=jnp.float32,
+            remat=remat, attention=attention,
+        )  # fmt: skip
+
+    def optimizer(self) -> optax.GradientTransformation:
+        """AdamW; its state is float32 like the parameters."""
+        return optax.adamw(self.learning_rate, weight_decay=0.01)
+
+    def tokens(self, num_microbatches: int) -> np.ndarray:
+        """The step's tokens [num_microbatches, batch / num_microbatches, seq_len + 1]."""
+        p = self.preset
+        rng = np.random.default_rng(self.seed + 1)
+        tokens = rng.integers(0, p.vocab_size, (p.global_batch, p.seq_len + 1), dtype=np.int32)
+        return tokens.reshape(num_microbatches, p.global_batch // num_microbatches, -1)
+
+    def init(self, key: jax.Array) -> TrainState:
+        """Initial parameters and AdamW state (the same for every configuration)."""
+        model = gpt.GPT(self.model_config())
+        tokens = jnp.zeros((1, self.preset.seq_len), jnp.int32)
+        params = model.init(key, tokens)["params"]
+        return TrainState(jnp.zeros((), jnp.int32), params, self.optimizer().init(params))
+
+
+def make_step(
+    model: gpt.ApplyModel,
+    optimizer: optax.GradientTransformation,
+    *,
+    schedule: schedules.ScheduleBuilder,
+    microbatch_sharding: NamedSharding | None = None,
+) -> Callable[[TrainState, Batch], tuple[TrainState, jax.Array]]:
+    """The benchmarked train step: `treduce` of value-and-grad over microbatches, AdamW.
+
+    Args:
+        model: the GPT, or its stage-marked form for jaxpp.
+        optimizer: an optax transformation.
+        schedule: the pipeline schedule (ignored under plain `jax.jit`).
+        microbatch_sharding: under `jax.jit`, keeps each microbatch's batch axis split
+            over the data axis inside the loop.
+
+    Returns:
+        `step(state, batch) -> (state, mean loss)` for `batch["tokens"]` [M, b, T + 1].
+
+    Example:
+        >>> problem = Problem(preset=_configs.PRESETS["tiny"])
+        >>> state = jax.eval_shape(problem.init, jax.random.key(0))
+        >>> step = make_step(gpt.GPT(problem.model_config()), problem.optimizer(),
+        ...                  schedule=schedules.Std1F1B(1))
+        >>> batch = {"tokens": jnp.asarray(problem.tokens(2))}
+        >>> jax.eval_shape(step, state, batch)[1].shape
+        ()
+    """
+    loss_fn = gpt.make_loss_fn(model)
+
+    def step(state: TrainState, batch: Batch) -> tuple[TrainState, jax.Array]:
+        if microbatch_sharding is not None:
+            batch = jax.lax.with_sharding_constraint(batch, microbatch_sharding)
+        num_microbatches = batch["tokens"].shape[0]
+        losses, grads = treduce(
+            lambda mb: jax.value_and_grad(loss_fn)(state.params, mb),
+            batch,
+            schedule=schedule,
+            operation=(Concat(), Add()),
+        )
+        grads = jax.tree.map(lambda g: g / num_microbatches, grads)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        return TrainState(state.step + 1, params, opt_state), jnp.mean(losses)
+
+    return step
+
+
+def reference_loss(problem: Problem, *, attention: str = "auto") -> float:
+    """First-step loss on one device: the mean loss of the initial parameters on the batch
+    (forward only, one microbatch at a time, so it fits where a full step would not).
+
+    Example:
+        >>> problem = Problem(preset=_configs.PRESETS["tiny"])
+        >>> round(reference_loss(problem, attention="xla"), 1)  # ~ ln(64)
+        4.2
+    """
+    device = jax.devices()[0]
+    loss_fn = gpt.make_loss_fn(gpt.GPT(problem.model_config(attention=attention)))
+    tokens = jax.device_put(problem.tokens(problem.preset.global_batch // 1), device)
+
+    @jax.jit
+    def mean_loss(key: jax.Array, tokens: jax.Array) -> jax.Array:
+        params = problem.init(key).params
+        losses = jax.lax.map(lambda t: loss_fn(params, {"tokens": t}), tokens)
+        return jnp.mean(losses)
+
+    with jax.default_device(device):
+        return float(mean_loss(jax.random.key(problem.seed), tokens))
+
+
+def build(
+    config: _configs.BenchConfig, problem: Problem, *, attention: str = "auto"
+) -> tuple[Callable, TrainState, Batch]:
+    """The step function, initial state and batch of `config`, placed on its devices.
+
+    Example:
+        >>> problem = Problem(preset=_configs.PRESETS["tiny"])
+        >>> config = _configs.parse_config("spmd/dp2/acc1/noremat")
+        >>> step, state, batch = build(config, problem, attention="xla")
+        >>> batch["tokens"].shape
+        (1, 16, 17)
+    """
+    model_config = problem.model_config(remat=config.remat, attention=attention)
+    optimizer = problem.optimizer()
+    devices = jax.devices()
+    if len(devices) < config.num_devices:
+        raise ValueError(
+            f"{config.name} needs {config.num_devices} devices, but {len(devices)} are visible. "
+            f"Fix: --devices {len(devices)}, or on a CPU set "
+            f"XLA_FLAGS=--xla_force_host_platform_device_count={config.num_devices}."
+        )
+    layout = _spmd.Layout(data=config.data, model=config.model, fsdp=config.fsdp)
+    key = jax.random.key(problem.seed)
+    if config.kind == _configs.SPMD:
+        mesh = _spmd.make_mesh(layout, devices)
+        shapes = jax.eval_shape(problem.init, key)
+        state_sharding = _spmd.state_shardings(shapes, layout, mesh)
+        batch_sharding = {"tokens": NamedSharding(mesh, _spmd.batch_spec(layout))}
+        state = jax.jit(problem.init, out_shardings=state_sharding)(key)
+        batch = jax.device_put({"tokens": problem.tokens(config.accumulation)}, batch_sharding)
+        step = make_step(
+            gpt.GPT(model_config),
+            optimizer,
+            schedule=schedules.Std1F1B(1),
+            microbatch_sharding=batch_sharding,
+        )
+        jitted = jax.jit(
+            step,
+            in_shardings=(state_sharding, batch_sharding),
+            out_shardings=(state_sharding, NamedSharding(mesh, P())),
+            donate_argnums=0,
+        )
+        return jitted, state, batch
+    # jaxpp: ranks x data x model; specs over the in-stage axes only.
+    grid = np.array(devices[: config.num_devices]).reshape(config.ranks, config.data, config.model)
+    mesh = _mpmd.MpmdMesh(jax.sharding.Mesh(grid, ("stages", "data", "model")), "stages")
+    builder = schedules.get_builder(config.schedule, config.num_stages, ranks=config.ranks)
+    model = _pipeline.pipeline(gpt.GPT(model_config), num_stages=config.num_stages)
+    shapes = jax.eval_shape(problem.init, key)
+    inner = _spmd.Layout(data=config.data, model=config.model)
+    specs = (_spmd.state_specs(shapes, inner), {"tokens": _spmd.batch_spec(inner)})
+    flat = _spmd.Layout(data=config.num_devices, fsdp=True)  # init spread over all devices
+    flat_mesh = _spmd.make_mesh(flat, devices)
+    state = jax.jit(problem.init, out_shardings=_spmd.state_shardings(shapes, flat, flat_mesh))(key)
+    batch = {"tokens": jnp.asarray(problem.tokens(config.microbatches))}
+    step = make_step(model, optimizer, schedule=builder)
+    return _mpmd.mpmd_jit_with_loop(step, mpmd_mesh=mesh, in_shardings=specs), state, batch
+
+
+def run_config(
+    config: _configs.BenchConfig,
+    problem: Problem,
+    *,
+    reference: float,
+    steps: int = 10,
+    warmup: int = 2,
+    matmul_tflops: float | None = None,
+    attention: str = "auto",
+) -> dict[str, Any]:
+    """Builds, checks and times one configuration; returns its result row.
+
+    Raises:
+        CorrectnessError: if its first-step loss differs from `reference`.
+
+    Example:
+        >>> problem = Problem(preset=_configs.PRESETS["tiny"])
+        >>> config = _configs.parse_config("spmd/tp2/acc1/noremat")
+        >>> ref = reference_loss(problem, attention="xla")
+        >>> row = run_config(config, problem, reference=ref, steps=1, warmup=1, attention="xla")
+        >>> row["status"], row["tokens_per_s"] > 0
+        ('ok', True)
+    """
+    if steps < 1 or warmup < 1:
+        raise ValueError(f"steps={steps}, warmup={warmup}: both must be >= 1.")
+    step, state, batch = build(config, problem, attention=attention)
+    preset = problem.preset
+    started = time.perf_counter()
+    state, loss = step(state, batch)
+    first_loss = float(loss)
+    compile_seconds = time.perf_counter() - started
+    tolerance = 1e-4 if preset.dtype == "float32" else 2e-2
+    if not np.isclose(first_loss, reference, rtol=tolerance, atol=0.0):
+        raise CorrectnessError(
+            f"{config.name}: first-step loss {first_loss:.6g} differs from the single-device "
+            f"reference {reference:.6g} by more than {tolerance:g} (relative). Its speed is not "
+            f"reported. Fix: the layout or schedule computes a different step; check its "
+            f"shardings against jax.jit on one device."
+        )
+    for _ in range(warmup - 1):
+        state, loss = step(state, batch)
+    jax.block_until_ready((state, loss))
+    seconds = []
+    for _ in range(steps):
+        started = time.perf_counter()
+        state, loss = step(state, batch)
+        jax.block_until_ready((state, loss))
+        seconds.append(time.perf_counter() - started)
+    median = statistics.median(seconds)
+    tokens = preset.global_batch * preset.seq_len
+    flops = gpt.train_flops_per_token(problem.model_config(), preset.seq_len) * tokens / median
+    row: dict[str, Any] = {
+        "name": config.name,
+        "kind": config.kind,
+        "status": "ok",
+        "first_loss": first_loss,
+        "reference_loss": reference,
+        "step_s": median,
+        "step_s_all": seconds,
+        "compile_and_first_step_s": compile_seconds,
+        "tokens_per_s": tokens / median,
+        "model_tflops_per_device": flops / config.num_devices / 1e12,
+        "mfu": None if matmul_tflops is None else flops / config.num_devices / 1e12 / matmul_tflops,
+        "peak_memory_bytes": peak_memory(jax.devices()[: config.num_devices]),
+        "config": dataclasses.asdict(config),
+    }
+    if config.kind == _configs.JAXPP:
+        profile = step.profile(state, batch)
+        row["measured_bubble"] = profile.bubble(median)
+        row["simulated_bubble"] = profile.simulation.bubble
+        row["predicted_step_s"] = profile.predicted_step_seconds
+    return row
+
+
+def peak_memory(devices: list) -> int | None:
+    """Largest `peak_bytes_in_use` over `devices` (since the process started), or None
+    where the backend does not report memory (CPU).
+
+    Example:
+        >>> peak_memory(jax.devices("cpu")[:1]) is None or True
+        True
+    """
+    peaks = []
+    for device in devices:
+        stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+        if stats and "peak_bytes_in_use" in stats:
+            peaks.append(int(stats["peak_bytes_in_use"]))
+    return max(peaks) if peaks else None
