@@ -6,6 +6,23 @@ from jaxpp.schedules._builders import Interleaved1F1B as Interleaved1F1B
 from jaxpp.schedules._builders import LoopedBFS as LoopedBFS
 from jaxpp.schedules._builders import ScheduleBuilder as ScheduleBuilder
 from jaxpp.schedules._builders import Std1F1B as Std1F1B
+from jaxpp.schedules._cluster import Cluster as Cluster
+from jaxpp.schedules._cluster import ClusterSpecError as ClusterSpecError
+from jaxpp.schedules._cluster import Link as Link
+from jaxpp.schedules._cluster import MeasuredCosts as MeasuredCosts
+from jaxpp.schedules._cluster import all_gather_time as all_gather_time
+from jaxpp.schedules._cluster import all_reduce_time as all_reduce_time
+from jaxpp.schedules._cluster import costs_from_dict as costs_from_dict
+from jaxpp.schedules._cluster import load_costs as load_costs
+from jaxpp.schedules._cluster import parse_bandwidth as parse_bandwidth
+from jaxpp.schedules._cluster import parse_cluster as parse_cluster
+from jaxpp.schedules._cluster import parse_latency as parse_latency
+from jaxpp.schedules._cluster_model import Layout as Layout
+from jaxpp.schedules._cluster_model import Prediction as Prediction
+from jaxpp.schedules._cluster_model import WhatIf as WhatIf
+from jaxpp.schedules._cluster_model import format_what_if as format_what_if
+from jaxpp.schedules._cluster_model import predict as predict
+from jaxpp.schedules._cluster_model import what_if as what_if
 from jaxpp.schedules._ir import Action as Action
 from jaxpp.schedules._ir import Kind as Kind
 from jaxpp.schedules._ir import Schedule as Schedule
@@ -32,6 +49,23 @@ from jaxpp.schedules._zero_bubble import ZeroBubble as ZeroBubble
 from jaxpp.schedules._zero_bubble import ZeroBubbleH2 as ZeroBubbleH2
 
 __all__ = [
+    "Cluster",
+    "ClusterSpecError",
+    "Link",
+    "MeasuredCosts",
+    "all_gather_time",
+    "all_reduce_time",
+    "costs_from_dict",
+    "load_costs",
+    "parse_bandwidth",
+    "parse_cluster",
+    "parse_latency",
+    "Layout",
+    "Prediction",
+    "WhatIf",
+    "format_what_if",
+    "predict",
+    "what_if",
     "BUILTINS",
     "Action",
     "Costs",

@@ -1,0 +1,49 @@
+"""Cluster what-if: predicted step time of DP, FSDP, TP and PP layouts at 8..1024 GPUs.
+
+Reads a `jaxpp-cluster-costs/1` JSON of measured per-layer costs (schema in
+schedules/README.md) and prints, for each GPU count, the best fitting layout of each family,
+the crossover where the best PP layout overtakes the best SPMD layout, and every assumption.
+
+    python benchmarks/cluster_whatif.py benchmarks/results/cluster_costs_example.json \
+        --cluster nodes=128,gpus_per_node=8,ib=400Gbps --overlap 0.5
+
+The shipped example JSON is NOT a measurement; it is an illustrative GPT-8B-like input.
+"""
+
+import argparse
+import pathlib
+import sys
+import time
+
+from jaxpp.schedules import format_what_if, load_costs, parse_cluster, what_if
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Prints the what-if table for a costs JSON; returns 0."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "costs",
+        type=pathlib.Path,
+        nargs="?",
+        default=pathlib.Path(__file__).parent / "results" / "cluster_costs_example.json",
+    )
+    parser.add_argument("--cluster", default="nodes=128,gpus_per_node=8,ib=400Gbps")
+    parser.add_argument("--overlap", type=float, default=0.5)
+    parser.add_argument(
+        "--schedules", default="1f1b,interleaved-1f1b,zb-h1,zbv", help="comma-separated"
+    )
+    args = parser.parse_args(argv)
+    costs = load_costs(args.costs)
+    cluster = parse_cluster(args.cluster)
+    started = time.perf_counter()
+    result = what_if(
+        costs, cluster, schedules=tuple(args.schedules.split(",")), overlap=args.overlap
+    )
+    print(f"costs: {args.costs}")
+    print(format_what_if(result))
+    print(f"(model evaluated in {time.perf_counter() - started:.1f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
