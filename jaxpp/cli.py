@@ -39,6 +39,12 @@ def _command_registrars() -> list:
         pass
     else:
         registrars.append(_cli_launch.register)
+    try:
+        from jaxpp import _cli_bench
+    except ImportError:
+        pass
+    else:
+        registrars.append(_cli_bench.register)
     return registrars
 
 

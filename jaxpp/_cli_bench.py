@@ -1,0 +1,247 @@
+"""`jaxpp bench pipeline`: pipelined training (jaxpp) vs the best SPMD layout (jax.jit).
+
+Every configuration trains the same GPT step from the same parameters and batch; its
+first-step loss must match the single-device reference before it is timed (median of
+`--steps` steps after `--warmup`). Results go to `--out` (JSON, rewritten after every
+configuration, so a cut-off run keeps what it measured), with a markdown table (.md)
+and a bar chart (.png) beside it. Names of configurations: see `jaxpp._bench._configs`.
+
+On the GPU machine (the device tool allows 10 minutes per command: split the sweep;
+rows with the same `--out` merge, and `--isolate` runs each configuration in its own
+process, so memory peaks are per configuration and an OOM only fails that row):
+
+    # nvidia-h200-x4, the ~8B model
+    jaxpp bench pipeline --model 8b --devices 4 --isolate --only spmd --remat on \
+        --out benchmarks/results/bench_8b_4xh200.json
+    jaxpp bench pipeline --model 8b --devices 4 --isolate --only jaxpp --layouts pp4 \
+        --schedules 1f1b,zb-h1 --out benchmarks/results/bench_8b_4xh200.json
+    jaxpp bench pipeline --model 8b --devices 4 --isolate --only jaxpp --layouts pp4 \
+        --schedules interleaved-1f1b,zbv,dualpipev --out benchmarks/results/bench_8b_4xh200.json
+    jaxpp bench pipeline --model 8b --devices 4 --isolate --only jaxpp \
+        --layouts pp2-dp2,pp2-tp2 --schedules 1f1b,zbv --out benchmarks/results/bench_8b_4xh200.json
+    # nvidia-h200-x2, the ~2B model (same splits with --model 2b --devices 2)
+    jaxpp bench pipeline --model 2b --devices 2 --isolate --only spmd \
+        --out benchmarks/results/bench_2b_2xh200.json
+    jaxpp bench pipeline --model 2b --devices 2 --isolate --only jaxpp \
+        --out benchmarks/results/bench_2b_2xh200.json
+
+Start with `--list` to see (and time-budget) the configurations, and `--configs a,b` to
+rerun single ones. On a machine without a GPU it runs on 8 virtual CPU devices:
+
+    jaxpp bench pipeline --model tiny --devices 4 --configs spmd/fsdp4/acc1/noremat,jaxpp/1f1b/pp4/mb8/noremat
+
+Example:
+    >>> from jaxpp.cli import main
+    >>> main(["bench", "pipeline", "--help"])  # doctest: +SKIP
+"""
+
+import argparse
+import os
+import subprocess
+import sys
+
+_REMAT = {"on": (True,), "off": (False,), "off,on": (False, True), "on,off": (False, True)}
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Adds the `bench` command (sub-command `pipeline`) to the `jaxpp` parser."""
+    bench = subparsers.add_parser("bench", help="throughput benchmarks", description="benchmarks")
+    kinds = bench.add_subparsers(dest="benchmark", required=True)
+    parser = kinds.add_parser(
+        "pipeline",
+        help="jaxpp schedules vs SPMD jax.jit layouts on the GPT",
+        description=__doc__.splitlines()[0],
+    )
+    parser.add_argument("--model", choices=("tiny", "2b", "8b"), default="tiny")
+    parser.add_argument("--devices", type=int, default=None, help="default: all visible")
+    parser.add_argument("--only", choices=("spmd", "jaxpp"), default=None)
+    parser.add_argument("--configs", default=None, help="comma-separated configuration names")
+    parser.add_argument("--schedules", default=None, help="jaxpp schedules (default: all five)")
+    parser.add_argument("--layouts", default=None, help="e.g. fsdp4,dp2-tp2 or pp4,pp2-tp2")
+    parser.add_argument("--microbatches", default=None, help="jaxpp microbatch counts, e.g. 8,16")
+    parser.add_argument("--accumulations", default=None, help="SPMD accumulation counts, e.g. 1,4")
+    parser.add_argument("--remat", choices=tuple(_REMAT), default="off,on")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps (median)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    parser.add_argument("--attention", default="auto", help="jaxpp.kernels.attention impl")
+    parser.add_argument("--out", default=None, help="results JSON (.md and .png beside it)")
+    parser.add_argument("--list", action="store_true", help="print the configurations, run none")
+    parser.add_argument(
+        "--isolate", action="store_true", help="each configuration in its own process"
+    )
+    parser.set_defaults(run=run, parser=parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Runs `jaxpp bench pipeline` with parsed arguments; returns the exit code."""
+    from jaxpp._bench import _configs
+
+    try:
+        configs = _select(args, _configs)
+    except ValueError as e:
+        args.parser.error(str(e))
+    out = args.out or f"benchmarks/results/bench_{args.model}_{args.devices or 'all'}dev.json"
+    if args.list:
+        for config in configs:
+            print(config.name)
+        return 0
+    if not configs:
+        args.parser.error("no configuration fits the flags. Fix: check --list and relax them.")
+    if args.isolate:
+        return _run_isolated(args, configs, out)
+    from jaxpp import _cli_train
+
+    _cli_train.configure_devices(max(8, args.devices or 0))
+    return _run_here(args, configs, out)
+
+
+def _ints(text: str | None, flag: str) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(
+            f"{flag} {text!r}: expected comma-separated integers, e.g. 8,16."
+        ) from None
+    if min(values) < 1:
+        raise ValueError(f"{flag} {text!r}: counts must be >= 1.")
+    return values
+
+
+def _names(text: str | None) -> tuple[str, ...] | None:
+    return None if text is None else tuple(v.strip() for v in text.split(",") if v.strip())
+
+
+def _select(args: argparse.Namespace, _configs) -> tuple:
+    preset = _configs.PRESETS[args.model]
+    if args.devices is not None and args.devices < 1:
+        raise ValueError(f"--devices {args.devices} must be >= 1.")
+    if args.steps < 1 or args.warmup < 1:
+        raise ValueError(f"--steps {args.steps} and --warmup {args.warmup} must be >= 1.")
+    if args.isolate and args.devices is None:
+        raise ValueError("--isolate needs --devices N (the parent process does not start JAX).")
+    num_devices = args.devices
+    if num_devices is None:
+        from jaxpp import _cli_train
+
+        _cli_train.configure_devices()
+        import jax
+
+        num_devices = jax.device_count()
+    if args.configs:
+        configs = tuple(_configs.parse_config(n) for n in _names(args.configs))
+        for config in configs:
+            problem = _configs.fit_problem(config, preset, num_devices)
+            if problem:
+                raise ValueError(
+                    f"configuration {config.name} cannot run the {preset.name} model: {problem}. "
+                    f"Fix: see `jaxpp bench pipeline --model {preset.name} --devices "
+                    f"{num_devices} --list` for the ones that can."
+                )
+        return configs
+    return _configs.sweep(
+        preset,
+        num_devices,
+        only=args.only,
+        schedules=_names(args.schedules) or _configs.SCHEDULES,
+        microbatches=_ints(args.microbatches, "--microbatches"),
+        accumulations=_ints(args.accumulations, "--accumulations"),
+        remat=_REMAT[args.remat],
+        layouts=_names(args.layouts),
+    )
+
+
+def _run_isolated(args: argparse.Namespace, configs: tuple, out: str) -> int:
+    """Runs each configuration as `jaxpp bench pipeline --configs NAME` in a new process."""
+    failed = 0
+    for config in configs:
+        command = [
+            sys.executable, "-m", "jaxpp.cli", "bench", "pipeline", "--model", args.model,
+            "--devices", str(args.devices), "--configs", config.name, "--steps", str(args.steps),
+            "--warmup", str(args.warmup), "--attention", args.attention, "--out", out,
+        ]  # fmt: skip
+        print(f"== {config.name}", flush=True)
+        failed += subprocess.run(command, env=dict(os.environ), check=False).returncode != 0
+    _finish(args, out)
+    return 1 if failed else 0
+
+
+def _run_here(args: argparse.Namespace, configs: tuple, out: str) -> int:
+    import jax
+
+    from jaxpp._bench import _configs, _report, _run
+    from jaxpp.kernels import tuning
+
+    preset = _configs.PRESETS[args.model]
+    problem = _run.Problem(preset=preset)
+    rows = _report.load_rows(out, preset=preset.name)
+    on_gpu = jax.devices()[0].platform == "gpu"
+    ceilings = tuning.measure_ceilings() if on_gpu else None
+    tflops = None if ceilings is None else ceilings.matmul_bf16_tflops
+    reference = _run.reference_loss(problem, attention=args.attention)
+    extra = {
+        "model": {
+            "preset": preset.name,
+            **{k: getattr(preset, k) for k in preset.__slots__ if k != "name"},
+            "params": _params(problem),
+            "flops_per_token": _flops(problem),
+        },
+        "ceilings": ceilings,
+        "reference_loss": reference,
+        "steps": args.steps,
+        "warmup": args.warmup,
+    }
+    failed = 0
+    for config in configs:
+        print(f"{config.name} ...", end=" ", flush=True)
+        try:
+            row = _run.run_config(
+                config, problem, reference=reference, steps=args.steps, warmup=args.warmup,
+                matmul_tflops=tflops, attention=args.attention,
+            )  # fmt: skip
+        except _run.CorrectnessError as e:
+            row, failed = {"name": config.name, "kind": config.kind, "status": "wrong"}, failed + 1
+            row["error"] = str(e)
+        except Exception as e:  # noqa: BLE001 (an OOM or lowering failure fails this row only)
+            row, failed = {"name": config.name, "kind": config.kind, "status": "failed"}, failed + 1
+            row["error"] = f"{type(e).__name__}: {e}"
+        rows = _report.merge_rows(rows, row)
+        _report.write(out, rows, **extra)
+        status = row["status"]
+        print(f"{row['tokens_per_s']:.0f} tokens/s" if status == "ok" else status, flush=True)
+        if status != "ok":
+            print(f"  {row['error'].splitlines()[0][:300]}", flush=True)
+    _finish(args, out)
+    return 1 if failed else 0
+
+
+def _finish(args: argparse.Namespace, out: str) -> None:
+    import pathlib
+
+    from jaxpp._bench import _report
+
+    path = pathlib.Path(out)
+    if not path.exists():
+        return
+    rows = _report.load_rows(path, preset=args.model)
+    print(_report.markdown_table(rows))
+    spmd, jaxpp = _report.best(rows, "spmd"), _report.best(rows, "jaxpp")
+    if spmd and jaxpp:
+        ratio = jaxpp["tokens_per_s"] / spmd["tokens_per_s"]
+        print(f"best jaxpp {jaxpp['name']} / best SPMD {spmd['name']}: {ratio:.3f}x tokens/s")
+    if any(r.get("status") == "ok" for r in rows):
+        chart = _report.bar_chart(rows, path.with_suffix(".png"), title=f"GPT {args.model}")
+        print(f"wrote {path}, {path.with_suffix('.md')}, {chart}")
+
+
+def _params(problem) -> int:
+    from jaxpp.models import gpt
+
+    return gpt.param_count(problem.model_config())
+
+
+def _flops(problem) -> float:
+    from jaxpp.models import gpt
+
+    return gpt.train_flops_per_token(problem.model_config(), problem.preset.seq_len)
