@@ -28,7 +28,8 @@ process, so memory peaks are per configuration and an OOM only fails that row):
 Start with `--list` to see (and time-budget) the configurations, and `--configs a,b` to
 rerun single ones. On a machine without a GPU it runs on 8 virtual CPU devices:
 
-    jaxpp bench pipeline --model tiny --devices 4 --configs spmd/fsdp4/acc1/noremat,jaxpp/1f1b/pp4/mb8/noremat
+    jaxpp bench pipeline --model tiny --devices 4 \
+        --configs spmd/fsdp4/acc1/noremat,jaxpp/1f1b/pp4/mb8/noremat
 
 Example:
     >>> from jaxpp.cli import main

@@ -105,7 +105,8 @@ def best(rows: Sequence[Mapping], kind: str) -> Mapping | None:
     """The fastest successful row of `kind` ("spmd" or "jaxpp"), or None.
 
     Example:
-        >>> best([{"kind": "spmd", "status": "ok", "tokens_per_s": 3.0, "name": "a"}], "spmd")["name"]
+        >>> rows = [{"kind": "spmd", "status": "ok", "tokens_per_s": 3.0, "name": "a"}]
+        >>> best(rows, "spmd")["name"]
         'a'
     """
     ok = [r for r in rows if r.get("kind") == kind and r.get("status") == "ok"]
