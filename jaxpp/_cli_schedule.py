@@ -17,7 +17,17 @@ import pathlib
 import sys
 from collections.abc import Callable
 
-from jaxpp.schedules import _builders, _ir, _registry, _render, _simulate, _text, _validate
+from jaxpp.schedules import (
+    _builders,
+    _cluster,
+    _cluster_model,
+    _ir,
+    _registry,
+    _render,
+    _simulate,
+    _text,
+    _validate,
+)
 
 # Builders that hold two stages per rank whatever --virtual says, and those that use it.
 _V_SHAPED = frozenset({"zbv", "dualpipev"})
@@ -49,9 +59,34 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _add_output_arguments(show)
     show.set_defaults(run=_guarded(_run_show))
 
-    simulate = commands.add_parser("simulate", help="validate and simulate a schedule file")
-    simulate.add_argument("file", type=pathlib.Path, help="a .txt (jaxpp format) or .csv file")
-    simulate.add_argument("--costs", type=_parse_costs, default=_simulate.Costs(), help=_COSTS_HELP)
+    simulate = commands.add_parser(
+        "simulate",
+        help="validate and simulate a schedule file; with --cluster, predict step times at scale",
+    )
+    simulate.add_argument(
+        "file",
+        metavar="FILE|NAME",
+        type=pathlib.Path,
+        help="a .txt (jaxpp format) or .csv file; with --cluster also a built-in name",
+    )
+    simulate.add_argument(
+        "--costs",
+        type=_parse_costs_or_json,
+        default=_simulate.Costs(),
+        help=_COSTS_HELP + "; or measured.json (jaxpp-cluster-costs/1) with --cluster",
+    )
+    simulate.add_argument(
+        "--cluster",
+        type=_parse_cluster,
+        help="nodes=64,gpus_per_node=8,ib=400Gbps[,nvlink=900GBps,ib_latency=5us,...]: "
+        "predict DP/FSDP/TP/PP step times at 8.. GPUs from --costs measured.json",
+    )
+    simulate.add_argument(
+        "--overlap",
+        type=float,
+        default=0.0,
+        help="with --cluster: fraction of DP communication hidden behind compute (default 0)",
+    )
     _add_output_arguments(simulate)
     simulate.set_defaults(run=_guarded(_run_simulate))
 
@@ -117,6 +152,19 @@ def _parse_costs(text: str) -> _simulate.Costs:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
+def _parse_costs_or_json(text: str) -> _simulate.Costs | pathlib.Path:
+    if text.strip().lower().endswith(".json"):
+        return pathlib.Path(text.strip())
+    return _parse_costs(text)
+
+
+def _parse_cluster(text: str) -> _cluster.Cluster:
+    try:
+        return _cluster.parse_cluster(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def _guarded(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
     """Prints user errors (bad names, bad files, bad schedules) instead of a traceback."""
 
@@ -175,6 +223,9 @@ def _run_show(args: argparse.Namespace) -> int:
 
 
 def _run_simulate(args: argparse.Namespace) -> int:
+    measured = isinstance(args.costs, pathlib.Path)
+    if args.cluster is not None or measured:
+        return _run_what_if(args)
     schedule = _load(args.file)
     sim = _simulate.simulate(_validate.validate(schedule), args.costs)
     print(
@@ -183,6 +234,61 @@ def _run_simulate(args: argparse.Namespace) -> int:
     )
     _report(sim, args)
     return 0
+
+
+def _run_what_if(args: argparse.Namespace) -> int:
+    """`simulate --cluster ... --costs measured.json`: predictions at cluster scale."""
+    if args.cluster is None or not isinstance(args.costs, pathlib.Path):
+        raise ValueError(
+            "--cluster and --costs measured.json go together: the cluster what-if needs "
+            "measured per-layer costs and a link model. Fix: add "
+            + ("--cluster nodes=N,gpus_per_node=G,ib=400Gbps." if args.cluster is None else
+               "--costs measured.json (schema jaxpp-cluster-costs/1, schedules/README.md).")
+        )  # fmt: skip
+    costs = _cluster.load_costs(args.costs)
+    cluster = args.cluster
+    if args.file.suffix.lower() in (".txt", ".csv") or args.file.exists():
+        schedule = _validate.validate(_load(args.file))
+        _print_file_layouts(schedule, costs, cluster, args.overlap)
+        names = _cluster_model.DEFAULT_SCHEDULES
+    else:
+        names = (_registry.builder_class(str(args.file)).name,)
+    result = _cluster_model.what_if(costs, cluster, schedules=names, overlap=args.overlap)
+    print(f"what-if with PP schedules {', '.join(names)}:")
+    print(_cluster_model.format_what_if(result))
+    return 0
+
+
+def _print_file_layouts(schedule, costs, cluster, overlap) -> None:
+    """The file's own schedule at every tp that fits, dp from the global batch."""
+    p, m = schedule.num_ranks, schedule.num_microbatches
+    print(
+        f"{p} ranks, {schedule.num_stages} stages, {m} microbatches: valid; on {cluster.describe()}"
+    )
+    per_step = m * costs.microbatch_size
+    if costs.global_batch % per_step:
+        raise ValueError(
+            f"the schedule's {m} microbatches x {costs.microbatch_size} sequences do not "
+            f"divide global_batch={costs.global_batch}. Fix: a schedule with a microbatch "
+            "count that does."
+        )
+    dp = costs.global_batch // per_step
+    tp = 1
+    while tp <= cluster.gpus_per_node and tp * p * dp <= cluster.num_gpus:
+        if cluster.gpus_per_node % tp == 0:
+            for order in _cluster_model.ORDERS[: 2 if dp > 1 else 1]:
+                layout = _cluster_model.Layout(tp=tp, pp=p, dp=dp, schedule=schedule, order=order)
+                x = _cluster_model.predict(layout, costs, cluster, overlap=overlap)
+                print(
+                    f"  {layout.num_gpus:>5} GPUs tp{tp} pp{p} dp{dp} {order}: step "
+                    f"{x.step_s:.4g} s, {x.tokens_per_s:,.0f} tok/s, bubble "
+                    f"{100 * x.bubble:.1f}%, exposed comm {x.exposed_comm_s * 1e3:.3g} ms, "
+                    f"{x.memory_bytes / 1e9:.1f} GB/GPU{'' if x.fits else ' (does not fit)'}"
+                )
+        tp *= 2
+    if tp == 1:
+        print(f"  needs {p * dp} GPUs (pp {p} x dp {dp}); the cluster has {cluster.num_gpus}")
+    print()
 
 
 def _run_convert(args: argparse.Namespace) -> int:

@@ -50,7 +50,8 @@ class Layout:
         pp: pipeline ranks.
         dp: data-parallel replicas.
         fsdp: shard params, grads and optimizer state over the dp axis (ZeRO-3).
-        schedule: built-in schedule name for pp > 1 (see `BUILTINS`).
+        schedule: for pp > 1, a built-in schedule name (see `BUILTINS`), or a `Schedule`
+            with `pp` ranks whose microbatch count must equal the layout's.
         order: GPU numbering, innermost axis first: `tp-pp-dp` keeps a pipeline's ranks
             close; `tp-dp-pp` keeps the dp group close.
         microbatch_size: sequences per microbatch; None: the measured one. Times and
@@ -65,7 +66,7 @@ class Layout:
     pp: int = 1
     dp: int = 1
     fsdp: bool = False
-    schedule: str | None = None
+    schedule: str | _ir.Schedule | None = None
     order: str = "tp-pp-dp"
     microbatch_size: int | None = None
 
@@ -81,6 +82,11 @@ class Layout:
             raise ValueError(f"Layout order={self.order!r}; Fix: use one of {', '.join(ORDERS)}.")
         if self.pp > 1 and self.schedule is None:
             raise ValueError(f"Layout pp={self.pp} needs a schedule. Fix: e.g. schedule='1f1b'.")
+        if isinstance(self.schedule, _ir.Schedule) and self.schedule.num_ranks != self.pp:
+            raise ValueError(
+                f"Layout pp={self.pp} but the schedule has {self.schedule.num_ranks} ranks. "
+                f"Fix: pp={self.schedule.num_ranks}."
+            )
         if self.pp > 1 and self.fsdp:
             raise ValueError("Layout: FSDP inside a pipeline is not modelled. Fix: fsdp=False.")
 
@@ -88,6 +94,14 @@ class Layout:
     def num_gpus(self) -> int:
         """`tp * pp * dp`."""
         return self.tp * self.pp * self.dp
+
+    @property
+    def schedule_name(self) -> str:
+        """The built-in name, or `custom(S stages, M mb)` for a given `Schedule`."""
+        if isinstance(self.schedule, _ir.Schedule):
+            s = self.schedule
+            return f"custom({s.num_stages} stages, {s.num_microbatches} mb)"
+        return str(self.schedule)
 
     @property
     def family(self) -> str:
@@ -113,7 +127,7 @@ class Layout:
         if self.microbatch_size is not None:
             parts.append(f"mb{self.microbatch_size}")
         if self.pp > 1:
-            parts += [str(self.schedule), self.order]
+            parts += [self.schedule_name, self.order]
         return " ".join(parts)
 
 
@@ -315,7 +329,18 @@ def _check_layout(layout: Layout, costs: _cluster.MeasuredCosts, cluster: _clust
             f"{costs.global_batch}."
         )
     if layout.pp > 1:
-        stages = layout.pp * _stages_per_rank(layout.schedule)
+        if isinstance(layout.schedule, _ir.Schedule):
+            stages = layout.schedule.num_stages
+            m = costs.global_batch // (layout.dp * mb)
+            if layout.schedule.num_microbatches != m:
+                raise ValueError(
+                    f"the schedule has {layout.schedule.num_microbatches} microbatches but "
+                    f"global_batch={costs.global_batch} over dp={layout.dp} x microbatch "
+                    f"{mb} makes {m}. Fix: dp = {costs.global_batch} / ({mb} x "
+                    f"{layout.schedule.num_microbatches}) or another schedule."
+                )
+        else:
+            stages = layout.pp * _stages_per_rank(layout.schedule)
         if stages > costs.num_layers:
             raise ValueError(
                 f"layout {layout.describe()} has {stages} stages but the model has "
@@ -328,7 +353,9 @@ def _stages_per_rank(name: str) -> int:
 
 
 @functools.lru_cache(maxsize=256)
-def _build(name: str, ranks: int, m: int) -> _ir.Schedule:
+def _build(name: str | _ir.Schedule, ranks: int, m: int) -> _ir.Schedule:
+    if isinstance(name, _ir.Schedule):
+        return name
     return _registry.get_builder(name, ranks * _stages_per_rank(name), ranks=ranks).build(m)
 
 
@@ -469,9 +496,9 @@ def candidate_layouts(
 
     Example:
         >>> c = _cluster.example_costs()
-        >>> [x.describe() for x in candidate_layouts(2, c, _cluster.Cluster(1, 2),
-        ...                                           schedules=("1f1b",))]
-        ['dp2', 'fsdp2', 'pp2 dp1 1f1b tp-pp-dp', 'tp2 dp1']
+        >>> layouts = candidate_layouts(2, c, _cluster.Cluster(1, 2), schedules=("1f1b",))
+        >>> len(layouts), [x.describe() for x in layouts if x.family in ("tp", "pp")][:2]
+        (14, ['pp2 dp1 1f1b tp-pp-dp', 'tp2 dp1'])
     """
     out: list[Layout] = []
     tps = [t for t in _powers(cluster.gpus_per_node) if cluster.gpus_per_node % t == 0]
