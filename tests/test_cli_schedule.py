@@ -80,3 +80,37 @@ def test_cli_bad_costs_is_a_usage_error(capsys):
     with pytest.raises(SystemExit):
         main(["schedule", "compare", "--stages", "2", "--microbatches", "2", "--costs", "q=1"])
     assert "keys f, b, i, w, t" in capsys.readouterr().err
+
+
+def test_cli_simulate_cluster_what_if_prints_table_crossover_and_assumptions(capsys, tmp_path):
+    from jaxpp.schedules import Std1F1B, _cluster
+
+    costs, schedule = tmp_path / "measured.json", tmp_path / "s.txt"
+    costs.write_text(json.dumps(_cluster.example_costs_dict()))
+    schedule.write_text(format_schedule(Std1F1B(2).build(8)))  # 16 sequences: dp 2
+    cluster = "nodes=2,gpus_per_node=4,ib=100Gbps,nvlink=300GBps,ib_latency=4us"
+    assert main(["schedule", "simulate", "zb-h1", "--costs", str(costs), "--cluster", cluster]) == 0
+    out = capsys.readouterr().out
+    assert "what-if with PP schedules zb-h1" in out and "NOT MEASURED" in out
+    assert "12.5 GB/s per GPU + 4 us" in out
+    row = next(line for line in out.splitlines() if line.split()[:1] == ["8"])
+    assert "zb-h1" in row and "crossover:" in out and "assumptions:" in out
+    argv = ["schedule", "simulate", str(schedule), "--costs", str(costs), "--cluster", cluster]
+    assert main([*argv, "--overlap", "0.5"]) == 0
+    out = capsys.readouterr().out
+    assert "2 ranks, 2 stages, 8 microbatches: valid" in out
+    assert "8 GPUs tp2 pp2 dp2 tp-pp-dp: step" in out and "DP overlap 0.5" in out
+
+
+def test_cli_simulate_cluster_bad_inputs_are_clear_errors(capsys, tmp_path):
+    costs = tmp_path / "measured.json"
+    costs.write_text(json.dumps({"format": "jaxpp-cluster-costs/1", "num_layers": 2}))
+    with pytest.raises(SystemExit):
+        main(["schedule", "simulate", "1f1b", "--costs", str(costs), "--cluster", "nodes=1,ib=1Gb"])
+    assert "cannot read bandwidth '1Gb'" in capsys.readouterr().err
+    assert (
+        main(["schedule", "simulate", "1f1b", "--costs", str(costs), "--cluster", "nodes=1"]) == 1
+    )
+    assert "missing 'global_batch'" in capsys.readouterr().err
+    assert main(["schedule", "simulate", "1f1b", "--cluster", "nodes=1"]) == 1
+    assert "Fix: add --costs measured.json" in capsys.readouterr().err
