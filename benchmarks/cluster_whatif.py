@@ -1,8 +1,9 @@
 """Cluster what-if: predicted step time of DP, FSDP, TP and PP layouts at 8..1024 GPUs.
 
-Reads a `jaxpp-cluster-costs/1` JSON of measured per-layer costs (schema in
-schedules/README.md) and prints, for each GPU count, the best fitting layout of each family,
-the crossover where the best PP layout overtakes the best SPMD layout, and every assumption.
+Reads a `jaxpp-cluster-costs/1` JSON of measured per-layer costs (schema:
+`help(jaxpp.schedules.costs_from_dict)`) and prints, for each GPU count, the best fitting
+layout of each family, the crossover where the best PP layout overtakes the best SPMD
+layout, and every assumption.
 
     python benchmarks/cluster_whatif.py benchmarks/results/cluster_costs_example.json \
         --cluster nodes=128,gpus_per_node=8,ib=400Gbps --overlap 0.5
@@ -32,12 +33,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--schedules", default="1f1b,interleaved-1f1b,zb-h1,zbv", help="comma-separated"
     )
+    parser.add_argument(
+        "--gpus",
+        help="comma-separated GPU counts (e.g. 2,4 to compare with measured runs); "
+        "default powers of two from 8 to the cluster size",
+    )
     args = parser.parse_args(argv)
     costs = load_costs(args.costs)
     cluster = parse_cluster(args.cluster)
     started = time.perf_counter()
+    gpus = None if args.gpus is None else tuple(int(g) for g in args.gpus.split(","))
     result = what_if(
-        costs, cluster, schedules=tuple(args.schedules.split(",")), overlap=args.overlap
+        costs,
+        cluster,
+        gpu_counts=gpus,
+        schedules=tuple(args.schedules.split(",")),
+        overlap=args.overlap,
     )
     print(f"costs: {args.costs}")
     print(format_what_if(result))

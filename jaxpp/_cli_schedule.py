@@ -243,7 +243,7 @@ def _run_what_if(args: argparse.Namespace) -> int:
             "--cluster and --costs measured.json go together: the cluster what-if needs "
             "measured per-layer costs and a link model. Fix: add "
             + ("--cluster nodes=N,gpus_per_node=G,ib=400Gbps." if args.cluster is None else
-               "--costs measured.json (schema jaxpp-cluster-costs/1, schedules/README.md).")
+               "--costs measured.json (schema: help(jaxpp.schedules.costs_from_dict)).")
         )  # fmt: skip
     costs = _cluster.load_costs(args.costs)
     cluster = args.cluster

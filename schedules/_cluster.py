@@ -2,6 +2,16 @@
 
 The predictions built on these live in `_cluster_model.py`. Units inside are bytes and
 seconds; the CLI string `nodes=64,gpus_per_node=8,ib=400Gbps` is parsed by `parse_cluster`.
+
+Measured costs (`jaxpp-cluster-costs/1`, read by `load_costs`; every field in
+`costs_from_dict`) come from single-GPU or small runs: one layer's forward, backward and
+(optionally) weight-grad time at a reference microbatch size and sequence length, the bytes
+a layer stores for its backward, the bytes of the activation at a stage boundary, the bytes
+of a layer's parameters, the layer count, the global batch, usable GPU memory, and
+optionally measured collectives (op, bytes, GPUs, seconds) that calibrate the ring model.
+
+Use: `jaxpp schedule simulate NAME|FILE --costs measured.json --cluster nodes=..,...` or
+`python benchmarks/cluster_whatif.py measured.json --cluster ...`.
 """
 
 import dataclasses
@@ -257,6 +267,9 @@ _COLLECTIVES = {"all_reduce": all_reduce_time, "all_gather": all_gather_time}
 _COLLECTIVES["reduce_scatter"] = all_gather_time
 
 _SCHEMA = "jaxpp-cluster-costs/1"
+_SCHEMA_DOC = (
+    "help(jaxpp.schedules.costs_from_dict); example: benchmarks/results/cluster_costs_example.json"
+)
 # (path, meaning) of every required field; optional ones follow.
 _REQUIRED = (
     ("num_layers", "number of transformer layers"),
@@ -371,13 +384,13 @@ def costs_from_dict(data: Mapping[str, Any]) -> MeasuredCosts:
     if fmt != _SCHEMA:
         raise ClusterSpecError(
             f"costs JSON format={fmt!r}; this reader knows {_SCHEMA!r}. "
-            f'Fix: add "format": "{_SCHEMA}" and the fields of schedules/README.md.'
+            f'Fix: add "format": "{_SCHEMA}" and the fields of {_SCHEMA_DOC}.'
         )
     for path, meaning in _REQUIRED:
         if _get(data, path) is None:
             raise ClusterSpecError(
                 f"costs JSON is missing {path!r} ({meaning}). Fix: add it; the schema is in "
-                "schedules/README.md (cluster what-if)."
+                f"{_SCHEMA_DOC}."
             )
     layer, memory = data["layer"], data["memory"]
     collectives = []
