@@ -559,7 +559,12 @@ def what_if(
         layouts = candidate_layouts(gpus, costs, cluster, schedules=schedules)
         # Lower bounds (exact for SPMD, no bubble for PP) first: fitting layouts, best bound
         # first; a pipeline whose bound cannot beat its family's best is not simulated.
-        bounds = [predict(x, costs, cluster, overlap=overlap, _bound_only=True) for x in layouts]
+        bounds = []
+        for layout in layouts:
+            try:
+                bounds.append(predict(layout, costs, cluster, overlap=overlap, _bound_only=True))
+            except ValueError:  # the builder refuses this microbatch count (e.g. dualpipev)
+                continue
         for bound in sorted((b for b in bounds if b.fits), key=lambda b: b.step_s):
             layout, incumbent = bound.layout, best[bound.layout.family]
             if incumbent is not None and bound.step_s >= incumbent.step_s:

@@ -358,3 +358,20 @@ def test_predict_pp_transfer_uses_the_link_between_the_two_ranks():
         p = predict(Layout(pp=2, schedule="1f1b"), costs, cluster)
         hop = link.time(costs.boundary_activation_bytes)
         assert p.step_s == pytest.approx(compute + 2 * hop, rel=1e-12)
+
+
+def test_what_if_skips_schedules_that_refuse_the_microbatch_count():
+    rng = random.Random(11)
+    costs = _costs(rng, global_batch=8)  # dp 2 leaves 4 microbatches; dualpipev needs 2p-1
+    result = what_if(costs, _cluster_of(rng, 1, 8), schedules=("dualpipev",))
+    best = result.rows[0].best["pp"]
+    assert best is not None and best.microbatches >= 2 * best.layout.pp - 1
+
+
+def test_what_if_without_a_pp_win_reports_no_crossover():
+    rng = random.Random(12)
+    costs = _costs(rng, boundary_activation_bytes=1e12)  # every hop and TP all-reduce is slow
+    result = what_if(costs, _cluster_of(rng, 2, 4), schedules=("1f1b",))
+    assert result.crossover is None
+    assert all(row.best_spmd.layout.family in ("dp", "fsdp") for row in result.rows)
+    assert "crossover: none" in _cluster_model.format_what_if(result)
