@@ -51,6 +51,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--executor", choices=("pipeline", "jit"), default="pipeline")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--log-every", type=int, default=10)
+    parser.add_argument(
+        "--checkpoint-dir", default=None, help="save checkpoints here (orbax, asynchronous)"
+    )
+    parser.add_argument(
+        "--save-every", type=int, default=0, help="save every N steps (default: at the end)"
+    )
+    parser.add_argument(
+        "--resume", action="store_true", help="continue from the newest checkpoint, if any"
+    )
     launch = parser.add_argument_group("several processes (as jaxpp launch)")
     launch.add_argument(
         "-n", "--num-processes", type=int, default=1, help="local processes (default 1)"
@@ -99,6 +108,9 @@ def run(args: argparse.Namespace) -> int:
             executor=args.executor,
             seed=args.seed,
             log_every=args.log_every,
+            checkpoint_dir=args.checkpoint_dir,
+            save_every=args.save_every,
+            resume=args.resume,
         )
         _trainer.train(config)
     except (ValueError, FileNotFoundError) as error:

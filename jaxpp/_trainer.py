@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxpp import schedules
+from jaxpp import checkpoint, schedules
 from jaxpp._flax import _linen
 from jaxpp._treduce import Add, Concat, split_microbatches, treduce
 from jaxpp.models import gpt, synthetic
@@ -178,8 +178,15 @@ class TrainConfig:
     executor: str = "pipeline"
     seed: int = 0
     log_every: int = 10
+    checkpoint_dir: str | None = None
+    save_every: int = 0
+    resume: bool = False
 
     def __post_init__(self) -> None:
+        if self.save_every < 0:
+            raise ValueError(f"save_every={self.save_every} must be >= 0 (0: at the end only).")
+        if self.resume and self.checkpoint_dir is None:
+            raise ValueError("resume=True needs a checkpoint directory. Fix: --checkpoint-dir DIR.")
         if self.executor not in EXECUTORS:
             raise ValueError(f"executor={self.executor!r}; expected one of {EXECUTORS}.")
         if self.dtype not in DTYPES:
@@ -196,6 +203,21 @@ class TrainConfig:
             )
         if self.steps < 1:
             raise ValueError(f"steps={self.steps} must be >= 1.")
+
+    def checkpoint_config(self) -> dict[str, int | str | bool | None]:
+        """What a checkpoint must match to resume: the model's shapes, not its layout."""
+        names = (
+            "num_layers",
+            "d_model",
+            "num_heads",
+            "num_kv_heads",
+            "vocab_size",
+            "seq_len",
+            "dtype",
+            "scan_layers",
+            "tie_embeddings",
+        )
+        return {name: getattr(self, name) for name in names}
 
     def model_config(self) -> gpt.GPTConfig:
         """The GPT this run trains."""
@@ -311,6 +333,7 @@ def train(config: TrainConfig, *, out: TextIO | None = None) -> TrainResult:
         run_step = _pipelined(step_fn, num_ranks)
         where = f"{num_ranks} {jax.devices()[0].platform} devices"
     state = init_state(model, optimizer, jax.random.key(config.seed), data.batch_at(0))
+    state, first_index, manager = _place_or_resume(config, run_step, state, data.batch_at(0))
     tokens_per_step = config.batch_size * config.seq_len
     header = (
         f"jaxpp train: GPT {config.num_layers} layers, d_model {config.d_model}, "
@@ -320,8 +343,10 @@ def train(config: TrainConfig, *, out: TextIO | None = None) -> TrainResult:
         f"entropy floor {language.entropy_floor:.3f} nats"
     )
     print(header, file=out, flush=True)
+    if first_index:
+        print(f"resumed from step {first_index} ({config.checkpoint_dir})", file=out, flush=True)
     losses, seconds, profile = [], [], None
-    for index, batch in data.iterate(start=0):
+    for index, batch in data.iterate(start=first_index):
         if index >= config.steps:
             break
         start = time.perf_counter()
@@ -330,6 +355,8 @@ def train(config: TrainConfig, *, out: TextIO | None = None) -> TrainResult:
         loss = float(metrics["loss"])
         seconds.append(time.perf_counter() - start)
         losses.append(loss)
+        if manager is not None:
+            manager.save(index + 1, state, data_position=index + 1)  # async, every --save-every
         if index == 1 and config.executor == "pipeline":
             profile = _profile(run_step, state, batch)
         if (index + 1) % config.log_every == 0 or index == 0 or index + 1 == config.steps:
@@ -342,6 +369,10 @@ def train(config: TrainConfig, *, out: TextIO | None = None) -> TrainResult:
                 file=out,
                 flush=True,
             )
+    if manager is not None:
+        if manager.latest_step() != config.steps:
+            manager.save(config.steps, state, data_position=config.steps, force=True)
+        manager.close()  # waits for the last write
     result = TrainResult(
         tuple(losses),
         tuple(seconds),
@@ -354,6 +385,43 @@ def train(config: TrainConfig, *, out: TextIO | None = None) -> TrainResult:
     flops = gpt.train_flops_per_token(model_config, config.seq_len) * result.tokens_per_second
     print(_summary(result, flops), file=out, flush=True)
     return result
+
+
+def _place_or_resume(
+    config: TrainConfig, run_step: Callable, state: TrainState, batch: Batch
+) -> tuple[TrainState, int, checkpoint.CheckpointManager | None]:
+    """The state to start from (fresh, or the newest checkpoint with --resume), placed where
+    the step wants it; the index of the first batch; the checkpoint manager, if any."""
+    if jax.process_count() > 1:
+        if config.checkpoint_dir is not None:
+            raise ValueError(
+                "--checkpoint-dir with several processes is not supported yet (issue 7, "
+                "multi-process part). Fix: run with -n 1, or leave out --checkpoint-dir."
+            )
+        return state, 0, None
+    # Placing the fresh state where this layout wants it makes the first step compile
+    # once, not again as the state moves to its stages; a checkpoint restores there too.
+    target = checkpoint.restore_target(run_step, state, batch)
+    state = jax.device_put(state, jax.tree.map(lambda t: t.sharding, target))
+    if config.checkpoint_dir is None:
+        return state, 0, None
+    manager = checkpoint.CheckpointManager(
+        config.checkpoint_dir,
+        save_every=config.save_every or config.steps,
+        max_to_keep=3,
+        config=config.checkpoint_config(),
+    )
+    if not config.resume or manager.latest_step() is None:
+        return state, 0, manager
+    restored = manager.restore(target)
+    first_index = int(restored.data_position)
+    if first_index >= config.steps:
+        manager.close()
+        raise ValueError(
+            f"the checkpoint in {config.checkpoint_dir} is at step {first_index}, and "
+            f"--steps is {config.steps}: nothing to train. Fix: raise --steps."
+        )
+    return restored.state, first_index, manager
 
 
 def _pipelined(step_fn: TrainStep, num_ranks: int) -> Callable:
