@@ -375,3 +375,16 @@ def test_what_if_without_a_pp_win_reports_no_crossover():
     assert result.crossover is None
     assert all(row.best_spmd.layout.family in ("dp", "fsdp") for row in result.rows)
     assert "crossover: none" in _cluster_model.format_what_if(result)
+
+
+def test_predict_lower_latency_is_never_slower():
+    rng = random.Random(13)
+    costs, cluster = _costs(rng), _cluster_of(rng, 2, 4)
+    quicker = dataclasses.replace(
+        cluster,
+        intra=Link(cluster.intra.bandwidth, cluster.intra.latency / 3),
+        inter=Link(cluster.inter.bandwidth, cluster.inter.latency / 3),
+    )
+    for layout in _cluster_model.candidate_layouts(8, costs, cluster, schedules=("zb-h1", "zbv")):
+        slow = predict(layout, costs, cluster, overlap=0.5).step_s
+        assert predict(layout, costs, quicker, overlap=0.5).step_s <= slow * (1 + 1e-12), layout
