@@ -29,7 +29,7 @@ Start with `--list` to see (and time-budget) the configurations, and `--configs 
 rerun single ones. On a machine without a GPU it runs on 8 virtual CPU devices:
 
     jaxpp bench pipeline --model tiny --devices 4 \
-        --configs spmd/fsdp4/acc1/noremat,jaxpp/1f1b/pp4/mb8/noremat
+        --configs spmd/fsdp4/acc1/noremat,jaxpp/1f1b/pp4/mb4/noremat
 
 Example:
     >>> from jaxpp.cli import main
@@ -176,11 +176,14 @@ def _run_here(args: argparse.Namespace, configs: tuple, out: str) -> int:
 
     preset = _configs.PRESETS[args.model]
     problem = _run.Problem(preset=preset)
-    rows = _report.load_rows(out, preset=preset.name)
+    previous = _report.load(out, preset=preset.name)
+    rows = list(previous.get("results", ()))
     on_gpu = jax.devices()[0].platform == "gpu"
     ceilings = tuning.measure_ceilings() if on_gpu else None
     tflops = None if ceilings is None else ceilings.matmul_bf16_tflops
-    reference = _run.reference_loss(problem, attention=args.attention)
+    reference = previous.get("reference_loss")  # same preset, seed and batch: reuse it
+    if reference is None or previous.get("attention") != args.attention:
+        reference = _run.reference_loss(problem, attention=args.attention)
     extra = {
         "model": {
             "preset": preset.name,
@@ -190,6 +193,7 @@ def _run_here(args: argparse.Namespace, configs: tuple, out: str) -> int:
         },
         "ceilings": ceilings,
         "reference_loss": reference,
+        "attention": args.attention,
         "steps": args.steps,
         "warmup": args.warmup,
     }

@@ -50,19 +50,19 @@ class ModelPreset:
 
 PRESETS: types.MappingProxyType[str, ModelPreset] = types.MappingProxyType(
     {
-        # ~0.04M parameters: 4-8 virtual CPU devices, float32 so the gate is tight.
+        # ~0.03M parameters: 4-8 virtual CPU devices, float32 so the gate is tight.
         "tiny": ModelPreset(
             name="tiny",
-            num_layers=8,
+            num_layers=4,
             d_model=32,
             num_heads=4,
             num_kv_heads=4,
             d_ff=64,
             vocab_size=64,
             seq_len=16,
-            global_batch=16,
+            global_batch=8,
             dtype="float32",
-            microbatches=(8,),
+            microbatches=(4,),
             accumulations=(1, 2),
         ),
         # ~2.1B parameters (2x H200): 24 layers of width 2560.
@@ -241,7 +241,7 @@ def sweep(
     Example:
         >>> names = [c.name for c in sweep(PRESETS["tiny"], 4, only="jaxpp", remat=(False,))]
         >>> names[:2]
-        ['jaxpp/1f1b/pp4/mb8/noremat', 'jaxpp/1f1b/pp2-dp2/mb8/noremat']
+        ['jaxpp/1f1b/pp4/mb4/noremat', 'jaxpp/1f1b/pp2-dp2/mb4/noremat']
     """
     if only not in (None, SPMD, JAXPP):
         raise ValueError(f"only={only!r}; expected {SPMD!r}, {JAXPP!r} or None.")

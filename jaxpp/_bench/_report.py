@@ -12,18 +12,31 @@ SCHEMA = "jaxpp-bench-pipeline v1"
 
 
 def load_rows(path: str | pathlib.Path, *, preset: str) -> list[dict[str, Any]]:
-    """Rows already in `path` for the same model preset (none if absent or another preset).
+    """Rows already in `path` for the same model preset (none if the file is absent).
 
     Raises:
-        ValueError: if the file is not a results file of this benchmark.
+        ValueError: if the file is not a results file of this benchmark and preset.
 
     Example:
         >>> load_rows("/nonexistent.json", preset="tiny")
         []
     """
+    return list(load(path, preset=preset).get("results", ()))
+
+
+def load(path: str | pathlib.Path, *, preset: str) -> dict[str, Any]:
+    """The results file at `path` (empty if absent), checked to be of `preset`.
+
+    Raises:
+        ValueError: if the file is not a results file of this benchmark.
+
+    Example:
+        >>> load("/nonexistent.json", preset="tiny")
+        {}
+    """
     path = pathlib.Path(path)
     if not path.exists():
-        return []
+        return {}
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as e:
@@ -40,7 +53,7 @@ def load_rows(path: str | pathlib.Path, *, preset: str) -> list[dict[str, Any]]:
             f"{path} holds results of preset {data.get('model', {}).get('preset')!r}, not "
             f"{preset!r}. Fix: one file per model, e.g. --out results/bench_{preset}.json."
         )
-    return list(data["results"])
+    return data
 
 
 def merge_rows(old: Sequence[Mapping], new: Mapping) -> list[dict[str, Any]]:

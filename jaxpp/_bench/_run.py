@@ -9,6 +9,7 @@ so its first-step loss must equal the single-device reference before its speed c
 """
 
 import dataclasses
+import functools
 import statistics
 import time
 from collections.abc import Callable, Mapping
@@ -65,12 +66,59 @@ class Problem:
         tokens = rng.integers(0, p.vocab_size, (p.global_batch, p.seq_len + 1), dtype=np.int32)
         return tokens.reshape(num_microbatches, p.global_batch // num_microbatches, -1)
 
-    def init(self, key: jax.Array) -> TrainState:
-        """Initial parameters and AdamW state (the same for every configuration)."""
+    def init(self, key: jax.Array, shardings: Any = None) -> TrainState:
+        """Initial parameters and AdamW state, the same for every configuration.
+
+        Matrices are normal(0, 0.02) from `fold_in(key, leaf index)`, norm scales one and
+        biases zero (fast to compile: one small program per distinct shape, where tracing
+        flax's init of a large model takes many seconds). `shardings` is an optional tree
+        of NamedShardings like `state_shardings` gives, to create each leaf in place.
+        """
+        shapes = self.shapes()
+        if shardings is None:
+            shardings = jax.tree.map(lambda _: None, shapes)
+        params = self.init_params(key, shardings.params)
+        opt_state = jax.jit(self.optimizer().init, out_shardings=shardings.opt_state)(params)
+        step = jax.device_put(jnp.zeros((), jnp.int32), shardings.step)
+        return TrainState(step, params, opt_state)
+
+    def init_params(self, key: jax.Array, shardings: Any = None) -> Any:
+        """The initial parameters of `init`, each created with its sharding (or default)."""
+        shapes = self.shapes().params
+        if shardings is None:
+            shardings = jax.tree.map(lambda _: None, shapes)
+        leaves, tree = jax.tree.flatten_with_path(shapes)
+        places = jax.tree.structure(shapes).flatten_up_to(shardings)
+        programs: dict = {}  # one compiled initializer per (shape, dtype, sharding)
+        params = []
+        for i, ((path, leaf), place) in enumerate(zip(leaves, places, strict=True)):
+            name = str(getattr(path[-1], "key", path[-1]))
+            if leaf.ndim == 1:  # norm scales one, biases zero
+                value = jnp.ones if name == "scale" else jnp.zeros
+                params.append(jax.device_put(value(leaf.shape, leaf.dtype), place))
+                continue
+            signature = (leaf.shape, jnp.dtype(leaf.dtype), place)
+            if signature not in programs:
+                programs[signature] = jax.jit(
+                    functools.partial(_normal, shape=leaf.shape, dtype=leaf.dtype),
+                    out_shardings=place,
+                )
+            params.append(programs[signature](jax.random.fold_in(key, i)))
+        return jax.tree.unflatten(tree, params)
+
+    def _init_shapes(self) -> TrainState:
         model = gpt.GPT(self.model_config())
         tokens = jnp.zeros((1, self.preset.seq_len), jnp.int32)
-        params = model.init(key, tokens)["params"]
+        params = model.init(jax.random.key(0), tokens)["params"]
         return TrainState(jnp.zeros((), jnp.int32), params, self.optimizer().init(params))
+
+    def shapes(self) -> TrainState:
+        """Shapes and dtypes of the train state (nothing computed)."""
+        return jax.eval_shape(self._init_shapes)
+
+
+def _normal(key: jax.Array, *, shape: tuple[int, ...], dtype: jnp.dtype) -> jax.Array:
+    return jax.random.normal(key, shape, dtype) * 0.02
 
 
 def make_step(
@@ -94,7 +142,7 @@ def make_step(
 
     Example:
         >>> problem = Problem(preset=_configs.PRESETS["tiny"])
-        >>> state = jax.eval_shape(problem.init, jax.random.key(0))
+        >>> state = problem.shapes()
         >>> step = make_step(gpt.GPT(problem.model_config()), problem.optimizer(),
         ...                  schedule=schedules.Std1F1B(1))
         >>> batch = {"tokens": jnp.asarray(problem.tokens(2))}
@@ -132,16 +180,19 @@ def reference_loss(problem: Problem, *, attention: str = "auto") -> float:
     """
     device = jax.devices()[0]
     loss_fn = gpt.make_loss_fn(gpt.GPT(problem.model_config(attention=attention)))
-    tokens = jax.device_put(problem.tokens(problem.preset.global_batch // 1), device)
+    tokens = jax.device_put(problem.tokens(problem.preset.global_batch), device)
+    one = jax.sharding.SingleDeviceSharding(device)
+    shapes = problem.shapes()
+    params = problem.init_params(
+        jax.random.key(problem.seed), jax.tree.map(lambda _: one, shapes.params)
+    )
 
     @jax.jit
-    def mean_loss(key: jax.Array, tokens: jax.Array) -> jax.Array:
-        params = problem.init(key).params
+    def mean_loss(params: Any, tokens: jax.Array) -> jax.Array:
         losses = jax.lax.map(lambda t: loss_fn(params, {"tokens": t}), tokens)
         return jnp.mean(losses)
 
-    with jax.default_device(device):
-        return float(mean_loss(jax.random.key(problem.seed), tokens))
+    return float(mean_loss(params, tokens))
 
 
 def build(
@@ -154,7 +205,7 @@ def build(
         >>> config = _configs.parse_config("spmd/dp2/acc1/noremat")
         >>> step, state, batch = build(config, problem, attention="xla")
         >>> batch["tokens"].shape
-        (1, 16, 17)
+        (1, 8, 17)
     """
     model_config = problem.model_config(remat=config.remat, attention=attention)
     optimizer = problem.optimizer()
@@ -169,10 +220,9 @@ def build(
     key = jax.random.key(problem.seed)
     if config.kind == _configs.SPMD:
         mesh = _spmd.make_mesh(layout, devices)
-        shapes = jax.eval_shape(problem.init, key)
-        state_sharding = _spmd.state_shardings(shapes, layout, mesh)
+        state_sharding = _spmd.state_shardings(problem.shapes(), layout, mesh)
         batch_sharding = {"tokens": NamedSharding(mesh, _spmd.batch_spec(layout))}
-        state = jax.jit(problem.init, out_shardings=state_sharding)(key)
+        state = problem.init(key, state_sharding)
         batch = jax.device_put({"tokens": problem.tokens(config.accumulation)}, batch_sharding)
         step = make_step(
             gpt.GPT(model_config),
@@ -192,12 +242,12 @@ def build(
     mesh = _mpmd.MpmdMesh(jax.sharding.Mesh(grid, ("stages", "data", "model")), "stages")
     builder = schedules.get_builder(config.schedule, config.num_stages, ranks=config.ranks)
     model = _pipeline.pipeline(gpt.GPT(model_config), num_stages=config.num_stages)
-    shapes = jax.eval_shape(problem.init, key)
+    shapes = problem.shapes()
     inner = _spmd.Layout(data=config.data, model=config.model)
     specs = (_spmd.state_specs(shapes, inner), {"tokens": _spmd.batch_spec(inner)})
     flat = _spmd.Layout(data=config.num_devices, fsdp=True)  # init spread over all devices
     flat_mesh = _spmd.make_mesh(flat, devices)
-    state = jax.jit(problem.init, out_shardings=_spmd.state_shardings(shapes, flat, flat_mesh))(key)
+    state = problem.init(key, _spmd.state_shardings(shapes, flat, flat_mesh))
     batch = {"tokens": jnp.asarray(problem.tokens(config.microbatches))}
     step = make_step(model, optimizer, schedule=builder)
     return _mpmd.mpmd_jit_with_loop(step, mpmd_mesh=mesh, in_shardings=specs), state, batch
