@@ -6,11 +6,9 @@ through the event simulator with a transfer time per edge from the two ranks' li
 
 import dataclasses
 import functools
-import heapq
-from collections import defaultdict
 from collections.abc import Mapping, Sequence
 
-from jaxpp.schedules import _cluster, _deps, _ir, _registry, _simulate
+from jaxpp.schedules import _cluster, _ir, _registry, _simulate
 
 K = _ir.Kind
 FAMILIES = ("dp", "fsdp", "tp", "pp")
@@ -394,8 +392,8 @@ def run_linked(
 ) -> list[tuple[int, int, float, float]]:
     """`simulate`'s list scheduler with a transfer time per `(from rank, to rank)` edge.
 
-    Same rules as `jaxpp.schedules.simulate`, except that a dependency from rank `a` to
-    rank `b != a` adds `transfer[a][b]` instead of `costs.transfer`.
+    The one list scheduler (`_simulate.run_in_time`) with per-edge times: a dependency
+    from rank `a` to rank `b != a` adds `transfer[a][b]` instead of `costs.transfer`.
 
     Returns:
         `(rank, step, start, end)` in start order.
@@ -409,47 +407,7 @@ def run_linked(
         >>> [(r, s, e) for r, _, s, e in runs]
         [(0, 0.0, 1.0), (1, 1.5, 2.5), (1, 2.5, 4.5), (0, 4.75, 6.75)]
     """
-    index = _deps.check_structure(schedule)
-    placement, rank_actions = schedule.placement, schedule.actions
-    keys = [[(a.stage, a.kind, a.mb) for a in row] for row in rank_actions]
-    heads, free = [0] * schedule.num_ranks, [0.0] * schedule.num_ranks
-    end: dict[_deps.Key, float] = {}
-    waiting: dict[_deps.Key, list[int]] = defaultdict(list)
-    ready: list[tuple[float, int]] = []
-
-    def queue_head(rank: int) -> None:
-        if heads[rank] == len(keys[rank]):
-            return
-        start = free[rank]
-        for need in index.needs[keys[rank][heads[rank]]]:
-            finish = end.get(need)
-            if finish is None:
-                waiting[need].append(rank)
-                return
-            source = placement[need[0]]
-            if source != rank:
-                finish += transfer[source][rank]
-            start = max(start, finish)
-        heapq.heappush(ready, (start, rank))
-
-    for rank in range(schedule.num_ranks):
-        queue_head(rank)
-    runs = []
-    while ready:
-        start, rank = heapq.heappop(ready)
-        key = keys[rank][heads[rank]]
-        finish = start + costs.duration(rank_actions[rank][heads[rank]])
-        runs.append((rank, heads[rank], start, finish))
-        end[key] = finish
-        free[rank] = finish
-        heads[rank] += 1
-        queue_head(rank)
-        for waiter in waiting.pop(key, ()):
-            queue_head(waiter)
-    if len(runs) != len(index.where):
-        _simulate.simulate(schedule, costs)  # raises the deadlock error with its grid
-        raise AssertionError("bug in jaxpp: run_linked stalled where simulate did not")
-    return runs
+    return _simulate.run_in_time(schedule, costs, transfer=transfer)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

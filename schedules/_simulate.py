@@ -5,7 +5,7 @@ import heapq
 import math
 import types
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from jaxpp.schedules import _deps, _ir
 
@@ -203,8 +203,20 @@ def simulate(schedule: _ir.Schedule, costs: Costs | None = None) -> Simulation:
     )
 
 
-def run_in_time(schedule: _ir.Schedule, costs: Costs) -> list[tuple[int, int, float, float]]:
+def run_in_time(
+    schedule: _ir.Schedule,
+    costs: Costs,
+    *,
+    transfer: Sequence[Sequence[float]] | None = None,
+) -> list[tuple[int, int, float, float]]:
     """The list scheduler behind `simulate`: `(rank, step, start, end)` in start order.
+
+    Args:
+        schedule: the schedule.
+        costs: durations; `costs.transfer` is added on every edge between ranks unless
+            `transfer` is given.
+        transfer: optional per-edge times, `transfer[a][b]` for a dependency from rank
+            `a` to rank `b != a` (links of different speeds, e.g. across nodes).
 
     Raises:
         ScheduleError: incomplete, misplaced, or deadlocked schedules.
@@ -217,7 +229,7 @@ def run_in_time(schedule: _ir.Schedule, costs: Costs) -> list[tuple[int, int, fl
     end: dict[_deps.Key, float] = {}
     waiting: dict[_deps.Key, list[int]] = defaultdict(list)
     ready: list[tuple[float, int]] = []
-    transfer = costs.transfer
+    uniform = costs.transfer
 
     def queue_head(rank: int) -> None:
         if heads[rank] == len(rank_keys[rank]):
@@ -228,8 +240,9 @@ def run_in_time(schedule: _ir.Schedule, costs: Costs) -> list[tuple[int, int, fl
             if finish is None:
                 waiting[need].append(rank)
                 return
-            if placement[need[0]] != rank:
-                finish += transfer
+            source = placement[need[0]]
+            if source != rank:
+                finish += uniform if transfer is None else transfer[source][rank]
             if finish > start:
                 start = finish
         heapq.heappush(ready, (start, rank))
