@@ -77,7 +77,7 @@ def make_mesh(layout: Layout, devices: tuple | list | None = None) -> Mesh:
         ValueError: if fewer devices are visible.
 
     Example:
-        >>> make_mesh(Layout(data=2, model=2)).shape
+        >>> dict(make_mesh(Layout(data=2, model=2)).shape)
         {'data': 2, 'model': 2}
     """
     devices = list(jax.devices() if devices is None else devices)
