@@ -6,25 +6,28 @@ first-step loss must match the single-device reference before it is timed (media
 configuration, so a cut-off run keeps what it measured), with a markdown table (.md)
 and a bar chart (.png) beside it. Names of configurations: see `jaxpp._bench._configs`.
 
-On the GPU machine (the device tool allows 10 minutes per command: split the sweep;
-rows with the same `--out` merge, and `--isolate` runs each configuration in its own
-process, so memory peaks are per configuration and an OOM only fails that row):
+On the GPU machine: the device tool allows 10 minutes per command and about 30 minutes
+per session, and one ~8B configuration costs about 2 minutes (compile, reference, 12
+steps), so run a focused subset, three configurations per command. Rows with the same
+`--out` merge; `--isolate` runs each configuration in its own process, so memory peaks are
+per configuration and an OOM fails only that row. Pure DP cannot hold the ~8B model's
+fp32 weights + AdamW state (~133 GB) on one GPU, so it is left out there.
 
-    # nvidia-h200-x4, the ~8B model
-    jaxpp bench pipeline --model 8b --devices 4 --isolate --only spmd --remat on \
-        --out benchmarks/results/bench_8b_4xh200.json
-    jaxpp bench pipeline --model 8b --devices 4 --isolate --only jaxpp --layouts pp4 \
-        --schedules 1f1b,zb-h1 --out benchmarks/results/bench_8b_4xh200.json
-    jaxpp bench pipeline --model 8b --devices 4 --isolate --only jaxpp --layouts pp4 \
-        --schedules interleaved-1f1b,zbv,dualpipev --out benchmarks/results/bench_8b_4xh200.json
-    jaxpp bench pipeline --model 8b --devices 4 --isolate --only jaxpp \
-        --layouts pp2-dp2,pp2-tp2 --schedules 1f1b,zbv --out benchmarks/results/bench_8b_4xh200.json
-    # nvidia-h200-x2, the ~2B model (same splits with --model 2b --devices 2)
-    jaxpp bench pipeline --model 2b --devices 2 --isolate --only spmd \
-        --out benchmarks/results/bench_2b_2xh200.json
-    jaxpp bench pipeline --model 2b --devices 2 --isolate --only jaxpp \
-        --out benchmarks/results/bench_2b_2xh200.json
+    # nvidia-h200-x4, the ~8B model (B=8b; OUT=benchmarks/results/bench_8b_4xh200.json)
+    jaxpp bench pipeline --model 8b --devices 4 --isolate --out $OUT --configs \
+        spmd/fsdp4/acc1/remat,spmd/fsdp2-tp2/acc1/remat,spmd/tp4/acc4/remat
+    jaxpp bench pipeline --model 8b --devices 4 --isolate --out $OUT --configs \
+        jaxpp/1f1b/pp4/mb16/noremat,jaxpp/zb-h1/pp4/mb16/noremat,jaxpp/zbv/pp4/mb16/noremat
+    jaxpp bench pipeline --model 8b --devices 4 --isolate --out $OUT --configs \
+        jaxpp/interleaved-1f1b/pp4/mb16/noremat,jaxpp/dualpipev/pp4/mb16/noremat,jaxpp/1f1b/pp4/mb32/remat
+    # nvidia-h200-x2, the ~2B model (OUT=benchmarks/results/bench_2b_2xh200.json)
+    jaxpp bench pipeline --model 2b --devices 2 --isolate --out $OUT --configs \
+        spmd/dp2/acc1/remat,spmd/fsdp2/acc1/noremat,spmd/tp2/acc1/noremat
+    jaxpp bench pipeline --model 2b --devices 2 --isolate --out $OUT --configs \
+        jaxpp/1f1b/pp2/mb16/noremat,jaxpp/zbv/pp2/mb16/noremat,jaxpp/dualpipev/pp2/mb16/noremat
 
+With more device time, sweep by flags instead (`--only spmd|jaxpp`, `--schedules`,
+`--layouts`, `--microbatches`, `--accumulations`, `--remat on|off|off,on`).
 Start with `--list` to see (and time-budget) the configurations, and `--configs a,b` to
 rerun single ones. On a machine without a GPU it runs on 8 virtual CPU devices:
 
