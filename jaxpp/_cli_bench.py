@@ -41,6 +41,7 @@ Example:
 
 import argparse
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -207,6 +208,7 @@ def _run_here(args: argparse.Namespace, configs: tuple, out: str) -> int:
             row = _run.run_config(
                 config, problem, reference=reference, steps=args.steps, warmup=args.warmup,
                 matmul_tflops=tflops, attention=args.attention,
+                trace_path=pathlib.Path(out).parent / "traces" / f"{_file_name(config.name)}.json",
             )  # fmt: skip
         except _run.CorrectnessError as e:
             row, failed = {"name": config.name, "kind": config.kind, "status": "wrong"}, failed + 1
@@ -225,22 +227,27 @@ def _run_here(args: argparse.Namespace, configs: tuple, out: str) -> int:
 
 
 def _finish(args: argparse.Namespace, out: str) -> None:
-    import pathlib
-
     from jaxpp._bench import _report
 
     path = pathlib.Path(out)
     if not path.exists():
         return
-    rows = _report.load_rows(path, preset=args.model)
+    data = _report.load(path, preset=args.model)
+    rows = data.get("results", [])
+    env = data.get("environment", {})
+    title = f"GPT {args.model}: {env.get('device_count')} x {env.get('device')}, {env.get('date')}"
     print(_report.markdown_table(rows))
     spmd, jaxpp = _report.best(rows, "spmd"), _report.best(rows, "jaxpp")
     if spmd and jaxpp:
         ratio = jaxpp["tokens_per_s"] / spmd["tokens_per_s"]
         print(f"best jaxpp {jaxpp['name']} / best SPMD {spmd['name']}: {ratio:.3f}x tokens/s")
     if any(r.get("status") == "ok" for r in rows):
-        chart = _report.bar_chart(rows, path.with_suffix(".png"), title=f"GPT {args.model}")
+        chart = _report.bar_chart(rows, path.with_suffix(".png"), title=title)
         print(f"wrote {path}, {path.with_suffix('.md')}, {chart}")
+
+
+def _file_name(name: str) -> str:
+    return name.replace("/", "_")
 
 
 def _params(problem) -> int:

@@ -10,6 +10,8 @@ so its first-step loss must equal the single-device reference before its speed c
 
 import dataclasses
 import functools
+import json
+import pathlib
 import statistics
 import time
 from collections.abc import Callable, Mapping
@@ -264,8 +266,13 @@ def run_config(
     warmup: int = 2,
     matmul_tflops: float | None = None,
     attention: str = "auto",
+    trace_path: str | pathlib.Path | None = None,
 ) -> dict[str, Any]:
     """Builds, checks and times one configuration; returns its result row.
+
+    For jaxpp the row adds the measured bubble, the simulator's bubble and step time
+    fed with the measured per-stage task times (`costs`, also for the cluster what-if
+    model), and `trace_path` receives the Chrome/Perfetto trace of one profiled step.
 
     Raises:
         CorrectnessError: if its first-step loss differs from `reference`.
@@ -328,7 +335,32 @@ def run_config(
         row["measured_bubble"] = profile.bubble(median)
         row["simulated_bubble"] = profile.simulation.bubble
         row["predicted_step_s"] = profile.predicted_step_seconds
+        row["costs"] = costs_dict(profile.costs)
+        row["busy_seconds"] = list(profile.busy_seconds)
+        row["outside_loop_seconds"] = profile.outside_loop_seconds
+        if trace_path is not None:
+            trace_path = pathlib.Path(trace_path)
+            trace_path.parent.mkdir(parents=True, exist_ok=True)
+            trace_path.write_text(json.dumps(profile.chrome_trace()))
+            row["trace"] = str(trace_path)
     return row
+
+
+def costs_dict(costs: schedules.Costs) -> dict[str, Any]:
+    """Measured simulator costs as plain JSON data (stage keys become strings).
+
+    Example:
+        >>> costs_dict(schedules.Costs(per_stage={1: {"F": 2.0}}))["per_stage"]
+        {'1': {'F': 2.0}}
+    """
+    names = ("forward", "backward", "input_grad", "weight_grad", "transfer")
+    data: dict[str, Any] = {name: getattr(costs, name) for name in names}
+    per_stage = costs.per_stage or {}
+    data["per_stage"] = {
+        str(stage): {str(kind): float(t) for kind, t in kinds.items()}
+        for stage, kinds in per_stage.items()
+    }
+    return data
 
 
 def peak_memory(devices: list) -> int | None:

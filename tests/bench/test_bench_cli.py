@@ -29,6 +29,9 @@ def test_bench_cli_tiny_spmd_and_jaxpp_writes_valid_json(tmp_path, capsys):
         assert row["mfu"] is None  # no bf16 ceiling on the CPU
     jaxpp_row = rows["jaxpp/1f1b/pp4/mb4/noremat"]
     assert 0 <= jaxpp_row["simulated_bubble"] < 1 and jaxpp_row["predicted_step_s"] > 0
+    assert len(jaxpp_row["busy_seconds"]) == 4 and jaxpp_row["costs"]
+    trace = json.loads((tmp_path / "traces" / "jaxpp_1f1b_pp4_mb4_noremat.json").read_text())
+    assert trace["traceEvents"]
     assert "spmd/tp4/acc1/noremat" in out.with_suffix(".md").read_text()
     assert out.with_suffix(".png").stat().st_size > 0
     assert "best jaxpp" in capsys.readouterr().out
