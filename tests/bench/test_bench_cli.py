@@ -10,7 +10,7 @@ from jaxpp._bench import _configs, _report
 
 def test_bench_cli_tiny_spmd_and_jaxpp_writes_valid_json(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    names = "spmd/tp4/acc1/noremat,jaxpp/1f1b/pp4/mb4/noremat"
+    names = "spmd/dp4/acc1/noremat,jaxpp/1f1b/pp2-dp2/mb4/noremat"
     argv = ["bench", "pipeline", "--model", "tiny", "--devices", "4", "--configs", names]
     code = cli.main(
         [*argv, "--steps", "2", "--warmup", "1", "--attention", "xla", "--out", str(out)]
@@ -27,12 +27,12 @@ def test_bench_cli_tiny_spmd_and_jaxpp_writes_valid_json(tmp_path, capsys):
         assert row["first_loss"] == pytest.approx(data["reference_loss"], rel=1e-4)
         assert len(row["step_s_all"]) == 2 and row["tokens_per_s"] > 0
         assert row["mfu"] is None  # no bf16 ceiling on the CPU
-    jaxpp_row = rows["jaxpp/1f1b/pp4/mb4/noremat"]
+    jaxpp_row = rows["jaxpp/1f1b/pp2-dp2/mb4/noremat"]
     assert 0 <= jaxpp_row["simulated_bubble"] < 1 and jaxpp_row["predicted_step_s"] > 0
-    assert len(jaxpp_row["busy_seconds"]) == 4 and jaxpp_row["costs"]
-    trace = json.loads((tmp_path / "traces" / "jaxpp_1f1b_pp4_mb4_noremat.json").read_text())
+    assert len(jaxpp_row["busy_seconds"]) == 2 and jaxpp_row["costs"]
+    trace = json.loads((tmp_path / "traces" / "jaxpp_1f1b_pp2-dp2_mb4_noremat.json").read_text())
     assert trace["traceEvents"]
-    assert "spmd/tp4/acc1/noremat" in out.with_suffix(".md").read_text()
+    assert "spmd/dp4/acc1/noremat" in out.with_suffix(".md").read_text()
     assert out.with_suffix(".png").stat().st_size > 0
     assert "best jaxpp" in capsys.readouterr().out
 

@@ -121,3 +121,11 @@ def test_sharding_rules_indivisible_dimension_raises():
 def test_make_mesh_too_few_devices_raises():
     with pytest.raises(ValueError, match="xla_force_host_platform_device_count=16"):
         _spmd.make_mesh(_spmd.Layout(data=16), jax.devices()[:8])
+
+
+def test_run_config_loss_differs_from_reference_raises_before_timing(reference_steps):
+    _, ref_loss = reference_steps(1)
+    config = _configs.parse_config("spmd/dp4/acc1/noremat")
+    wrong = float(ref_loss) * (1 + 1e-3)  # f32 gate is 1e-4 relative
+    with pytest.raises(_run.CorrectnessError, match="differs from the single-device reference"):
+        _run.run_config(config, PROBLEM, reference=wrong, steps=1, warmup=1, attention="xla")
