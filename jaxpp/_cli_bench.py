@@ -40,6 +40,7 @@ Example:
 """
 
 import argparse
+import dataclasses
 import os
 import pathlib
 import subprocess
@@ -74,6 +75,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--isolate", action="store_true", help="each configuration in its own process"
     )
+    parser.add_argument(
+        "--prepare-only", action="store_true", help=argparse.SUPPRESS
+    )  # measure the reference loss and ceilings into --out, run nothing (used by --isolate)
     parser.set_defaults(run=run, parser=parser)
 
 
@@ -159,13 +163,18 @@ def _select(args: argparse.Namespace, _configs) -> tuple:
 
 def _run_isolated(args: argparse.Namespace, configs: tuple, out: str) -> int:
     """Runs each configuration as `jaxpp bench pipeline --configs NAME` in a new process."""
+    common = [
+        sys.executable, "-m", "jaxpp.cli", "bench", "pipeline", "--model", args.model,
+        "--devices", str(args.devices), "--steps", str(args.steps), "--warmup", str(args.warmup),
+        "--attention", args.attention, "--out", out,
+    ]  # fmt: skip
+    print("== reference loss and ceilings", flush=True)
+    prepare = [*common, "--configs", configs[0].name, "--prepare-only"]
+    if subprocess.run(prepare, env=dict(os.environ), check=False).returncode:
+        return 1
     failed = 0
     for config in configs:
-        command = [
-            sys.executable, "-m", "jaxpp.cli", "bench", "pipeline", "--model", args.model,
-            "--devices", str(args.devices), "--configs", config.name, "--steps", str(args.steps),
-            "--warmup", str(args.warmup), "--attention", args.attention, "--out", out,
-        ]  # fmt: skip
+        command = [*common, "--configs", config.name]
         print(f"== {config.name}", flush=True)
         failed += subprocess.run(command, env=dict(os.environ), check=False).returncode != 0
     _finish(args, out)
@@ -182,9 +191,15 @@ def _run_here(args: argparse.Namespace, configs: tuple, out: str) -> int:
     problem = _run.Problem(preset=preset)
     previous = _report.load(out, preset=preset.name)
     rows = list(previous.get("results", ()))
-    on_gpu = jax.devices()[0].platform == "gpu"
-    ceilings = tuning.measure_ceilings() if on_gpu else None
-    tflops = None if ceilings is None else ceilings.matmul_bf16_tflops
+    # The ceilings and the reference come from the file when an earlier run of this
+    # preset on this device measured them (with --isolate, a first process does), so
+    # their memory does not count in a configuration's peak.
+    device = jax.devices()[0]
+    same_device = previous.get("environment", {}).get("device") == device.device_kind
+    ceilings = previous.get("ceilings") if same_device else None
+    if ceilings is None and device.platform == "gpu":
+        ceilings = dataclasses.asdict(tuning.measure_ceilings())
+    tflops = None if ceilings is None else ceilings["matmul_bf16_tflops"]
     reference = previous.get("reference_loss")  # same preset, seed and batch: reuse it
     if reference is None or previous.get("attention") != args.attention:
         reference = _run.reference_loss(problem, attention=args.attention)
@@ -201,6 +216,10 @@ def _run_here(args: argparse.Namespace, configs: tuple, out: str) -> int:
         "steps": args.steps,
         "warmup": args.warmup,
     }
+    if args.prepare_only:
+        _report.write(out, rows, **extra)
+        print(f"reference loss {reference:.6g}, ceilings {ceilings}: {out}", flush=True)
+        return 0
     failed = 0
     for config in configs:
         print(f"{config.name} ...", end=" ", flush=True)
