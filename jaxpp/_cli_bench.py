@@ -70,6 +70,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--steps", type=int, default=10, help="timed steps (median)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     parser.add_argument("--attention", default="auto", help="jaxpp.kernels.attention impl")
+    parser.add_argument(
+        "--accumulate",
+        choices=("scan", "treduce"),
+        default="scan",
+        help="SPMD gradient accumulation: lax.scan (one compiled body) or treduce (unrolled)",
+    )
     parser.add_argument("--out", default=None, help="results JSON (.md and .png beside it)")
     parser.add_argument("--list", action="store_true", help="print the configurations, run none")
     parser.add_argument(
@@ -166,7 +172,7 @@ def _run_isolated(args: argparse.Namespace, configs: tuple, out: str) -> int:
     common = [
         sys.executable, "-m", "jaxpp.cli", "bench", "pipeline", "--model", args.model,
         "--devices", str(args.devices), "--steps", str(args.steps), "--warmup", str(args.warmup),
-        "--attention", args.attention, "--out", out,
+        "--attention", args.attention, "--accumulate", args.accumulate, "--out", out,
     ]  # fmt: skip
     print("== reference loss and ceilings", flush=True)
     prepare = [*common, "--configs", configs[0].name, "--prepare-only"]
@@ -226,7 +232,7 @@ def _run_here(args: argparse.Namespace, configs: tuple, out: str) -> int:
         try:
             row = _run.run_config(
                 config, problem, reference=reference, steps=args.steps, warmup=args.warmup,
-                matmul_tflops=tflops, attention=args.attention,
+                matmul_tflops=tflops, attention=args.attention, accumulate=args.accumulate,
                 trace_path=pathlib.Path(out).parent / "traces" / f"{_file_name(config.name)}.json",
             )  # fmt: skip
         except _run.CorrectnessError as e:

@@ -31,6 +31,7 @@ from jaxpp._trainer import TrainState
 from jaxpp._treduce import Add, Concat, treduce
 from jaxpp.models import gpt
 
+ACCUMULATE = ("scan", "treduce")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 Batch = Mapping[str, jax.Array]
 
@@ -129,6 +130,7 @@ def make_step(
     *,
     schedule: schedules.ScheduleBuilder,
     microbatch_sharding: NamedSharding | None = None,
+    accumulate: str = "treduce",
 ) -> Callable[[TrainState, Batch], tuple[TrainState, jax.Array]]:
     """The benchmarked train step: `treduce` of value-and-grad over microbatches, AdamW.
 
@@ -138,6 +140,9 @@ def make_step(
         schedule: the pipeline schedule (ignored under plain `jax.jit`).
         microbatch_sharding: under `jax.jit`, keeps each microbatch's batch axis split
             over the data axis inside the loop.
+        accumulate: "treduce" (pipelined under jaxpp; under `jax.jit` an unrolled loop)
+            or "scan" (`lax.scan`, for `jax.jit` only: one compiled body, the same sums
+            in the same order).
 
     Returns:
         `step(state, batch) -> (state, mean loss)` for `batch["tokens"]` [M, b, T + 1].
@@ -151,18 +156,30 @@ def make_step(
         >>> jax.eval_shape(step, state, batch)[1].shape
         ()
     """
+    if accumulate not in ACCUMULATE:
+        raise ValueError(f"accumulate={accumulate!r}; expected one of {ACCUMULATE}.")
     loss_fn = gpt.make_loss_fn(model)
 
     def step(state: TrainState, batch: Batch) -> tuple[TrainState, jax.Array]:
         if microbatch_sharding is not None:
             batch = jax.lax.with_sharding_constraint(batch, microbatch_sharding)
         num_microbatches = batch["tokens"].shape[0]
-        losses, grads = treduce(
-            lambda mb: jax.value_and_grad(loss_fn)(state.params, mb),
-            batch,
-            schedule=schedule,
-            operation=(Concat(), Add()),
-        )
+        grad_fn = jax.value_and_grad(loss_fn)
+        if accumulate == "scan":
+
+            def body(total: Any, microbatch: Batch) -> tuple[Any, jax.Array]:
+                loss, grads = grad_fn(state.params, microbatch)
+                return jax.tree.map(jnp.add, total, grads), loss
+
+            zeros = jax.tree.map(jnp.zeros_like, state.params)
+            grads, losses = jax.lax.scan(body, zeros, batch)
+        else:
+            losses, grads = treduce(
+                lambda mb: grad_fn(state.params, mb),
+                batch,
+                schedule=schedule,
+                operation=(Concat(), Add()),
+            )
         grads = jax.tree.map(lambda g: g / num_microbatches, grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -198,7 +215,11 @@ def reference_loss(problem: Problem, *, attention: str = "auto") -> float:
 
 
 def build(
-    config: _configs.BenchConfig, problem: Problem, *, attention: str = "auto"
+    config: _configs.BenchConfig,
+    problem: Problem,
+    *,
+    attention: str = "auto",
+    accumulate: str = "scan",
 ) -> tuple[Callable, TrainState, Batch]:
     """The step function, initial state and batch of `config`, placed on its devices.
 
@@ -233,6 +254,7 @@ def build(
             optimizer,
             schedule=schedules.Std1F1B(1),
             microbatch_sharding=batch_sharding,
+            accumulate=accumulate,
         )
         jitted = jax.jit(
             step,
@@ -267,12 +289,15 @@ def run_config(
     matmul_tflops: float | None = None,
     attention: str = "auto",
     trace_path: str | pathlib.Path | None = None,
+    accumulate: str = "scan",
 ) -> dict[str, Any]:
     """Builds, checks and times one configuration; returns its result row.
 
-    For jaxpp the row adds the measured bubble, the simulator's bubble and step time
-    fed with the measured per-stage task times (`costs`, also for the cluster what-if
-    model), and `trace_path` receives the Chrome/Perfetto trace of one profiled step.
+    SPMD gradient accumulation runs as `accumulate` ("scan" or "treduce"); jaxpp always
+    pipelines `treduce`. For jaxpp the row adds the measured bubble, the simulator's
+    bubble and step time fed with the measured per-stage task times (`costs`, also for
+    the cluster what-if model), and `trace_path` receives the Chrome/Perfetto trace of
+    one profiled step.
 
     Raises:
         CorrectnessError: if its first-step loss differs from `reference`.
@@ -289,7 +314,7 @@ def run_config(
     """
     if steps < 1 or warmup < 1:
         raise ValueError(f"steps={steps}, warmup={warmup}: both must be >= 1.")
-    step, state, batch = build(config, problem, attention=attention)
+    step, state, batch = build(config, problem, attention=attention, accumulate=accumulate)
     preset = problem.preset
     started = time.perf_counter()
     state, loss = step(state, batch)
@@ -329,6 +354,7 @@ def run_config(
         "mfu": None if matmul_tflops is None else flops / config.num_devices / 1e12 / matmul_tflops,
         "peak_memory_bytes": peak_memory(jax.devices()[: config.num_devices]),
         "config": dataclasses.asdict(config),
+        "accumulate": accumulate if config.kind == _configs.SPMD else "treduce",
     }
     if config.kind == _configs.JAXPP:
         profile = step.profile(state, batch)

@@ -43,18 +43,18 @@ def _single_device_step(problem: _run.Problem, num_microbatches: int):
 
 
 @pytest.mark.parametrize(
-    "name",
+    ("name", "accumulate"),
     [
-        "spmd/dp4/acc1/noremat",
-        "spmd/fsdp4/acc1/noremat",
-        "spmd/tp4/acc1/noremat",
-        "spmd/dp2-tp2/acc1/noremat",
-        "spmd/fsdp2-tp2/acc2/remat",
+        ("spmd/dp4/acc1/noremat", "scan"),
+        ("spmd/fsdp4/acc1/noremat", "scan"),
+        ("spmd/tp4/acc1/noremat", "scan"),
+        ("spmd/dp2-tp2/acc2/noremat", "treduce"),
+        ("spmd/fsdp2-tp2/acc2/remat", "scan"),
     ],
 )
-def test_spmd_layout_step_matches_single_device_jit(name, reference_steps):
+def test_spmd_layout_step_matches_single_device_jit(name, accumulate, reference_steps):
     config = _configs.parse_config(name)
-    step, state, batch = _run.build(config, PROBLEM, attention="xla")
+    step, state, batch = _run.build(config, PROBLEM, attention="xla", accumulate=accumulate)
     params_in = jax.tree.map(np.asarray, state.params)
     new_state, loss = step(state, batch)
     ref_state, ref_loss = reference_steps(config.accumulation)
