@@ -81,8 +81,16 @@ class _Flat:
     eqns: list
 
 
-def _inline(invars, outvars, eqns, predicate, *, context: str) -> _Flat:
-    """Inlines `jit` calls whose body contains an equation matching `predicate`."""
+_CALLS = ("jit", "pjit", "closed_call", "core_call")
+
+
+def _inline(invars, outvars, eqns, predicate, *, context: str, all_calls: bool = False) -> _Flat:
+    """Inlines `jit` calls whose body contains an equation matching `predicate`.
+
+    With `all_calls`, every `jit` call is inlined (so that code outside the loop, such as
+    an optimizer that jits a function over the whole parameter tree, is placed leaf by
+    leaf on the ranks that own the data instead of as one unit).
+    """
     out_eqns = []
     rename: dict = {}
 
@@ -90,28 +98,36 @@ def _inline(invars, outvars, eqns, predicate, *, context: str) -> _Flat:
         return rename.get(a, a) if isinstance(a, Var) else a
 
     for eqn in eqns:
-        if eqn.primitive.name in ("jit", "pjit", "closed_call", "core_call") and any(
-            _contains(j, predicate) for j in _sub_jaxprs(eqn)
+        if eqn.primitive.name in _CALLS and (
+            all_calls or any(_contains(j, predicate) for j in _sub_jaxprs(eqn))
         ):
             inner = _sub_jaxprs(eqn)[0]
-            consts = getattr(eqn.params.get("jaxpr"), "consts", ()) or ()
-            if consts:
-                raise PipelineCompileError(
-                    f"{_where(eqn)} closes over constants in a call that holds pipeline markers "
-                    f"({context}). Fix: pass those values as arguments."
-                )
+            consts = list(getattr(eqn.params.get("jaxpr"), "consts", ()) or ())
             inner_flat = _inline(
-                inner.invars, inner.outvars, inner.eqns, predicate, context=context
+                inner.invars,
+                inner.outvars,
+                inner.eqns,
+                predicate,
+                context=context,
+                all_calls=all_calls,
             )
             sub = {iv: read(a) for iv, a in zip(inner_flat.invars, eqn.invars, strict=True)}
+            # Constants closed over by the call become literals of the inlined equations.
+            for cv, c in zip(inner.constvars, consts, strict=True):
+                sub[cv] = Literal(c, cv.aval)
+            # Fresh variables for every inlined call: one jitted function called twice
+            # shares its jaxpr, and the two copies must not share outputs.
             for inner_eqn in inner_flat.eqns:
+                fresh = [type(o)(o.aval) for o in inner_eqn.outvars]
                 out_eqns.append(
                     inner_eqn.replace(
                         invars=[
                             sub.get(a, a) if isinstance(a, Var) else a for a in inner_eqn.invars
-                        ]
+                        ],
+                        outvars=fresh,
                     )
                 )
+                sub.update(zip(inner_eqn.outvars, fresh, strict=True))
             for outer_out, inner_out in zip(eqn.outvars, inner_flat.outvars, strict=True):
                 rename[outer_out] = (
                     sub.get(inner_out, inner_out) if isinstance(inner_out, Var) else inner_out
@@ -199,7 +215,14 @@ def compile_step(
     jaxpr = closed_jaxpr.jaxpr
     consts = list(closed_jaxpr.consts)
     all_invars = list(jaxpr.constvars) + list(jaxpr.invars)
-    flat = _inline(all_invars, jaxpr.outvars, jaxpr.eqns, _is_treduce, context="the train step")
+    flat = _inline(
+        all_invars,
+        jaxpr.outvars,
+        jaxpr.eqns,
+        _is_treduce,
+        context="the train step",
+        all_calls=True,
+    )
     loops = [e for e in flat.eqns if _is_treduce(e)]
     if len(loops) != 1:
         raise PipelineCompileError(

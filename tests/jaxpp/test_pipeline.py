@@ -197,3 +197,16 @@ def test_plan_is_identical_in_every_process():
         )
         digests.add(out.stdout.strip().splitlines()[-1])
     assert len(digests) == 1
+
+
+def test_pipeline_updated_parameters_stay_on_their_stage():
+    """The optimizer runs where each parameter lives, also when optax jits over the tree."""
+    pipelined, state = _run_both(jaxpp.Std1F1B(4), (1, 1, 1, 1), steps=1)
+    params, opt_state = state
+    devices = jax.devices()
+    adam = opt_state[1][0]  # chain(clip, adamw): adamw's ScaleByAdamState
+    for stage, layer in enumerate(params["layers"]):
+        for name in ("w", "b"):
+            assert layer[name].devices() == {devices[stage]}, (stage, name)
+            assert adam.mu["layers"][stage][name].devices() == {devices[stage]}
+            assert adam.nu["layers"][stage][name].devices() == {devices[stage]}
