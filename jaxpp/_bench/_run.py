@@ -9,6 +9,7 @@ so its first-step loss must equal the single-device reference before its speed c
 """
 
 import dataclasses
+import datetime
 import functools
 import json
 import pathlib
@@ -353,6 +354,7 @@ def run_config(
         "model_tflops_per_device": flops / config.num_devices / 1e12,
         "mfu": None if matmul_tflops is None else flops / config.num_devices / 1e12 / matmul_tflops,
         "peak_memory_bytes": peak_memory(jax.devices()[: config.num_devices]),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "config": dataclasses.asdict(config),
         "accumulate": accumulate if config.kind == _configs.SPMD else "treduce",
     }

@@ -129,3 +129,15 @@ def test_run_config_loss_differs_from_reference_raises_before_timing(reference_s
     wrong = float(ref_loss) * (1 + 1e-3)  # f32 gate is 1e-4 relative
     with pytest.raises(_run.CorrectnessError, match="differs from the single-device reference"):
         _run.run_config(config, PROBLEM, reference=wrong, steps=1, warmup=1, attention="xla")
+
+
+@pytest.mark.parametrize(("preset", "num_devices"), [("2b", 2), ("8b", 4)])
+def test_sharding_rules_fit_every_gpu_layout_of_the_presets(preset, num_devices):
+    # Shapes only: catches an indivisible dimension before any GPU time is spent.
+    shapes = _run.Problem(preset=_configs.PRESETS[preset]).shapes()
+    configs = _configs.sweep(_configs.PRESETS[preset], num_devices, remat=(True,))
+    layouts = {_layout(c) for c in configs}
+    assert _spmd.Layout(data=num_devices, fsdp=True) in layouts
+    for layout in layouts:
+        specs = jax.tree.leaves(_spmd.state_specs(shapes, layout))
+        assert len(specs) == len(jax.tree.leaves(shapes))
