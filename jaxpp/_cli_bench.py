@@ -13,14 +13,14 @@ steps), so run a focused subset, three configurations per command. Rows with the
 per configuration and an OOM fails only that row. Pure DP cannot hold the ~8B model's
 fp32 weights + AdamW state (~133 GB) on one GPU, so it is left out there.
 
-    # nvidia-h200-x4, the ~8B model (B=8b; OUT=benchmarks/results/bench_8b_4xh200.json)
+    # nvidia-h200-x4, the ~8B model; OUT=benchmarks/results/bench_8b_4xh200.json
     jaxpp bench pipeline --model 8b --devices 4 --isolate --out $OUT --configs \
         spmd/fsdp4/acc1/remat,spmd/fsdp2-tp2/acc1/remat,spmd/tp4/acc4/remat
     jaxpp bench pipeline --model 8b --devices 4 --isolate --out $OUT --configs \
         jaxpp/1f1b/pp4/mb16/noremat,jaxpp/zb-h1/pp4/mb16/noremat,jaxpp/zbv/pp4/mb16/noremat
     jaxpp bench pipeline --model 8b --devices 4 --isolate --out $OUT --configs \
         jaxpp/interleaved-1f1b/pp4/mb16/noremat,jaxpp/dualpipev/pp4/mb16/noremat,jaxpp/1f1b/pp4/mb32/remat
-    # nvidia-h200-x2, the ~2B model (OUT=benchmarks/results/bench_2b_2xh200.json)
+    # nvidia-h200-x2, the ~2B model; OUT=benchmarks/results/bench_2b_2xh200.json
     jaxpp bench pipeline --model 2b --devices 2 --isolate --out $OUT --configs \
         spmd/dp2/acc1/remat,spmd/fsdp2/acc1/noremat,spmd/tp2/acc1/noremat
     jaxpp bench pipeline --model 2b --devices 2 --isolate --out $OUT --configs \
