@@ -357,9 +357,11 @@ def train(config: TrainConfig, *, out: TextIO | None = None) -> TrainResult:
         losses.append(loss)
         if manager is not None:
             manager.save(index + 1, state, data_position=index + 1)  # async, every --save-every
-        if index == 1 and config.executor == "pipeline":
+        # The second step of this run (compiled and warm): profile once for the bubble.
+        if index == first_index + 1 and config.executor == "pipeline":
             profile = _profile(run_step, state, batch)
-        if (index + 1) % config.log_every == 0 or index == 0 or index + 1 == config.steps:
+        first = index == first_index
+        if (index + 1) % config.log_every == 0 or first or index + 1 == config.steps:
             bubble = _bubble(profile, seconds[-1])
             print(
                 f"step {index + 1:5d}/{config.steps}  loss {loss:7.4f} "
