@@ -17,10 +17,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import SingleDeviceSharding
 
-from jaxpp._checkpoint import _leaves
+from jaxpp._checkpoint import _leaves, _shards
 
 FORMAT = "jaxpp-checkpoint v1"
-_STATE, _META = "state", "meta"
+_STATE, _META, _SHARDS = "state", "meta", "shards"
 
 JsonValue = None | bool | int | float | str | list | dict
 
@@ -99,7 +99,7 @@ class CheckpointManager:
             cleanup_tmp_directories=True,
         )
         self._manager = ocp.CheckpointManager(
-            self.directory, options=options, item_names=(_STATE, _META)
+            self.directory, options=options, item_names=(_STATE, _META, _SHARDS)
         )
 
     # -- saving ---------------------------------------------------------------------------
@@ -142,9 +142,13 @@ class CheckpointManager:
                 f"step {step} is already saved in {self.directory}; a checkpoint is never "
                 f"overwritten. Fix: save under a new step, or delete {self.directory / str(step)}."
             )
-        records = _leaves.records_of(state)
+        records = _leaves.records_of(state)  # with several processes: collective
+        # Several processes: each writes the shards it holds (orbax's array handler wants
+        # every process to hold part of every array, which a pipeline's stages do not).
+        storage = _SHARDS if jax.process_count() > 1 else _STATE
         meta = {
             "format": FORMAT,
+            "storage": storage,
             "step": int(step),
             "data_position": _json_roundtrip(data_position, "data_position"),
             "rng": _rng_to_json(rng),
@@ -152,9 +156,11 @@ class CheckpointManager:
             "leaves": [r.to_json() for r in records],
         }
         stored = jax.tree.map(lambda x: jax.random.key_data(x) if _leaves.is_key(x) else x, state)
-        args = ocp.args.Composite(
-            **{_STATE: ocp.args.StandardSave(stored), _META: ocp.args.JsonSave(meta)}
-        )
+        if storage == _SHARDS:
+            arrays = _shards.ShardsSave(_shards.local_pieces(jax.tree.leaves(stored)))
+        else:
+            arrays = ocp.args.StandardSave(stored)
+        args = ocp.args.Composite(**{storage: arrays, _META: ocp.args.JsonSave(meta)})
         return self._manager.save(step, args=args, force=True)
 
     def should_save(self, step: int) -> bool:
@@ -225,9 +231,16 @@ class CheckpointManager:
         _leaves.check_compatible(records, paths, target_leaves, where=where)
         abstract = jax.tree.unflatten(treedef, [_stored_leaf(x) for x in target_leaves])
         try:
-            restored = self._manager.restore(
-                step, args=ocp.args.Composite(**{_STATE: ocp.args.StandardRestore(abstract)})
-            )[_STATE]
+            if meta.get("storage", _STATE) == _SHARDS:
+                targets = _shards.ShardsRestore(tuple(jax.tree.leaves(abstract)))
+                restored = self._manager.restore(
+                    step, args=ocp.args.Composite(**{_SHARDS: targets})
+                )[_SHARDS]
+                restored = jax.tree.unflatten(treedef, restored)
+            else:
+                restored = self._manager.restore(
+                    step, args=ocp.args.Composite(**{_STATE: ocp.args.StandardRestore(abstract)})
+                )[_STATE]
         except Exception as error:  # orbax and tensorstore raise many types for bad files
             raise _leaves.CheckpointError(
                 f"checkpoint {where} cannot be read: {type(error).__name__}: "
