@@ -394,12 +394,7 @@ def _place_or_resume(
 ) -> tuple[TrainState, int, checkpoint.CheckpointManager | None]:
     """The state to start from (fresh, or the newest checkpoint with --resume), placed where
     the step wants it; the index of the first batch; the checkpoint manager, if any."""
-    if jax.process_count() > 1:
-        if config.checkpoint_dir is not None:
-            raise ValueError(
-                "--checkpoint-dir with several processes is not supported yet (issue 7, "
-                "multi-process part). Fix: run with -n 1, or leave out --checkpoint-dir."
-            )
+    if jax.process_count() > 1 and config.checkpoint_dir is None:
         return state, 0, None
     # Placing the fresh state where this layout wants it makes the first step compile
     # once, not again as the state moves to its stages; a checkpoint restores there too.

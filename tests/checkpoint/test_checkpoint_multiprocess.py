@@ -7,6 +7,8 @@ on expiry the launcher's process group is killed, so nothing is left running.
 
 import os
 import pathlib
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,6 +23,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxpp import checkpoint
 from jaxpp._checkpoint import _shards
+from jaxpp.cli import main
 
 WORKER = pathlib.Path(__file__).with_name("checkpoint_mp_worker.py")
 K = 2  # as in the worker
@@ -130,3 +133,40 @@ def test_shards_missing_file_raises(tmp_path):
     target = jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rows)
     with pytest.raises(FileNotFoundError, match=r"leaf 0: the shard files cover 0 of the 2 elem"):
         handler.restore(tmp_path, _shards.ShardsRestore((target,)))
+
+
+TRAIN = (
+    "train --stages 2 --layers 2 --d-model 16 --heads 2 --vocab 16 --seq-len 8 --batch-size 4 "
+    "--microbatches 2 --warmup 1 --steps 4 --log-every 1"
+).split()
+
+
+def _step_lines(text: str) -> dict[int, tuple[str, str]]:
+    found = re.findall(r"step +(\d+)/4 +loss +([\d.]+) .* gnorm +([\d.]+)", text)
+    return {int(step): (loss, gnorm) for step, loss, gnorm in found}
+
+
+def test_trainer_two_processes_checkpoint_resumes_in_one_process_with_same_losses(tmp_path, capsys):
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    command = [sys.executable, "-m", "jaxpp.cli", *TRAIN, "-n", "2", "--timeout", "20"]
+    command += ["--checkpoint-dir", str(tmp_path), "--save-every", "2"]
+    launcher = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    try:
+        out, _ = launcher.communicate(timeout=90)
+    except subprocess.TimeoutExpired:
+        os.killpg(launcher.pid, signal.SIGKILL)
+        out, _ = launcher.communicate()
+        pytest.fail(f"jaxpp train -n 2 ran past 90 s:\n{_tail(out)}")
+    text = out.decode(errors="replace")
+    assert launcher.returncode == 0, _tail(text)
+    full = _step_lines(text)
+    assert sorted(full) == [1, 2, 3, 4], _tail(text)
+    with checkpoint.CheckpointManager(tmp_path) as manager:
+        assert manager.all_steps() == (2, 4)
+    shutil.rmtree(tmp_path / "4")  # as if the 2-process run had died after step 2's save
+    assert main([*TRAIN, "--checkpoint-dir", str(tmp_path), "--resume"]) == 0
+    resumed = capsys.readouterr().out
+    assert "resumed from step 2" in resumed
+    assert _step_lines(resumed) == {3: full[3], 4: full[4]}
