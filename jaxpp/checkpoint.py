@@ -24,7 +24,11 @@ A train loop (`step` from `jaxpp.mpmd_jit_with_loop` or `jax.jit`)::
         manager.save(num_steps, state, data_position=num_steps, force=True)
     manager.close()  # waits for the last write
 
-Each process writes only the shards it holds (orbax, for multi-controller arrays).
+With several processes (`jaxpp launch`, `jaxpp train -n N`) every process calls `save`
+and `restore` with the same tree; each writes only the shards it holds (one file per
+shard: a pipeline stage's arrays live on one process, which orbax's SPMD array handler
+does not accept), process 0 writes the JSON record, and the step appears once all
+have finished. Such a checkpoint restores into any layout, one process included.
 """
 
 from jaxpp._checkpoint._leaves import CheckpointError as CheckpointError

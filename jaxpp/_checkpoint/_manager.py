@@ -1,9 +1,11 @@
 """`CheckpointManager`: save and restore a whole pipelined train state with orbax.
 
-A checkpoint of step N is one orbax step directory with two items: "state" (the
-arrays, written by `StandardSave`: each process writes the shards it holds, from the
-devices they live on) and "meta" (JSON: step, data position, RNG key, the run's
-config, and per leaf its path, shape, dtype and checksum). Orbax writes a step into a
+A checkpoint of step N is one orbax step directory with two items: the arrays, and
+"meta" (JSON, written by process 0: step, data position, RNG key, the run's config,
+the storage, and per leaf its path, shape, dtype and checksum). The arrays are
+"state" (orbax `StandardSave`) in a single-process run, and "shards" (`_shards`: each
+process writes the shards it holds, one `.npy` file each) with several processes,
+whose pipeline stages hold arrays that live on one process only. Orbax writes a step into a
 temporary directory and renames it when complete, so a step is complete or absent.
 """
 
