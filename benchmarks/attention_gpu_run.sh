@@ -3,18 +3,10 @@
 # Usage (repo root, on the GPU machine): benchmarks/attention_gpu_run.sh [bench args...]
 # Writes under $OUT: attention_tests.log, attention_bench.log, attention_bench.json.
 set -u
-export PYTHONUNBUFFERED=1 JAX_PLATFORMS=cuda
+export JAX_PLATFORMS=cuda
 OUT=${OUT:-/tmp/attention_out}
 mkdir -p "$OUT"
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl >/dev/null 2>&1 || echo "wheel install failed"
-  export PYTHONPATH=/tmp/site
-fi
-# jaxpp as a package tree of links (the folders are subpackages, see setup.py)
-rm -rf /tmp/pp && mkdir -p /tmp/pp/jaxpp && cp -r jaxpp/. /tmp/pp/jaxpp/
-for sub in schedules runtime kernels; do ln -s "$PWD/$sub" "/tmp/pp/jaxpp/$sub"; done
-export PYTHONPATH=/tmp/pp${PYTHONPATH:+:$PYTHONPATH}
+source "$(dirname "$0")/gpu_env.sh"   # wheels from .whl/ and jaxpp as a package tree
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,temperature.gpu --format=csv,noheader
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
   # from /tmp, so that the repo's own jaxpp/ folder does not shadow the package tree
