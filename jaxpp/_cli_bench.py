@@ -11,7 +11,9 @@ per session, and one ~8B configuration costs about 2 minutes (compile, reference
 steps), so run a focused subset, three configurations per command. Rows with the same
 `--out` merge; `--isolate` runs each configuration in its own process, so memory peaks are
 per configuration and an OOM fails only that row. Pure DP cannot hold the ~8B model's
-fp32 weights + AdamW state (~133 GB) on one GPU, so it is left out there.
+fp32 weights + AdamW state (~133 GB) on one GPU, so it is left out there. On that
+machine `jaxpp` is not installed: start each command with `source benchmarks/gpu_env.sh &&`
+and write `python3 -m jaxpp.cli bench ...` for `jaxpp bench ...`.
 
     # nvidia-h200-x4, the ~8B model; OUT=benchmarks/results/bench_8b_4xh200.json
     jaxpp bench pipeline --model 8b --devices 4 --isolate --out $OUT --configs \
