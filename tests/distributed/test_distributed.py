@@ -108,7 +108,7 @@ def test_distributed_killed_process_stops_others_with_named_error():
     assert lost, _tail(out)
     assert lost.group(1) == socket.gethostname() and int(lost.group(2)) in pids
     seconds = float(re.search(r"for ([\d.]+) s \(timeout 3 s\)", out).group(1))
-    assert timeout_s <= seconds < timeout_s + 2
+    assert timeout_s <= seconds < timeout_s + 10  # bounded; slack for a loaded 2-core CI machine
     assert f"exit code {runtime.LOST_PEER_EXIT_CODE}" in out
     for pid in pids:  # no orphans
         with pytest.raises(ProcessLookupError):
