@@ -39,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=32)
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument("--attention", default="auto", help="jaxpp.kernels.attention impl")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps")
     parser.add_argument("--steps", type=int, default=10, help="timed steps")
     parser.add_argument("--out", type=pathlib.Path, default=None, help="JSON results (process 0)")
@@ -62,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         d_model=args.d_model,
         num_heads=args.heads,
         vocab_size=args.vocab,
+        attention=args.attention,
     )
     schedule = _trainer.resolve_schedule(config.schedule, config.num_stages, args.microbatches)
     num_ranks = schedule.num_ranks
@@ -94,6 +96,11 @@ def main(argv: list[str] | None = None) -> int:
         if main_process:
             print(f"step {index + 1}/{config.steps} loss {loss:.4f}", flush=True)
     executor = type(step.last_compiled.executor).__name__
+    # Transfer stall: the part of the real step that the schedule, fed with the measured
+    # task times (each task waited for, transfers not counted), does not explain.
+    median = statistics.median(seconds)
+    profile = step.profile(state, batch)
+    predicted = profile.predicted_step_seconds
     result = {
         "executor": executor,
         "processes": jax.process_count(),
@@ -102,14 +109,19 @@ def main(argv: list[str] | None = None) -> int:
         "jax": jax.__version__,
         "host": platform.node(),
         "config": {k: v for k, v in vars(args).items() if k != "out"},
-        "median_step_seconds": statistics.median(seconds),
+        "median_step_seconds": median,
+        "predicted_step_seconds": predicted,
+        "transfer_stall_share": max(0.0, median - predicted) / median,
+        "measured_bubble": profile.bubble(median),
+        "simulated_bubble": profile.simulation.bubble,
         "step_seconds": seconds,
         "losses": losses,
     }
     if main_process:
         print(
             f"{executor} on {jax.process_count()} process(es): median step "
-            f"{result['median_step_seconds'] * 1e3:.1f} ms",
+            f"{median * 1e3:.1f} ms, predicted from task times {predicted * 1e3:.1f} ms, "
+            f"transfer stall {result['transfer_stall_share']:.1%}",
             flush=True,
         )
         if args.out is not None:

@@ -1,0 +1,65 @@
+#!/bin/bash
+# The pipeline measurements on a multi-GPU machine (device tool, nvidia-h200-x4 or -x2):
+#
+#   bash benchmarks/pipeline_gpu_run.sh env pvj dist     # issue 3 and 4 numbers
+#   bash benchmarks/pipeline_gpu_run.sh bench2b          # throughput race, ~2B on 2 GPUs
+#
+# Each part has its own time limit and writes its JSON and log under $OUT (default
+# /tmp/out), so a part that fails or runs out of time leaves the others' results.
+set -u
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+source benchmarks/gpu_env.sh
+# NVLink multicast stays off on these shared machines (KINDS.md).
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+GPUS=$(nvidia-smi -L | wc -l)
+
+# A model that fits one GPU, so jax.jit on one device is the baseline.
+DIST_MODEL="--layers 8 --d-model 1024 --heads 8 --vocab 2048 --batch-size 32 --seq-len 1024 \
+  --microbatches 8 --dtype bfloat16 --warmup 3 --steps 10"
+
+run() {  # run NAME SECONDS COMMAND...: logs to $OUT/NAME.log, reports the exit status
+  local name=$1 limit=$2
+  shift 2
+  local t0=$SECONDS
+  timeout --kill-after=10 "$limit" "$@" >"$OUT/$name.log" 2>&1
+  local rc=$?
+  echo "== $name: exit $rc after $((SECONDS - t0)) s"
+  tail -n 4 "$OUT/$name.log"
+}
+
+for part in "$@"; do
+  case $part in
+    env)
+      nvidia-smi -L
+      python3 -c "import jax, jaxlib; print(jax.__version__, jaxlib.__version__, jax.devices())"
+      ;;
+    pvj)  # issue 3: 1F1B (and friends) over all GPUs vs jax.jit on one
+      run pvj 240 python3 benchmarks/pipeline_vs_jit.py --layers 8 --d-model 1024 --heads 8 \
+        --seq-len 1024 --microbatch-size 4 --microbatches 16 --steps 10 \
+        --schedules 1f1b,zb-h1,interleaved-1f1b --attention auto \
+        --out "$OUT/pipeline_vs_jit_${GPUS}gpu.json"
+      ;;
+    dist)  # issue 4: one process per GPU vs one process for all, same GPUs, same step
+      for n in 2 4; do
+        [ "$n" -gt "$GPUS" ] && continue
+        visible=$(seq -s, 0 $((n - 1)))
+        CUDA_VISIBLE_DEVICES=$visible run "dist_${n}gpu_1proc" 150 python3 \
+          benchmarks/distributed_train.py --stages "$n" $DIST_MODEL \
+          --out "$OUT/distributed_${n}gpu_1proc.json"
+        CUDA_VISIBLE_DEVICES=$visible run "dist_${n}gpu_${n}proc" 180 python3 -m jaxpp.cli \
+          launch -n "$n" -- python3 benchmarks/distributed_train.py --stages "$n" $DIST_MODEL \
+          --out "$OUT/distributed_${n}gpu_${n}proc.json"
+      done
+      ;;
+    bench2b)  # issue 6 on two GPUs: the strongest SPMD guesses against 1F1B
+      CUDA_VISIBLE_DEVICES=0,1 run bench2b 540 python3 -m jaxpp.cli bench pipeline \
+        --model 2b --devices 2 --isolate --out "$OUT/bench_2b_2xh200.json" --configs \
+        spmd/fsdp2/acc1/noremat,jaxpp/1f1b/pp2/mb16/noremat,spmd/tp2/acc1/noremat
+      ;;
+    *)
+      echo "unknown part: $part (env, pvj, dist, bench2b)" >&2
+      exit 2
+      ;;
+  esac
+done
