@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     step = jaxpp.mpmd_jit_with_loop(step_fn, mpmd_mesh=jaxpp.MpmdMesh(mesh, "stages"))
     state = _trainer.init_state(model, optimizer, jax.random.key(0), data.batch_at(0))
     main_process = jax.process_index() == 0
-    seconds, losses = [], []
+    seconds, losses, dispatch = [], [], []
     for index, batch in data.iterate(start=0):
         if index >= config.steps:
             break
@@ -92,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         loss = float(runtime.fetch(metrics["loss"]))  # waits for the step everywhere
         if index >= args.warmup:
             seconds.append(time.perf_counter() - start)
+            dispatch.append(step.last_stats.dispatch_seconds)
         losses.append(loss)
         if main_process:
             print(f"step {index + 1}/{config.steps} loss {loss:.4f}", flush=True)
@@ -111,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
         "config": {k: v for k, v in vars(args).items() if k != "out"},
         "median_step_seconds": median,
         "predicted_step_seconds": predicted,
+        # Host time to issue one step's work; close to the step time = dispatch-bound.
+        "median_dispatch_seconds": statistics.median(dispatch),
         "transfer_stall_share": max(0.0, median - predicted) / median,
         "measured_bubble": profile.bubble(median),
         "simulated_bubble": profile.simulation.bubble,
@@ -121,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"{executor} on {jax.process_count()} process(es): median step "
             f"{median * 1e3:.1f} ms, predicted from task times {predicted * 1e3:.1f} ms, "
-            f"transfer stall {result['transfer_stall_share']:.1%}",
+            f"transfer stall {result['transfer_stall_share']:.1%}, host dispatch "
+            f"{result['median_dispatch_seconds'] * 1e3:.1f} ms",
             flush=True,
         )
         if args.out is not None:

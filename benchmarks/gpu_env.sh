@@ -1,7 +1,8 @@
 # Source this on the GPU machine (no network, no setuptools in its Python) before running
 # jaxpp there:  source benchmarks/gpu_env.sh && python3 benchmarks/pipeline_vs_jit.py ...
 # It carries wheels from .whl/ (if any) and makes jaxpp importable as a package tree of links
-# (the top-level folders are subpackages, see setup.py). Use `python3 -m jaxpp.cli` for the CLI.
+# (the top-level folders are subpackages, see setup.py). Use `python3 -m jaxpp.cli` for the CLI,
+# from outside the repository root (there `-m` would import ./jaxpp, which lacks the subpackages).
 export PYTHONUNBUFFERED=1
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \

@@ -2,6 +2,7 @@
 # The pipeline measurements on a multi-GPU machine (device tool, nvidia-h200-x4 or -x2):
 #
 #   bash benchmarks/pipeline_gpu_run.sh env pvj dist     # issue 3 and 4 numbers
+#   PVJ_MB_SIZE=16 PVJ_SCHEDULES=1f1b bash benchmarks/pipeline_gpu_run.sh pvj
 #   bash benchmarks/pipeline_gpu_run.sh bench2b          # throughput race, ~2B on 2 GPUs
 #
 # Each part has its own time limit and writes its JSON and log under $OUT (default
@@ -13,6 +14,8 @@ source benchmarks/gpu_env.sh
 # NVLink multicast stays off on these shared machines (KINDS.md).
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 GPUS=$(nvidia-smi -L | wc -l)
+REPO=$PWD
+cd /tmp  # `python3 -m jaxpp.cli` must not find ./jaxpp (see gpu_env.sh)
 
 # A model that fits one GPU, so jax.jit on one device is the baseline.
 DIST_MODEL="--layers 8 --d-model 1024 --heads 8 --vocab 2048 --batch-size 32 --seq-len 1024 \
@@ -35,20 +38,21 @@ for part in "$@"; do
       python3 -c "import jax, jaxlib; print(jax.__version__, jaxlib.__version__, jax.devices())"
       ;;
     pvj)  # issue 3: 1F1B (and friends) over all GPUs vs jax.jit on one
-      run pvj 240 python3 benchmarks/pipeline_vs_jit.py --layers 8 --d-model 1024 --heads 8 \
-        --seq-len 1024 --microbatch-size 4 --microbatches 16 --steps 10 \
-        --schedules 1f1b,zb-h1,interleaved-1f1b --attention auto \
-        --out "$OUT/pipeline_vs_jit_${GPUS}gpu.json"
+      mbs=${PVJ_MB_SIZE:-4}
+      run "pvj_mbs$mbs" 240 python3 "$REPO"/benchmarks/pipeline_vs_jit.py --layers 8 \
+        --d-model 1024 --heads 8 --seq-len 1024 --microbatch-size "$mbs" --microbatches 16 \
+        --steps 10 --schedules "${PVJ_SCHEDULES:-1f1b,zb-h1,interleaved-1f1b}" --attention auto \
+        --out "$OUT/pipeline_vs_jit_${GPUS}gpu_mbs$mbs.json"
       ;;
     dist)  # issue 4: one process per GPU vs one process for all, same GPUs, same step
       for n in 2 4; do
         [ "$n" -gt "$GPUS" ] && continue
         visible=$(seq -s, 0 $((n - 1)))
         CUDA_VISIBLE_DEVICES=$visible run "dist_${n}gpu_1proc" 150 python3 \
-          benchmarks/distributed_train.py --stages "$n" $DIST_MODEL \
+          "$REPO"/benchmarks/distributed_train.py --stages "$n" $DIST_MODEL \
           --out "$OUT/distributed_${n}gpu_1proc.json"
         CUDA_VISIBLE_DEVICES=$visible run "dist_${n}gpu_${n}proc" 180 python3 -m jaxpp.cli \
-          launch -n "$n" -- python3 benchmarks/distributed_train.py --stages "$n" $DIST_MODEL \
+          launch -n "$n" -- python3 "$REPO"/benchmarks/distributed_train.py --stages "$n" $DIST_MODEL \
           --out "$OUT/distributed_${n}gpu_${n}proc.json"
       done
       ;;

@@ -44,17 +44,21 @@ def _parse() -> argparse.Namespace:
     return p.parse_args()
 
 
-def _time_steps(step, state, batch, steps: int) -> tuple[list[float], object]:
+def _time_steps(step, state, batch, steps: int) -> tuple[list[float], list[float], object]:
+    """Step times, host dispatch times (jaxpp steps only) and the last loss."""
     for _ in range(3):  # compile and warm up
         state, loss = step(state, batch)
     jax.block_until_ready((state, loss))
-    times = []
+    times, dispatch = [], []
     for _ in range(steps):
         t0 = time.perf_counter()
         state, loss = step(state, batch)
         jax.block_until_ready((state, loss))
         times.append(time.perf_counter() - t0)
-    return times, loss
+        stats = getattr(step, "last_stats", None)
+        if stats is not None:
+            dispatch.append(stats.dispatch_seconds)
+    return times, dispatch, loss
 
 
 def main() -> None:
@@ -99,7 +103,7 @@ def main() -> None:
     # Baseline: the same step under jax.jit on one device.
     base_step = jax.jit(functools.partial(train_step, schedule=jaxpp.Std1F1B(num_stages)))
     on0 = jax.device_put((state, batch), devices[0])
-    times, jit_loss = _time_steps(base_step, *on0, args.steps)
+    times, _, jit_loss = _time_steps(base_step, *on0, args.steps)
     base = statistics.median(times)
     rows.append({"config": "jax.jit, 1 device", "step_s": base, "loss": float(jit_loss)})
     del on0
@@ -113,7 +117,7 @@ def main() -> None:
         step = jaxpp.mpmd_jit_with_loop(
             functools.partial(train_step, schedule=builder), mpmd_mesh=mesh
         )
-        times, loss = _time_steps(step, state, batch, args.steps)
+        times, dispatch, loss = _time_steps(step, state, batch, args.steps)
         median = statistics.median(times)
         # Same step, same number of updates: the losses must agree before speed counts.
         tolerance = 1e-4 if dtype == jnp.float32 else 2e-2
@@ -127,6 +131,7 @@ def main() -> None:
                 "loss": float(loss),
                 "speedup_vs_jit": base / median,
                 "predicted_step_s": profile.predicted_step_seconds,
+                "dispatch_s": statistics.median(dispatch),
                 "measured_bubble": profile.bubble(median),
                 "simulated_bubble": profile.simulation.bubble,
                 "peak_activations": list(step.last_stats.peak_activations),
@@ -159,15 +164,21 @@ def main() -> None:
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=2)
-    print(f"\n{'config':32} {'step ms':>9} {'tokens/s':>10} {'vs jit':>7} {'bubble':>7}")
+    print(
+        f"\n{'config':32} {'step ms':>9} {'tokens/s':>10} {'vs jit':>7} {'bubble':>7} "
+        f"{'predicted':>9} {'dispatch':>9}"
+    )
     for row in rows:
-        ratio = row.get("speedup_vs_jit", 1.0)
-        bubble = row.get("measured_bubble")
-        print(
+        line = (
             f"{row['config']:32} {row['step_s'] * 1e3:9.1f} "
-            f"{tokens_per_step / row['step_s']:10.0f} {ratio:7.2f} "
-            f"{'' if bubble is None else f'{bubble:7.1%}'}"
+            f"{tokens_per_step / row['step_s']:10.0f} {row.get('speedup_vs_jit', 1.0):7.2f}"
         )
+        if "measured_bubble" in row:
+            line += (
+                f" {row['measured_bubble']:7.1%} {row['predicted_step_s'] * 1e3:9.1f}"
+                f" {row['dispatch_s'] * 1e3:9.1f}"
+            )
+        print(line)
 
 
 if __name__ == "__main__":

@@ -133,7 +133,7 @@ class DistributedExecutor(_local.LocalExecutor):
             for r, n in theirs["peak"].items():
                 peak[int(r)] = n
         timings.sort(key=lambda t: (t.start, t.rank))
-        return _local.StepStats(stats.seconds, tuple(peak), tuple(timings))
+        return _local.StepStats(stats.seconds, tuple(peak), tuple(timings), stats.dispatch_seconds)
 
     # -- ownership ----------------------------------------------------------------------
 

@@ -37,11 +37,15 @@ class StepStats:
         peak_activations: per rank, the most (stage, microbatch) pairs whose kept
             activations were alive at once.
         timings: per-Run timings when the executor was asked to record them.
+        dispatch_seconds: host time spent issuing the step's work (until the last
+            instruction was dispatched); near `seconds` means the host, not the
+            devices, sets the pace.
     """
 
     seconds: float
     peak_activations: tuple[int, ...]
     timings: tuple[TaskTiming, ...]
+    dispatch_seconds: float = 0.0
 
 
 class LocalExecutor:
@@ -220,8 +224,11 @@ class LocalExecutor:
             given[name] if b is None else self._output(index, b, env)
             for index, (name, b) in enumerate(plan.outputs)
         ]
+        dispatched = time.perf_counter() - start
         jax.block_until_ready(outputs)
-        self.last_stats = StepStats(time.perf_counter() - start, tuple(peak), tuple(timings))
+        self.last_stats = StepStats(
+            time.perf_counter() - start, tuple(peak), tuple(timings), dispatched
+        )
         return outputs
 
 
