@@ -29,12 +29,16 @@ import jax
 LOST_PEER_EXIT_CODE = 3
 #: Default seconds without a heartbeat before a peer counts as lost.
 DEFAULT_TIMEOUT_S = 30.0
+# How long a process waits for a live peer to reach the same point of a step: the first
+# step compiles every task, which for a large model on GPUs takes minutes.
+DEFAULT_PROGRESS_TIMEOUT_S = 900.0
 
 _ENV_COORDINATOR = "JAXPP_COORDINATOR"
 _ENV_NUM_PROCESSES = "JAXPP_NUM_PROCESSES"
 _ENV_PROCESS_ID = "JAXPP_PROCESS_ID"
 _ENV_LOCAL_DEVICE_IDS = "JAXPP_LOCAL_DEVICE_IDS"
 _ENV_TIMEOUT = "JAXPP_TIMEOUT"
+_ENV_PROGRESS_TIMEOUT = "JAXPP_PROGRESS_TIMEOUT"
 
 
 class CoordinatorUnreachableError(ConnectionError):
@@ -214,15 +218,54 @@ def kv_set(key: str, value: str) -> None:
 
 
 def kv_get(key: str, *, waiting_for: str) -> str:
-    """Reads a string another process stores; waits at most the watchdog's timeout."""
-    timeout_s = _WATCHDOG.timeout_s if _WATCHDOG is not None else DEFAULT_TIMEOUT_S
+    """Reads a string another process stores, waiting while that process is alive.
+
+    A live peer may take long to get there (the first step compiles its tasks); a dead
+    one is caught by the watchdog's heartbeats, which stop this process within their
+    timeout. So the wait is bounded by `JAXPP_PROGRESS_TIMEOUT` (default 900 s), checked
+    in slices of the heartbeat timeout. Without a watchdog it waits one heartbeat timeout.
+    """
+    heartbeat_s = _WATCHDOG.timeout_s if _WATCHDOG is not None else DEFAULT_TIMEOUT_S
+    limit_s = progress_timeout_s() if _WATCHDOG is not None else heartbeat_s
+    start = time.monotonic()
+    while True:
+        left_s = limit_s - (time.monotonic() - start)
+        try:
+            return _client().blocking_key_value_get(
+                key, max(1, int(min(heartbeat_s, left_s) * 1000))
+            )
+        except Exception as error:
+            waited_s = time.monotonic() - start
+            if "DEADLINE_EXCEEDED" in str(error) and waited_s < limit_s:
+                continue  # the watchdog has not lost anyone: the peer is still on its way
+            raise PeerLostError(
+                f"waited {waited_s:.0f} s for {waiting_for} (key {key!r}) and it never came: "
+                f"{error}. Fix: check that every process runs the same step with the same "
+                f"inputs; if the peers are alive but slow (compiling), raise "
+                f"{_ENV_PROGRESS_TIMEOUT} (now {limit_s:g} s)."
+            ) from error
+
+
+def progress_timeout_s() -> float:
+    """Seconds a process waits for a live peer: `JAXPP_PROGRESS_TIMEOUT` or 900.
+
+    Example:
+        >>> progress_timeout_s() > 0
+        True
+    """
+    text = os.environ.get(_ENV_PROGRESS_TIMEOUT)
+    if not text:
+        return DEFAULT_PROGRESS_TIMEOUT_S
     try:
-        return _client().blocking_key_value_get(key, int(timeout_s * 1000))
-    except Exception as error:
-        raise PeerLostError(
-            f"waited {timeout_s:g} s for {waiting_for} (key {key!r}) and it never came: "
-            f"{error}. Fix: check that every process runs the same step with the same inputs."
-        ) from error
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if value <= 0:
+        raise ValueError(
+            f"{_ENV_PROGRESS_TIMEOUT}={text!r} is not a positive number of seconds. "
+            f"Fix: e.g. {_ENV_PROGRESS_TIMEOUT}=1800."
+        )
+    return value
 
 
 class _Watchdog:

@@ -213,5 +213,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _nvidia_gpus() -> int:
-    return sum(1 for p in pathlib.Path("/dev").glob("nvidia[0-9]*"))
+def _nvidia_gpus(dev: pathlib.Path = pathlib.Path("/dev"), env=os.environ) -> int:
+    """NVIDIA GPUs this process may use: the device nodes, cut to CUDA_VISIBLE_DEVICES."""
+    present = sum(1 for p in dev.glob("nvidia[0-9]*"))
+    visible = env.get("CUDA_VISIBLE_DEVICES")
+    if visible is None:
+        return present
+    return min(present, len([d for d in visible.split(",") if d.strip()]))

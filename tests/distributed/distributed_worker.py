@@ -8,7 +8,9 @@ Cases: schedules4 (4 processes, 1 device each), spanning4 (4 x 1, ranks of 2 dev
 spanning 2 processes), mixed2 (2 processes x 2 devices, 2 ranks per process and
 ranks split over both processes), kill (a mesh one rank too large must fail;
 then process 1 dies in the middle of a step), stall (process 1 stops, SIGSTOP, in the
-middle of a step).
+middle of a step), slowpeer (process 1 is alive but gets to a key-value exchange 2.5
+heartbeat timeouts late, as when it compiles a large task; then a key nobody sets
+must time out after JAXPP_PROGRESS_TIMEOUT with the key named).
 """
 
 import functools
@@ -137,7 +139,31 @@ def _fail_mid_step(how: signal.Signals) -> None:
     time.sleep(120)  # never reached in a healthy test: the watchdog stops us first
 
 
-CASES = {f.__name__: f for f in (schedules4, spanning4, mixed2, kill, stall)}
+def slowpeer():
+    from jaxpp.runtime import _coordination
+
+    late_s = 2.5 * _coordination._WATCHDOG.timeout_s
+    if jax.process_index() == 1:
+        time.sleep(late_s)  # the heartbeat thread keeps running, as during a compile
+        _coordination.kv_set("jaxpp/test/slowpeer", "late but alive")
+        # Stay until process 0 is done, or the shutdown barrier gives up on it.
+        _coordination._client().blocking_key_value_get("jaxpp/test/slowpeer-done", 60_000)
+    else:
+        start = time.monotonic()
+        got = _coordination.kv_get("jaxpp/test/slowpeer", waiting_for="the slow peer")
+        assert got == "late but alive" and time.monotonic() - start >= late_s - 1, got
+        start = time.monotonic()
+        try:
+            _coordination.kv_get("jaxpp/test/never", waiting_for="a key nobody sets")
+        except runtime.PeerLostError as error:
+            print(f"PASS never ({time.monotonic() - start:.1f} s): {error}", flush=True)
+        else:
+            raise AssertionError("kv_get returned a key nobody set")
+        _coordination.kv_set("jaxpp/test/slowpeer-done", "yes")
+    print(f"PASS slowpeer (process {jax.process_index()})", flush=True)
+
+
+CASES = {f.__name__: f for f in (schedules4, spanning4, mixed2, kill, stall, slowpeer)}
 
 if __name__ == "__main__":
     import faulthandler

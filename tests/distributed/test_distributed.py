@@ -115,6 +115,19 @@ def test_distributed_killed_process_stops_others_with_named_error():
             os.kill(pid, 0)
 
 
+def test_distributed_live_but_slow_peer_is_waited_for_then_times_out_by_name(monkeypatch):
+    # A peer alive but late (compiling) is waited for past the heartbeat timeout; a key
+    # that never comes fails after JAXPP_PROGRESS_TIMEOUT, naming what it waited for.
+    monkeypatch.setenv("JAXPP_PROGRESS_TIMEOUT", "8")
+    code, out, _ = _launch(["slowpeer"], processes=2, timeout_s=2.0, hard_timeout_s=90)
+    assert code == 0, _tail(out)
+    assert "PASS slowpeer (process 0)" in out and "PASS slowpeer (process 1)" in out
+    never = re.search(r"PASS never \(([\d.]+) s\): waited \d+ s for a key nobody sets", out)
+    assert never, _tail(out)
+    assert 8 <= float(never.group(1)) < 18
+    assert "raise JAXPP_PROGRESS_TIMEOUT (now 8 s)" in out
+
+
 def test_distributed_stopped_process_is_named_and_killed():
     timeout_s = 3.0
     code, out, _ = _launch(["stall"], processes=2, timeout_s=timeout_s, hard_timeout_s=90)
@@ -130,6 +143,19 @@ def test_distributed_stopped_process_is_named_and_killed():
     for pid in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+def test_launch_counts_only_visible_gpus(tmp_path):
+    from jaxpp.runtime import _launch
+
+    for i in range(4):
+        (tmp_path / f"nvidia{i}").touch()
+    (tmp_path / "nvidiactl").touch()
+    assert _launch._nvidia_gpus(tmp_path, {}) == 4
+    assert _launch._nvidia_gpus(tmp_path, {"CUDA_VISIBLE_DEVICES": "2,3"}) == 2
+    assert _launch._nvidia_gpus(tmp_path, {"CUDA_VISIBLE_DEVICES": ""}) == 0
+    env = _launch._child_env({}, 1, 2, 1234, 30.0, None, 2)  # 2 visible GPUs, 2 processes
+    assert env["JAXPP_LOCAL_DEVICE_IDS"] == "1"
 
 
 def test_launch_failed_process_stops_the_others_and_returns_its_code():
