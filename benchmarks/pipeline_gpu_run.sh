@@ -18,7 +18,7 @@ REPO=$PWD
 cd /tmp  # `python3 -m jaxpp.cli` must not find ./jaxpp (see gpu_env.sh)
 
 # A model that fits one GPU, so jax.jit on one device is the baseline.
-DIST_MODEL="--layers 8 --d-model 1024 --heads 8 --vocab 2048 --batch-size 32 --seq-len 1024 \
+DIST_MODEL="--layers 8 --d-model 1024 --heads 8 --vocab 2048 --batch-size ${DIST_BATCH:-32} --seq-len 1024 \
   --microbatches 8 --dtype bfloat16 --warmup 3 --steps 10"
 
 run() {  # run NAME SECONDS COMMAND...: logs to $OUT/NAME.log, reports the exit status
@@ -45,15 +45,15 @@ for part in "$@"; do
         --out "$OUT/pipeline_vs_jit_${GPUS}gpu_mbs$mbs.json"
       ;;
     dist)  # issue 4: one process per GPU vs one process for all, same GPUs, same step
-      for n in 2 4; do
+      for n in ${DIST_PROCESSES:-2 4}; do
         [ "$n" -gt "$GPUS" ] && continue
         visible=$(seq -s, 0 $((n - 1)))
-        CUDA_VISIBLE_DEVICES=$visible run "dist_${n}gpu_1proc" 150 python3 \
+        CUDA_VISIBLE_DEVICES=$visible run "dist_${n}gpu_1proc_b${DIST_BATCH:-32}" 150 python3 \
           "$REPO"/benchmarks/distributed_train.py --stages "$n" $DIST_MODEL \
-          --out "$OUT/distributed_${n}gpu_1proc.json"
-        CUDA_VISIBLE_DEVICES=$visible run "dist_${n}gpu_${n}proc" 180 python3 -m jaxpp.cli \
+          --out "$OUT/distributed_${n}gpu_1proc_b${DIST_BATCH:-32}.json"
+        CUDA_VISIBLE_DEVICES=$visible run "dist_${n}gpu_${n}proc_b${DIST_BATCH:-32}" 180 python3 -m jaxpp.cli \
           launch -n "$n" -- python3 "$REPO"/benchmarks/distributed_train.py --stages "$n" $DIST_MODEL \
-          --out "$OUT/distributed_${n}gpu_${n}proc.json"
+          --out "$OUT/distributed_${n}gpu_${n}proc_b${DIST_BATCH:-32}.json"
       done
       ;;
     bench2b)  # issue 6 on two GPUs: the strongest SPMD guesses against 1F1B
