@@ -57,9 +57,9 @@ for part in "$@"; do
       done
       ;;
     bench2b)  # issue 6 on two GPUs: the strongest SPMD guesses against 1F1B
-      CUDA_VISIBLE_DEVICES=0,1 run bench2b 540 python3 -m jaxpp.cli bench pipeline \
-        --model 2b --devices 2 --isolate --out "$OUT/bench_2b_2xh200.json" --configs \
-        spmd/fsdp2/acc1/noremat,jaxpp/1f1b/pp2/mb16/noremat,spmd/tp2/acc1/noremat
+      CUDA_VISIBLE_DEVICES=0,1 run bench2b "${BENCH_LIMIT:-540}" python3 -m jaxpp.cli bench \
+        pipeline --model 2b --devices 2 --isolate --out "$OUT/bench_2b_2xh200.json" --configs \
+        "${BENCH_CONFIGS:-spmd/fsdp2/acc1/noremat,jaxpp/1f1b/pp2/mb16/noremat,spmd/tp2/acc1/noremat}"
       ;;
     *)
       echo "unknown part: $part (env, pvj, dist, bench2b)" >&2
