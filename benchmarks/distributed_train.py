@@ -93,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         if index >= args.warmup:
             seconds.append(time.perf_counter() - start)
             dispatch.append(step.last_stats.dispatch_seconds)
+            by_kind = dict(step.last_stats.dispatch_by_kind)  # the last timed step's
         losses.append(loss)
         if main_process:
             print(f"step {index + 1}/{config.steps} loss {loss:.4f}", flush=True)
@@ -114,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         "predicted_step_seconds": predicted,
         # Host time to issue one step's work; close to the step time = dispatch-bound.
         "median_dispatch_seconds": statistics.median(dispatch),
+        "last_dispatch_by_kind": by_kind,
         "transfer_stall_share": max(0.0, median - predicted) / median,
         "measured_bubble": profile.bubble(median),
         "simulated_bubble": profile.simulation.bubble,
@@ -125,7 +127,9 @@ def main(argv: list[str] | None = None) -> int:
             f"{executor} on {jax.process_count()} process(es): median step "
             f"{median * 1e3:.1f} ms, predicted from task times {predicted * 1e3:.1f} ms, "
             f"transfer stall {result['transfer_stall_share']:.1%}, host dispatch "
-            f"{result['median_dispatch_seconds'] * 1e3:.1f} ms",
+            f"{result['median_dispatch_seconds'] * 1e3:.1f} ms ("
+            + ", ".join(f"{k} {v * 1e3:.1f}" for k, v in by_kind.items())
+            + ")",
             flush=True,
         )
         if args.out is not None:

@@ -133,7 +133,7 @@ class DistributedExecutor(_local.LocalExecutor):
             for r, n in theirs["peak"].items():
                 peak[int(r)] = n
         timings.sort(key=lambda t: (t.start, t.rank))
-        return _local.StepStats(stats.seconds, tuple(peak), tuple(timings), stats.dispatch_seconds)
+        return dataclasses.replace(stats, peak_activations=tuple(peak), timings=tuple(timings))
 
     # -- ownership ----------------------------------------------------------------------
 
@@ -245,17 +245,18 @@ class DistributedExecutor(_local.LocalExecutor):
         if self._mine[src] and not x.sharding.is_equivalent_to(source_sharding, x.ndim):
             x = self._reshard(x, source_sharding)
         key = _TransferKey(shape, dtype_name, spec, src, dst)
-        permute, pair_sharding = self._transfer_fn(key)
-        pair_shape = (2, *shape)
+        permute, pair_sharding, pair_shape = self._transfer_fn(key)
+        stacked_axis = len(shape) > 0  # scalars get a new leading axis; others reuse axis 0
         shard_shape = source_sharding.shard_shape(shape)
         pieces = []
         dst_devices = set(mesh_dst.devices.flat)
         by_device = {s.device: s.data for s in x.addressable_shards} if self._mine[src] else {}
         for device in pair_sharding.addressable_devices:
             if device in dst_devices:
-                pieces.append(self._zeros_on(device, shard_shape, dtype))
+                pieces.append(self._zeros_on(device, shard_shape, dtype, expand=not stacked_axis))
             else:
-                pieces.append(_expand(by_device[device]))
+                shard = by_device[device]
+                pieces.append(shard if stacked_axis else _expand(shard))
         stacked = jax.make_array_from_single_device_arrays(pair_shape, pair_sharding, pieces)
         if self._sync_transfers:
             # XLA's CPU client runs a computation whose inputs are not ready on its
@@ -266,12 +267,21 @@ class DistributedExecutor(_local.LocalExecutor):
         out = permute(stacked)
         if not self._mine[dst]:
             return None
-        received = [_squeeze(s.data) for s in out.addressable_shards if s.device in dst_devices]
+        received = [s.data for s in out.addressable_shards if s.device in dst_devices]
+        if not stacked_axis:
+            received = [_squeeze(r) for r in received]
         return jax.make_array_from_single_device_arrays(
             shape, NamedSharding(mesh_dst, spec), received
         )
 
     def _transfer_fn(self, key: _TransferKey):
+        """The pair collective of a transfer, its input sharding and its global shape.
+
+        The sender's and receiver's shards are stacked along axis 0 (the pair axis
+        major over the spec's own axes there), so each device's block is its own shard
+        as it is: one program per transfer, no reshaping around it. Scalars get a new
+        leading axis of 2.
+        """
         fn = self._transfers.get(key)
         if fn is None:
             mesh_src, mesh_dst = self.rank_meshes[key.src], self.rank_meshes[key.dst]
@@ -279,13 +289,21 @@ class DistributedExecutor(_local.LocalExecutor):
                 np.stack([mesh_src.devices, mesh_dst.devices]),
                 (_PAIR_AXIS, *mesh_src.axis_names),
             )
-            spec = PartitionSpec(_PAIR_AXIS, *key.spec)
+            if key.shape:
+                spec = tuple(key.spec) + (None,) * (len(key.shape) - len(key.spec))
+                lead = spec[0] if isinstance(spec[0], tuple) else (spec[0],)
+                lead = tuple(a for a in lead if a is not None)
+                spec = PartitionSpec((_PAIR_AXIS, *lead), *spec[1:])
+                pair_shape = (2 * key.shape[0], *key.shape[1:])
+            else:
+                spec = PartitionSpec(_PAIR_AXIS)
+                pair_shape = (2,)
 
             def move(stacked):
                 return jax.lax.ppermute(stacked, _PAIR_AXIS, perm=((0, 1),))
 
             permute = jax.jit(jax.shard_map(move, mesh=pair, in_specs=spec, out_specs=spec))
-            fn = (permute, NamedSharding(pair, spec))
+            fn = (permute, NamedSharding(pair, spec), pair_shape)
             self._transfers[key] = fn
         return fn
 
@@ -296,11 +314,14 @@ class DistributedExecutor(_local.LocalExecutor):
             self._reshard_fns[target] = fn
         return fn(x)
 
-    def _zeros_on(self, device, shape: tuple[int, ...], dtype: np.dtype) -> jax.Array:
-        key = (device, shape, dtype.name)
+    def _zeros_on(
+        self, device, shape: tuple[int, ...], dtype: np.dtype, *, expand: bool
+    ) -> jax.Array:
+        """The receiver's (never read) half of a transfer's input, made once per type."""
+        key = (device, shape, dtype.name, expand)
         z = self._zeros.get(key)
         if z is None:
-            z = jax.device_put(np.zeros((1, *shape), dtype), device)
+            z = jax.device_put(np.zeros((1, *shape) if expand else shape, dtype), device)
             self._zeros[key] = z
         return z
 

@@ -40,12 +40,16 @@ class StepStats:
         dispatch_seconds: host time spent issuing the step's work (until the last
             instruction was dispatched); near `seconds` means the host, not the
             devices, sets the pace.
+        dispatch_by_kind: that host time split by what it issued ("inputs", "run",
+            "send", "split", "free", "outputs"); a kind that takes far longer than
+            its work needs is where the host waits.
     """
 
     seconds: float
     peak_activations: tuple[int, ...]
     timings: tuple[TaskTiming, ...]
     dispatch_seconds: float = 0.0
+    dispatch_by_kind: Mapping[str, float] = dataclasses.field(default_factory=dict)
 
 
 class LocalExecutor:
@@ -174,10 +178,13 @@ class LocalExecutor:
                 value = self._place_input(name, given[name], r)
                 if value is not None:
                     env[_plan.Buffer(name, None, r)] = value
+        host = dict.fromkeys(("run", "send", "split", "free"), 0.0)
+        host["inputs"] = time.perf_counter() - start
         live: list[dict[tuple[int, int], int]] = [{} for _ in range(plan.num_ranks)]
         peak = [0] * plan.num_ranks
         timings = []
         for ins in plan.instructions:
+            issued = time.perf_counter()
             if isinstance(ins, _plan.Run):
                 if not self._runs_on(ins.rank):
                     continue
@@ -199,10 +206,12 @@ class LocalExecutor:
                         counts = live[b.rank]
                         counts[pair] = counts.get(pair, 0) + 1
                         peak[b.rank] = max(peak[b.rank], len(counts))
+                host["run"] += time.perf_counter() - issued
             elif isinstance(ins, _plan.Send):
                 value = self._send(ins, env.get(ins.source))
                 if value is not None:
                     env[ins.target] = value
+                host["send"] += time.perf_counter() - issued
             elif isinstance(ins, _plan.Split):
                 if not self._runs_on(ins.rank):
                     continue
@@ -210,6 +219,7 @@ class LocalExecutor:
                     ins.outputs, self._split(env[ins.source], ins.num_microbatches), strict=True
                 ):
                     env[b] = value
+                host["split"] += time.perf_counter() - issued
             elif isinstance(ins, _plan.Free):
                 if not self._runs_on(ins.buffer.rank):
                     continue
@@ -220,14 +230,17 @@ class LocalExecutor:
                     counts[pair] -= 1
                     if counts[pair] == 0:
                         del counts[pair]
+                host["free"] += time.perf_counter() - issued
+        issued = time.perf_counter()
         outputs = [
             given[name] if b is None else self._output(index, b, env)
             for index, (name, b) in enumerate(plan.outputs)
         ]
+        host["outputs"] = time.perf_counter() - issued
         dispatched = time.perf_counter() - start
         jax.block_until_ready(outputs)
         self.last_stats = StepStats(
-            time.perf_counter() - start, tuple(peak), tuple(timings), dispatched
+            time.perf_counter() - start, tuple(peak), tuple(timings), dispatched, host
         )
         return outputs
 

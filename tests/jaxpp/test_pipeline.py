@@ -60,6 +60,10 @@ def test_pipeline_every_builtin_schedule_matches_jit(schedule, layers):
         f"live activations {stats.peak_activations} exceed the simulator's peak {simulated}"
     )
     assert max(stats.peak_activations) > 0  # the count is real, not a constant
+    by_kind = stats.dispatch_by_kind
+    assert set(by_kind) == {"inputs", "run", "send", "split", "free", "outputs"}
+    assert by_kind["run"] > 0 and by_kind["send"] > 0
+    assert sum(by_kind.values()) <= stats.dispatch_seconds <= stats.seconds
 
 
 def test_pipeline_8_ranks_1f1b_and_interleaved_match_jit():
