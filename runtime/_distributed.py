@@ -285,10 +285,15 @@ class DistributedExecutor(_local.LocalExecutor):
         fn = self._transfers.get(key)
         if fn is None:
             mesh_src, mesh_dst = self.rank_meshes[key.src], self.rank_meshes[key.dst]
-            pair = Mesh(
-                np.stack([mesh_src.devices, mesh_dst.devices]),
-                (_PAIR_AXIS, *mesh_src.axis_names),
+            # Lower device ids first: XLA:GPU wants an iota device assignment (it logs an
+            # error for others), so a transfer to a lower rank sends from pair index 1.
+            flip = mesh_src.devices.flat[0].id > mesh_dst.devices.flat[0].id
+            halves = (
+                [mesh_dst.devices, mesh_src.devices]
+                if flip
+                else [mesh_src.devices, mesh_dst.devices]
             )
+            pair = Mesh(np.stack(halves), (_PAIR_AXIS, *mesh_src.axis_names))
             if key.shape:
                 spec = tuple(key.spec) + (None,) * (len(key.shape) - len(key.spec))
                 lead = spec[0] if isinstance(spec[0], tuple) else (spec[0],)
@@ -299,8 +304,10 @@ class DistributedExecutor(_local.LocalExecutor):
                 spec = PartitionSpec(_PAIR_AXIS)
                 pair_shape = (2,)
 
+            perm = ((1, 0),) if flip else ((0, 1),)
+
             def move(stacked):
-                return jax.lax.ppermute(stacked, _PAIR_AXIS, perm=((0, 1),))
+                return jax.lax.ppermute(stacked, _PAIR_AXIS, perm=perm)
 
             permute = jax.jit(jax.shard_map(move, mesh=pair, in_specs=spec, out_specs=spec))
             fn = (permute, NamedSharding(pair, spec), pair_shape)
