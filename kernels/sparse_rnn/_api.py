@@ -30,6 +30,8 @@ def sparse_rnn(
     resident_chunks: int = 0,
     max_spins: int = 1 << 20,
     check_timeouts: bool = True,
+    state_dtype: str = "float32",
+    prefetch: bool = False,
 ) -> jax.Array:
     """Runs a recurrence with a pruned recurrent matrix; returns all hidden states.
 
@@ -55,6 +57,12 @@ def sparse_rnn(
         max_spins: bound on each wait of the persistent kernel.
         check_timeouts: raise `SparseRNNTimeoutError` when a wait timed out (needs a CPU
             backend for the host callback; the outputs are NaN after a timeout either way).
+        state_dtype: "float32" (default), or "float16"/"bfloat16": the forward kernel also
+            writes a 16-bit copy of each hidden state and gathers the recurrent product's
+            inputs from it (half the gathered bytes; the products round `h` to that type,
+            the cell math stays float32). Experimental, see kernels/sparse_rnn/NOTES.md.
+        prefetch: software-pipeline the kernels' chunk loops (loads of the next chunks before
+            the products of the current one). Experimental, see NOTES.md.
 
     Returns:
         `(batch, steps, hidden)` hidden states in `x_proj`'s dtype.
@@ -101,6 +109,8 @@ def sparse_rnn(
         num_stages,
         resident_chunks,
         max_spins,
+        state_dtype,
+        prefetch,
     )
     hs = _sparse_rnn_kernel(
         cfg,
@@ -149,6 +159,8 @@ def _config(
     num_stages,
     resident_chunks,
     max_spins,
+    state_dtype="float32",
+    prefetch=False,
 ):
     blocks, gates, units, slots = weights.values.shape
     if gates * units * slots > _weights.MAX_SLOTS_PER_BLOCK:
@@ -187,6 +199,8 @@ def _config(
         resident_chunks=resident_chunks,
         max_spins=max_spins,
         interpret=jax.default_backend() != "gpu",
+        state_dtype=state_dtype,
+        prefetch=bool(prefetch),
     )
 
 

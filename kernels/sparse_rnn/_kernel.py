@@ -26,6 +26,13 @@ loaded once before the time loop and stay in registers; the rest are reloaded ev
 Gathers read the previous state with gathered global loads (L1-cached). Pallas-Triton offers no
 shared-memory gather; a variant through Triton's `gather` op did not finish on an H100 within
 the benchmark's limit and was dropped (see benchmarks/README.md).
+
+Variants (off by default; NOTES.md models them and the next GPU run decides):
+`state_dtype="float16"` makes the forward kernel also write a 16-bit copy of each `h_t` slab and
+gather from it (half the bytes and cache lines per gather; the cell math and the float32 `h`
+slabs are unchanged). `prefetch=True` software-pipelines the chunk loop: the weight words of
+chunk `c + 2` and the gathered rows of chunk `c + 1` are loaded before the products of chunk `c`,
+so the loop no longer waits on two dependent memory latencies per iteration.
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ from jax.experimental.pallas import triton as plt
 from jaxpp.kernels.sparse_rnn import _cells
 
 CHUNK = 32
+STATE_DTYPES = ("float32", "float16", "bfloat16")
 _INT32_MAX = 2**31 - 1
 
 
@@ -63,6 +71,19 @@ class KernelConfig:
     max_spins: int = 1 << 20
     interpret: bool = False
     value_dtype: str = "bfloat16"
+    state_dtype: str = "float32"  # dtype of the state copy the forward gathers from
+    prefetch: bool = False  # software-pipelined chunk loop
+
+    def __post_init__(self):
+        if self.state_dtype not in STATE_DTYPES:
+            raise ValueError(
+                f"state_dtype={self.state_dtype!r} is not one of {STATE_DTYPES}. Fix: pick one."
+            )
+
+    @property
+    def staged(self) -> bool:
+        """Whether the forward gathers from a separate (16-bit) copy of the state."""
+        return self.state_dtype != "float32"
 
     @property
     def row_groups(self) -> tuple[tuple[int, int], ...]:
@@ -99,11 +120,20 @@ def pack(values: jax.Array, columns: jax.Array) -> jax.Array:
 
 def _load_chunk(cfg, w_ref, p, g, gates, n_chunks, r0, size, chunk, *, evict: bool):
     """`(size, CHUNK)` values (float32) and columns of one chunk of one row group."""
+    words = _load_words(cfg, w_ref, p, g, gates, n_chunks, r0, size, chunk, evict=evict)
+    return _decode(cfg, words)
+
+
+def _load_words(cfg, w_ref, p, g, gates, n_chunks, r0, size, chunk, *, evict: bool):
+    """`(size, CHUNK)` packed int32 words of one chunk of one row group."""
     row = ((p * gates + g) * n_chunks + chunk) * cfg.units + r0
     if evict:
-        words = plt.load(w_ref.at[pl.ds(row, size), :], eviction_policy="evict_last")
-    else:
-        words = w_ref[pl.ds(row, size), :]
+        return plt.load(w_ref.at[pl.ds(row, size), :], eviction_policy="evict_last")
+    return w_ref[pl.ds(row, size), :]
+
+
+def _decode(cfg, words):
+    """Packed words -> `(values as float32, columns)`."""
     high = jnp.right_shift(words, 16).astype(jnp.int16)
     vals = jax.lax.bitcast_convert_type(high, jnp.dtype(cfg.value_dtype)).astype(jnp.float32)
     return vals, jnp.bitwise_and(words, 0xFFFF)
@@ -116,12 +146,16 @@ def _gather_matvec(cfg, src_ref, src_row0, keys, resident, load, n_chunks):
     loop over the chunks serves every key, so each iteration has many independent gathers in
     flight (the loop is latency-bound otherwise), and the products accumulate elementwise in
     `(size, CHUNK, batch)` registers: one cross-thread reduction per key and step, not one per
-    chunk. `resident[key]` holds the first chunks already in registers; `load(key, size, c)`
-    loads chunk `c`. The batch is the gathered rows' minor axis, so each gather is one wide load.
+    chunk. `resident[key]` holds the first chunks already in registers (decoded); `load(key,
+    size, c)` loads the packed words of chunk `c`. The batch is the gathered rows' minor axis, so
+    each gather is one wide load; a 16-bit `src` is widened to float32 after the gather.
     """
 
+    def gather(cols):
+        return src_ref[cols + src_row0, :].astype(jnp.float32)
+
     def term(vals, cols):
-        return vals[:, :, None] * src_ref[cols + src_row0, :]
+        return vals[:, :, None] * gather(cols)
 
     accs = []
     for key, size in keys:
@@ -130,24 +164,66 @@ def _gather_matvec(cfg, src_ref, src_row0, keys, resident, load, n_chunks):
             acc = acc + term(vals, cols)
         accs.append(acc)
     first = min((len(resident.get(key, ())) for key, _ in keys), default=0)
-    if first < n_chunks:
+    if first < n_chunks and not cfg.prefetch:
 
         def body(c, accs):
             return tuple(
-                acc + term(*load(key, size, c)) for (key, size), acc in zip(keys, accs, strict=True)
+                acc + term(*_decode(cfg, load(key, size, c)))
+                for (key, size), acc in zip(keys, accs, strict=True)
             )
 
         accs = jax.lax.fori_loop(first, n_chunks, body, tuple(accs))
+    elif first < n_chunks:
+        accs = _pipelined_chunks(cfg, keys, tuple(accs), gather, load, first, n_chunks)
     return {key: jnp.sum(acc, axis=1) for (key, _), acc in zip(keys, accs, strict=True)}
 
 
-def _forward_block(cfg, p, refs, offsets, resident, wait=None):
+def _pipelined_chunks(cfg, keys, accs, gather, load, first, n_chunks):
+    """The chunk loop, software-pipelined by hand (Triton pipelines only loads feeding dots).
+
+    Iteration `c` issues the word loads of chunk `c + 2`, then the gathers of chunk `c + 1`
+    (whose words arrived during the previous iteration), then the products of chunk `c` (whose
+    gathered rows arrived during the previous iteration). Chunk indices past the end are
+    clamped: the extra loads re-read the last chunk and are never used. Costs about
+    `(CHUNK + CHUNK * batch) * rows / threads` more registers than the plain loop.
+    """
+    last = n_chunks - 1
+
+    def words_of(c):
+        return tuple(load(key, size, c) for key, size in keys)
+
+    def rows_of(words):
+        out = []
+        for w in words:
+            vals, cols = _decode(cfg, w)
+            out.append((vals, gather(cols)))
+        return tuple(out)
+
+    def body(c, state):
+        accs, words_next, cur = state
+        words_after = words_of(jnp.minimum(c + 2, last))
+        nxt = rows_of(words_next)
+        accs = tuple(
+            acc + vals[:, :, None] * rows for acc, (vals, rows) in zip(accs, cur, strict=True)
+        )
+        return accs, words_after, nxt
+
+    state = (accs, words_of(min(first + 1, last)), rows_of(words_of(first)))
+    accs, _, _ = jax.lax.fori_loop(first, n_chunks, body, state)
+    return accs
+
+
+def _forward_block(cfg, p, refs, offsets, resident, wait=None, staged=None):
     """One step for block `p`: reads slab offsets, writes `h_t`, `c_t` and `m_t` rows.
 
     `wait()`, if given, runs after the loads that do not depend on the previous step.
+    `staged`, if given, is `(gather_ref, gather_row0, copy_ref, copy_row0)`: the products gather
+    from `gather_ref` (a `state_dtype` copy of the previous state) instead of the float32 slab,
+    and `h_t` is also written to `copy_ref` in `state_dtype` (None: not written).
     """
     x_ref, w_ref, src_ref, cprev_ref, h_ref, c_ref, m_ref = refs
     x_row0, src_row0, cprev_row0, h_row0, c_row0, m_row0 = offsets
+    gather_ref, gather_row0, copy_ref, copy_row0 = staged or (src_ref, src_row0, None, 0)
     hidden = cfg.hidden
     keys = [((g, r0), size) for g in range(cfg.gates) for r0, size in cfg.row_groups]
     xs = {
@@ -159,13 +235,13 @@ def _forward_block(cfg, p, refs, offsets, resident, wait=None):
 
     def load(key, size, c):
         g, r0 = key
-        return _load_chunk(
+        return _load_words(
             cfg, w_ref, p, g, cfg.gates, n_chunks, r0, size, c, evict=not cfg.interpret
         )
 
     if wait is not None:
         wait()
-    ms = _gather_matvec(cfg, src_ref, src_row0, keys, resident, load, n_chunks)
+    ms = _gather_matvec(cfg, gather_ref, gather_row0, keys, resident, load, n_chunks)
     for r0, size in cfg.row_groups:
         unit0 = p * cfg.units + r0
         h_prev = src_ref[pl.ds(src_row0 + unit0, size), :] if cfg.cell == "gru" else None
@@ -174,6 +250,8 @@ def _forward_block(cfg, p, refs, offsets, resident, wait=None):
         gate_m = [ms[(g, r0)] for g in range(cfg.gates)]
         h, c = _cells.cell_forward(cfg.cell, gate_x, gate_m, h_prev, c_prev)
         h_ref[pl.ds(h_row0 + unit0, size), :] = h
+        if copy_ref is not None:
+            copy_ref[pl.ds(copy_row0 + unit0, size), :] = h.astype(copy_ref.dtype)
         if cfg.cell == "lstm":
             c_ref[pl.ds(c_row0 + unit0, size), :] = c
         for g in range(cfg.gates):
@@ -188,7 +266,7 @@ def _backward_block(cfg, p, refs, offsets, carries, resident, wait=None):
     keys = [(r0, size) for r0, size in cfg.row_groups]
 
     def load(key, size, c):
-        return _load_chunk(cfg, tw_ref, p, 0, 1, n_chunks, key, size, c, evict=not cfg.interpret)
+        return _load_words(cfg, tw_ref, p, 0, 1, n_chunks, key, size, c, evict=not cfg.interpret)
 
     if wait is not None:
         wait()
@@ -224,10 +302,11 @@ def forward_steps(cfg: KernelConfig, x, words, hbuf, cbuf):
     """
     hidden, gh, b = cfg.hidden, cfg.gates * cfg.hidden, cfg.batch
 
-    def kernel(x_ref, w_ref, h_prev_ref, c_prev_ref, h_ref, c_ref, m_ref):
+    def kernel(x_ref, w_ref, h_prev_ref, c_prev_ref, g_ref, h_ref, c_ref, m_ref):
         p = pl.program_id(0)
         refs = (x_ref, w_ref, h_prev_ref, c_prev_ref, h_ref, c_ref, m_ref)
-        _forward_block(cfg, p, refs, (0, 0, 0, 0, 0, 0), resident={})
+        staged = (g_ref, 0, None, 0) if cfg.staged else None
+        _forward_block(cfg, p, refs, (0, 0, 0, 0, 0, 0), resident={}, staged=staged)
 
     call = pl.pallas_call(
         kernel,
@@ -244,7 +323,8 @@ def forward_steps(cfg: KernelConfig, x, words, hbuf, cbuf):
 
     def step(carry, x_t):
         h_prev, c_prev = carry
-        h, c, m = call(x_t, words, h_prev, c_prev)
+        # The staged variant gathers from a `state_dtype` copy of the previous state.
+        h, c, m = call(x_t, words, h_prev, c_prev, h_prev.astype(cfg.state_dtype))
         if cfg.cell != "lstm":
             c = c_prev
         return (h, c), (h, c, m)
@@ -382,7 +462,11 @@ def forward_persistent(cfg: KernelConfig, x, words, hbuf, cbuf):
     hidden, gh, b, steps = cfg.hidden, cfg.gates * cfg.hidden, cfg.batch, cfg.steps
     n_chunks = cfg.slots // CHUNK
 
-    def kernel(x_ref, w_ref, _h_in, _c_in, _s_in, h_ref, c_ref, m_ref, stamps_ref, err_ref):
+    def kernel(x_ref, w_ref, _h_in, _c_in, _s_in, *refs):
+        if cfg.staged:
+            _g_in, h_ref, c_ref, m_ref, stamps_ref, err_ref, g_ref = refs
+        else:
+            h_ref, c_ref, m_ref, stamps_ref, err_ref = refs
         p = pl.program_id(0)
         keys = [((g, r0), size) for g in range(cfg.gates) for r0, size in cfg.row_groups]
         resident = _resident_chunks(cfg, w_ref, p, keys, cfg.gates, n_chunks)
@@ -391,28 +475,38 @@ def forward_persistent(cfg: KernelConfig, x, words, hbuf, cbuf):
             wait = _Waiter(cfg, stamps_ref, t, timeouts)
             refs = (x_ref, w_ref, h_ref, c_ref, h_ref, c_ref, m_ref)
             offsets = (t * gh, t * hidden, t * hidden, (t + 1) * hidden, (t + 1) * hidden, t * gh)
-            _forward_block(cfg, p, refs, offsets, resident, wait)
+            # Staged: gather slab t of the 16-bit copy, write slab t + 1 of it; the stamp
+            # published below covers both copies (all stores precede the block barrier).
+            staged = (g_ref, t * hidden, g_ref, (t + 1) * hidden) if cfg.staged else None
+            _forward_block(cfg, p, refs, offsets, resident, wait, staged)
             _publish(stamps_ref, p, t + 1)
             return timeouts + 1 - wait.ready.astype(jnp.int32)
 
         timeouts = jax.lax.fori_loop(0, steps, step, jnp.int32(0))
         err_ref[pl.ds(p, 1)] = jnp.full((1,), timeouts, jnp.int32)
 
-    hbuf, cbuf, m, _, err = pl.pallas_call(
+    out_shape = (
+        jax.ShapeDtypeStruct(((steps + 1) * hidden, b), jnp.float32),
+        jax.ShapeDtypeStruct(((steps + 1) * hidden, b), jnp.float32),
+        jax.ShapeDtypeStruct((steps * gh, b), jnp.float32),
+        jax.ShapeDtypeStruct((cfg.stamp_slots,), jnp.int32),
+        jax.ShapeDtypeStruct((cfg.blocks,), jnp.int32),
+    )
+    args = (x, words, hbuf, cbuf, stamp_init(cfg))
+    aliases = {2: 0, 3: 1, 4: 3}
+    if cfg.staged:  # the 16-bit copy of the state: slab 0 from hbuf, the rest written
+        out_shape += (jax.ShapeDtypeStruct(((steps + 1) * hidden, b), cfg.state_dtype),)
+        args += (hbuf.astype(cfg.state_dtype),)
+        aliases[5] = 5
+    hbuf, cbuf, m, _, err, *_ = pl.pallas_call(
         kernel,
         grid=(cfg.blocks,),
-        out_shape=(
-            jax.ShapeDtypeStruct(((steps + 1) * hidden, b), jnp.float32),
-            jax.ShapeDtypeStruct(((steps + 1) * hidden, b), jnp.float32),
-            jax.ShapeDtypeStruct((steps * gh, b), jnp.float32),
-            jax.ShapeDtypeStruct((cfg.stamp_slots,), jnp.int32),
-            jax.ShapeDtypeStruct((cfg.blocks,), jnp.int32),
-        ),
-        input_output_aliases={2: 0, 3: 1, 4: 3},
+        out_shape=out_shape,
+        input_output_aliases=aliases,
         compiler_params=_compiler_params(cfg),
         interpret=cfg.interpret,
         name="sparse_rnn_forward_persistent",
-    )(x, words, hbuf, cbuf, stamp_init(cfg))
+    )(*args)
     return hbuf, cbuf, m, err
 
 

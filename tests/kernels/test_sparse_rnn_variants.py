@@ -1,0 +1,127 @@
+"""CPU tests of the sparse RNN kernel variants (`state_dtype`, `prefetch`): their math through
+the one-step kernel in interpret mode, and that every persistent variant lowers for CUDA
+(`jax.export` with an abstract H100 runs the whole Pallas-Triton lowering; it does not run
+Triton's own compiler, so layout or register problems still show only on a GPU)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxpp.kernels import sparse_rnn as sr
+from jaxpp.kernels.sparse_rnn import _kernel
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*Pallas Triton backend is deprecated")
+_GATES = {"tanh": 1, "gru": 3, "lstm": 4}
+# (state_dtype, prefetch, resident_chunks): the default and every variant the bench names.
+_VARIANTS = [
+    ("float32", False, 0),
+    ("float32", True, 0),
+    ("float16", False, 0),
+    ("float16", True, 0),
+    ("bfloat16", True, 0),
+    ("float16", True, 1),
+]
+
+
+def _problem(cell, hidden, batch, steps, density, seed):
+    rng = np.random.default_rng(seed)
+    g = _GATES[cell]
+    w = rng.normal(size=(hidden, g * hidden)) * 0.5 / np.sqrt(density * hidden)
+    weights = sr.SparseRecurrentWeights.prune(w, density, num_gates=g, num_blocks=4)
+    x = jnp.asarray(rng.normal(size=(batch, steps, g * hidden)), jnp.float32)
+    h0 = jnp.asarray(rng.normal(size=(batch, hidden)) * 0.5, jnp.float32)
+    c0 = jnp.asarray(rng.normal(size=(batch, hidden)) * 0.5, jnp.float32)
+    ct = jnp.asarray(rng.normal(size=(batch, steps, hidden)), jnp.float32)
+    return weights, x, h0, c0, ct
+
+
+def _rel(a, b):
+    a, b = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
+    return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
+
+
+@pytest.mark.parametrize(
+    "cell,state_dtype,prefetch,resident",
+    [
+        ("lstm", "float32", True, 0),
+        ("lstm", "float16", True, 1),
+        ("gru", "float16", False, 0),
+    ],
+)
+def test_variant_step_kernel_forward_and_gradients_match_reference(
+    cell, state_dtype, prefetch, resident
+):
+    # 40 kept per row -> 64 slots: two chunks, so the pipelined loop's prologue, steady state
+    # and clamped tail all run; resident=1 starts the loop at chunk 1.
+    weights, x, h0, c0, ct = _problem(cell, 48, 2, 2, 0.84, seed=len(cell) + resident)
+    assert weights.slots == 2 * _kernel.CHUNK
+
+    def loss(impl, x, h0, c0, values, **kw):
+        hs = sr.sparse_rnn(
+            x, h0, weights.with_values(values), cell=cell, c0=c0, implementation=impl, **kw
+        )
+        return jnp.sum(hs * ct), hs
+
+    kw = dict(state_dtype=state_dtype, prefetch=prefetch, resident_chunks=resident)
+    grad = jax.value_and_grad(loss, argnums=(1, 2, 3, 4), has_aux=True)
+    (_, hs), grads = grad("step", x, h0, c0, weights.values, **kw)
+    (_, hs_ref), grads_ref = grad("reference", x, h0, c0, weights.values)
+    # A 16-bit state copy rounds the gathered h (f16: 2^-11, bf16: 2^-8 relative).
+    tol = {"float32": 1e-5, "float16": 1e-3, "bfloat16": 1e-2}[state_dtype]
+    assert _rel(hs, hs_ref) < tol
+    for name, a, b in zip(("dx", "dh0", "dc0"), grads, grads_ref, strict=False):
+        if name == "dc0" and cell != "lstm":
+            continue
+        assert _rel(a, b) < 3 * tol + 1e-2 * (name == "dvalues"), name
+    assert _rel(grads[3], grads_ref[3]) < 3e-2  # the kernel reads bf16-rounded values
+
+
+def test_state_dtype_unknown_raises_with_choices():
+    weights, x, h0, _, _ = _problem("tanh", 16, 1, 2, 0.5, seed=0)
+    with pytest.raises(ValueError, match="state_dtype='int8' is not one of"):
+        sr.sparse_rnn(x, h0, weights, cell="tanh", implementation="step", state_dtype="int8")
+
+
+def _abstract_h100_mesh():
+    dev = jax.sharding.AbstractDevice(
+        device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu"
+    )
+    return jax.sharding.AbstractMesh((1,), ("x",), abstract_device=dev)
+
+
+def _export_cuda(fn, *args):
+    checks = [jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+    with jax.sharding.use_abstract_mesh(_abstract_h100_mesh()):
+        exported = jax.export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=checks)(*args)
+    return exported.mlir_module()
+
+
+@pytest.mark.parametrize("state_dtype,prefetch,resident", _VARIANTS)
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_persistent_variant_lowers_for_cuda(cell, state_dtype, prefetch, resident):
+    hidden, batch, steps, blocks = 256, 4, 8, 16
+    gates = _GATES[cell]
+    units = hidden // blocks
+    cfg = _kernel.KernelConfig(
+        cell=cell, hidden=hidden, gates=gates, blocks=blocks, units=units, slots=96,
+        transpose_slots=128, batch=batch, steps=steps, num_warps=16,
+        resident_chunks=resident, state_dtype=state_dtype, prefetch=prefetch,
+    )  # fmt: skip
+    f32 = jnp.float32
+    gh = gates * hidden
+    spec = jax.ShapeDtypeStruct
+    state = spec(((steps + 1) * hidden, batch), f32)
+    words = spec((blocks * gates * 3 * units, _kernel.CHUNK), jnp.int32)
+    fwd = _export_cuda(
+        lambda x, w, h, c: _kernel.forward_persistent(cfg, x, w, h, c),
+        spec((steps * gh, batch), f32), words, state, state,
+    )  # fmt: skip
+    assert "sparse_rnn_forward_persistent" in fwd
+    twords = spec((blocks * 4 * units, _kernel.CHUNK), jnp.int32)
+    bwd = _export_cuda(
+        lambda g, x, m, h, c, tw: _kernel.backward_persistent(cfg, g, x, m, h, c, tw),
+        spec((steps * hidden, batch), f32), spec((steps * gh, batch), f32),
+        spec((steps * gh, batch), f32), state, state, twords,
+    )  # fmt: skip
+    assert "sparse_rnn_backward_persistent" in bwd
