@@ -3,12 +3,18 @@
 Run on the GPU machine:
     python3 benchmarks/sparse_rnn_bench.py --mode check,quick --out $OUT
     python3 benchmarks/sparse_rnn_bench.py --mode sweep --out $OUT
+    python3 benchmarks/sparse_rnn_bench.py --mode variants --variants f16_pf --out $OUT/f16_pf
+(kernels/sparse_rnn/NOTES.md has the exact command of the next run: one process per variant
+under `timeout`, so a variant that hangs or compiles for minutes costs only its own slot.)
 
 Modes (comma-separated):
     check  the persistent kernel against the float32 dense masked reference over 256+ steps
            (forward and gradients), several sizes and cells.
     quick  kernel variants (warps, resident chunks, bank-aware order) at hidden 2304, batch 4,
            density 30%, LSTM, forward and forward+backward, with the baselines.
+    variants  the named kernel variants (`VARIANTS`, `--variants a,b`): LSTM B=4 at H=2304 d=30%
+           forward (checked against the reference) and forward+backward, and H=4096 d=10%
+           forward; `--baselines dense,cudnn` adds the baselines at those sizes.
     sweep  hidden {1152, 2304, 4096} x batch {1, 4, 16} x density {5, 10, 30}% x {lstm, tanh},
            256 steps, with the baselines: dense `lax.scan` (bf16), cuDNN LSTM
            (`jax.experimental.rnn.lstm`, f32), `jax.experimental.sparse` BCOO in a scan (f32).
@@ -69,7 +75,10 @@ def _loss_weights(batch, hidden):
 # ------------------------------------------------------------------------------------- check
 
 
-def run_check(log):
+def run_check(log, variant=None):
+    """Kernel vs reference over 256+ steps; `variant` names an entry of `VARIANTS`."""
+    kw = {k: v for k, v in VARIANTS[variant].items() if k != "bank_aware"} if variant else {}
+    kw.setdefault("implementation", "persistent")
     rows = []
     cases = [("lstm", 2304, 4, 0.3, 256), ("gru", 1152, 16, 0.1, 300)]
     for cell, hidden, batch, density, steps in cases:
@@ -83,7 +92,8 @@ def run_check(log):
         ct = jax.random.normal(kg, (batch, steps, hidden), jnp.float32)
 
         def loss(impl, x, h0, c0, vals, w=w, cell=cell, ct=ct):
-            hs = sr.sparse_rnn(x, h0, w.with_values(vals), cell=cell, c0=c0, implementation=impl)
+            opts = kw if impl == "persistent" else dict(implementation="reference")
+            hs = sr.sparse_rnn(x, h0, w.with_values(vals), cell=cell, c0=c0, **opts)
             return jnp.sum(hs * ct), hs
 
         out = {}
@@ -104,6 +114,7 @@ def run_check(log):
             errs[name] = tuning.relative_error(a, b)
         ok = all(e < 2e-3 for e in errs.values())
         row = dict(
+            variant=variant or "default",
             cell=cell,
             hidden=hidden,
             batch=batch,
@@ -320,6 +331,31 @@ QUICK_VARIANTS = [
 ]
 
 
+# Named variants of the persistent kernel for `--mode variants` (kernels/sparse_rnn/NOTES.md
+# models each). All use column order (`bank_aware=False`), the fastest layout measured.
+_V3 = dict(implementation="persistent", num_warps=16, num_stages=1, bank_aware=False)
+VARIANTS = {
+    "v3": _V3,  # the measured best so far (19.3 us/step forward at the headline size)
+    "pf": _V3 | dict(prefetch=True),
+    "f16": _V3 | dict(state_dtype="float16"),
+    "f16_pf": _V3 | dict(state_dtype="float16", prefetch=True),
+    "f16_pf_nw8": _V3 | dict(state_dtype="float16", prefetch=True, num_warps=8),
+    "bf16_pf": _V3 | dict(state_dtype="bfloat16", prefetch=True),
+}
+
+
+def run_variants(log, results, names, baselines):
+    """The bar's three LSTM cases (B=4) for each named variant, baselines once per case."""
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"unknown variants {unknown}; pick from {sorted(VARIANTS)}")
+    variants = [(n, dict(VARIANTS[n])) for n in names]
+    cases = [(2304, 0.3, False), (2304, 0.3, True), (4096, 0.1, False)]
+    for hidden, density, backward in cases:
+        _sparse_case(log, results, hidden, 4, density, "lstm", backward=backward,
+                     variants=variants, baselines=baselines)  # fmt: skip
+
+
 def run_quick(log, results):
     _sparse_case(
         log,
@@ -394,6 +430,11 @@ def main() -> None:
     parser.add_argument("--budget-s", type=float, default=300.0)
     parser.add_argument("--num-warps", type=int, default=16)
     parser.add_argument("--resident-chunks", type=int, default=0)
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="for --mode variants")
+    parser.add_argument("--baselines", default="", help="e.g. dense,cudnn (--mode variants)")
+    parser.add_argument(
+        "--check-variant", default=None, help="run --mode check with this named variant"
+    )
     args = parser.parse_args()
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -412,7 +453,7 @@ def main() -> None:
     _SINK.append(lambda rows: tuning.write_results(out / name, results=rows, **payload))
     t0 = time.time()
     if "check" in modes:
-        payload["check"] = run_check(log)
+        payload["check"] = run_check(log, args.check_variant)
         log(f"check done in {time.time() - t0:.0f}s")
     # Without `quick`, the sweep runs the fastest configuration measured so far (v3: 16 warps,
     # column order); `--num-warps`/`--resident-chunks` override it.
@@ -422,6 +463,9 @@ def main() -> None:
         variant = run_quick(log, results)
     if "sweep" in modes:
         run_sweep(log, results, variant, args.budget_s)
+    if "variants" in modes:
+        baselines = tuple(b for b in args.baselines.split(",") if b)
+        run_variants(log, results, [v for v in args.variants.split(",") if v], baselines)
     tuning.write_results(out / name, results=results, **payload)
     (out / ("sparse_rnn_" + "_".join(modes) + ".log")).write_text("\n".join(lines))
     log(f"total {time.time() - t0:.0f}s; wrote {out / name}")
