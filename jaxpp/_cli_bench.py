@@ -47,6 +47,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import tempfile
 
 _REMAT = {"on": (True,), "off": (False,), "off,on": (False, True), "on,off": (False, True)}
 
@@ -79,7 +80,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="SPMD gradient accumulation: lax.scan (one compiled body) or treduce (unrolled)",
     )
     parser.add_argument("--out", default=None, help="results JSON (.md and .png beside it)")
-    parser.add_argument("--list", action="store_true", help="print the configurations, run none")
+    parser.add_argument(
+        "--list",
+        action="store_true",
+        help="print the configurations with their predicted peak memory, run none",
+    )
+    parser.add_argument(
+        "--memory-gib",
+        type=float,
+        default=None,
+        help="usable memory per device (GiB) for the OOM gate; default: what JAX reports "
+        "(bytes_limit), for --list --device-kind x XLA_PYTHON_CLIENT_MEM_FRACTION (0.75)",
+    )
+    parser.add_argument(
+        "--device-kind", choices=("h200", "h100"), default="h200", help="for --list"
+    )
+    parser.add_argument(
+        "--no-memory-gate",
+        action="store_true",
+        help="run configurations even when predicted not to fit (default: skip them)",
+    )
     parser.add_argument(
         "--isolate", action="store_true", help="each configuration in its own process"
     )
@@ -98,9 +118,10 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         args.parser.error(str(e))
     out = args.out or f"benchmarks/results/bench_{args.model}_{args.devices or 'all'}dev.json"
+    if args.memory_gib is not None and args.memory_gib <= 0:
+        args.parser.error(f"--memory-gib {args.memory_gib} must be > 0.")
     if args.list:
-        for config in configs:
-            print(config.name)
+        _list(args, configs)
         return 0
     if not configs:
         args.parser.error("no configuration fits the flags. Fix: check --list and relax them.")
@@ -110,6 +131,24 @@ def run(args: argparse.Namespace) -> int:
 
     _cli_train.configure_devices(max(8, args.devices or 0))
     return _run_here(args, configs, out)
+
+
+def _list(args: argparse.Namespace, configs: tuple) -> None:
+    """One line per configuration: name, predicted peak GiB per device, fits or not."""
+    from jaxpp._bench import _configs, _memory
+
+    preset = _configs.PRESETS[args.model]
+    if args.memory_gib is not None:
+        limit, origin = args.memory_gib * _memory.GIB, "--memory-gib"
+    else:
+        limit = _memory.usable_bytes(args.device_kind)
+        origin = f"{args.device_kind} x XLA_PYTHON_CLIENT_MEM_FRACTION"
+    print(f"# predicted peak memory per device; limit {limit / _memory.GIB:.1f} GiB ({origin})")
+    width = max(len(c.name) for c in configs)
+    for config in configs:
+        found = _memory.estimate(config, preset)
+        verdict = "fits" if found.total <= limit else "predicted OOM"
+        print(f"{config.name:<{width}}  {found.total / _memory.GIB:6.1f} GiB  {verdict}")
 
 
 def _ints(text: str | None, flag: str) -> tuple[int, ...] | None:
@@ -170,29 +209,64 @@ def _select(args: argparse.Namespace, _configs) -> tuple:
 
 
 def _run_isolated(args: argparse.Namespace, configs: tuple, out: str) -> int:
-    """Runs each configuration as `jaxpp bench pipeline --configs NAME` in a new process."""
+    """Runs each configuration as `jaxpp bench pipeline --configs NAME` in a new process.
+
+    The children run in an empty directory (`python -m jaxpp.cli` from a folder holding
+    a bare `./jaxpp`, such as the repository root on the GPU machine, would import that
+    instead of the package tree), with `--out` made absolute and, when this process
+    imported jaxpp from a package tree, that tree first on PYTHONPATH.
+    """
+    out = str(pathlib.Path(out).resolve())
     common = [
         sys.executable, "-m", "jaxpp.cli", "bench", "pipeline", "--model", args.model,
         "--devices", str(args.devices), "--steps", str(args.steps), "--warmup", str(args.warmup),
         "--attention", args.attention, "--accumulate", args.accumulate, "--out", out,
     ]  # fmt: skip
-    print("== reference loss and ceilings", flush=True)
-    prepare = [*common, "--configs", configs[0].name, "--prepare-only"]
-    if subprocess.run(prepare, env=dict(os.environ), check=False).returncode:
-        return 1
-    failed = 0
-    for config in configs:
-        command = [*common, "--configs", config.name]
-        print(f"== {config.name}", flush=True)
-        failed += subprocess.run(command, env=dict(os.environ), check=False).returncode != 0
+    if args.memory_gib is not None:
+        common += ["--memory-gib", str(args.memory_gib)]
+    if args.no_memory_gate:
+        common.append("--no-memory-gate")
+    env = child_environment()
+    with tempfile.TemporaryDirectory(prefix="jaxpp-bench-") as cwd:
+        print("== reference loss and ceilings", flush=True)
+        prepare = [*common, "--configs", configs[0].name, "--prepare-only"]
+        if subprocess.run(prepare, env=env, cwd=cwd, check=False).returncode:
+            return 1
+        failed = 0
+        for config in configs:
+            command = [*common, "--configs", config.name]
+            print(f"== {config.name}", flush=True)
+            failed += subprocess.run(command, env=env, cwd=cwd, check=False).returncode != 0
     _finish(args, out)
     return 1 if failed else 0
+
+
+def child_environment(environ: dict | None = None) -> dict[str, str]:
+    """The environment of an `--isolate` child: `environ` (default `os.environ`), with the
+    directory holding this process's `jaxpp` first on PYTHONPATH when that directory is a
+    whole package tree (`jaxpp/schedules` inside it, as `benchmarks/gpu_env.sh` builds).
+
+    An editable or regular install is left to the child's own import system: its root
+    (the repository) holds a bare `jaxpp/` that must not shadow the install.
+
+    Example:
+        >>> "PATH" in child_environment({"PATH": "/bin"})
+        True
+    """
+    import jaxpp
+
+    env = dict(os.environ if environ is None else environ)
+    package = pathlib.Path(jaxpp.__file__).parent
+    if (package / "schedules" / "__init__.py").exists():
+        paths = [str(package.parent), *filter(None, env.get("PYTHONPATH", "").split(os.pathsep))]
+        env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+    return env
 
 
 def _run_here(args: argparse.Namespace, configs: tuple, out: str) -> int:
     import jax
 
-    from jaxpp._bench import _configs, _report, _run
+    from jaxpp._bench import _configs, _memory, _report, _run
     from jaxpp.kernels import tuning
 
     preset = _configs.PRESETS[args.model]
@@ -209,7 +283,11 @@ def _run_here(args: argparse.Namespace, configs: tuple, out: str) -> int:
         ceilings = dataclasses.asdict(tuning.measure_ceilings())
     tflops = None if ceilings is None else ceilings["matmul_bf16_tflops"]
     reference = previous.get("reference_loss")  # same preset, seed and batch: reuse it
-    if reference is None or previous.get("attention") != args.attention:
+    if previous.get("attention") != args.attention:
+        reference = None
+    # Measured when first needed: a run whose configurations are all predicted not to fit
+    # spends no device time on it.
+    if reference is None and args.prepare_only:
         reference = _run.reference_loss(problem, attention=args.attention)
     extra = {
         "model": {
@@ -228,21 +306,40 @@ def _run_here(args: argparse.Namespace, configs: tuple, out: str) -> int:
         _report.write(out, rows, **extra)
         print(f"reference loss {reference:.6g}, ceilings {ceilings}: {out}", flush=True)
         return 0
+    if args.memory_gib is not None:
+        limit = args.memory_gib * _memory.GIB
+    else:
+        limit = _run.memory_limit(jax.devices()[: max(c.num_devices for c in configs)])
+    extra["memory_limit_bytes"] = limit
     failed = 0
     for config in configs:
         print(f"{config.name} ...", end=" ", flush=True)
+        predicted = _memory.estimate(config, preset)
+        oom = None if limit is None else _memory.oom_problem(config, preset, limit)
         try:
+            if oom and not args.no_memory_gate:
+                raise _run.PredictedOOMError(oom)
+            if reference is None:
+                reference = _run.reference_loss(problem, attention=args.attention)
+                extra["reference_loss"] = reference
             row = _run.run_config(
                 config, problem, reference=reference, steps=args.steps, warmup=args.warmup,
                 matmul_tflops=tflops, attention=args.attention, accumulate=args.accumulate,
                 trace_path=pathlib.Path(out).parent / "traces" / f"{_file_name(config.name)}.json",
+                memory_limit=None if args.no_memory_gate else limit,
             )  # fmt: skip
+        except _run.PredictedOOMError as e:
+            row = {"name": config.name, "kind": config.kind, "status": "skipped", "error": str(e)}
         except _run.CorrectnessError as e:
             row, failed = {"name": config.name, "kind": config.kind, "status": "wrong"}, failed + 1
             row["error"] = str(e)
         except Exception as e:  # noqa: BLE001 (an OOM or lowering failure fails this row only)
             row, failed = {"name": config.name, "kind": config.kind, "status": "failed"}, failed + 1
             row["error"] = f"{type(e).__name__}: {e}"
+        row["predicted_memory"] = {
+            **{f.name: getattr(predicted, f.name) for f in dataclasses.fields(predicted)},
+            "total": predicted.total,
+        }
         rows = _report.merge_rows(rows, row)
         _report.write(out, rows, **extra)
         status = row["status"]

@@ -284,6 +284,20 @@ def fit_problem(config: BenchConfig, preset: ModelPreset, num_devices: int) -> s
         return (
             f"microbatch {preset.global_batch // split} does not split over {config.data} devices"
         )
+    if config.kind == JAXPP:
+        return _schedule_problem(config)
+    return None
+
+
+def _schedule_problem(config: BenchConfig) -> str | None:
+    """The schedule builder's refusal (e.g. DualPipeV needs 2 R - 1 microbatches), or None."""
+    from jaxpp import schedules
+
+    builder = schedules.get_builder(config.schedule, config.num_stages, ranks=config.ranks)
+    try:
+        builder.build(config.microbatches)
+    except ValueError as e:
+        return str(e).split(". Fix")[0]
     return None
 
 

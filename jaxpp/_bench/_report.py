@@ -88,7 +88,7 @@ def markdown_table(rows: Sequence[Mapping]) -> str:
         >>> print(markdown_table([{"name": "spmd/dp2/acc1/noremat", "status": "ok",
         ...     "tokens_per_s": 100.0, "step_s": 0.5, "mfu": None,
         ...     "peak_memory_bytes": None}]).splitlines()[2])
-        | spmd/dp2/acc1/noremat | 100 | 500.0 | n/a | n/a | | | |
+        | spmd/dp2/acc1/noremat | 100 | 500.0 | n/a | n/a |  |  |  |
     """
     header = (
         "| configuration | tokens/s | step ms | MFU | peak GiB/device "

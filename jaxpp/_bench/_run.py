@@ -41,6 +41,10 @@ class CorrectnessError(ValueError):
     """A configuration's first-step loss differs from the single-device reference."""
 
 
+class PredictedOOMError(RuntimeError):
+    """A configuration predicted not to fit in device memory; it was not run."""
+
+
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class Problem:
     """The model, optimizer, initial-state function and batch every configuration shares."""
@@ -291,8 +295,14 @@ def run_config(
     attention: str = "auto",
     trace_path: str | pathlib.Path | None = None,
     accumulate: str = "scan",
+    memory_limit: float | None = None,
 ) -> dict[str, Any]:
     """Builds, checks and times one configuration; returns its result row.
+
+    SPMD steps are compiled first (`lower().compile()`) and the row records XLA's
+    `memory_analysis()` (`xla_memory`); if that exceeds `memory_limit` bytes the step is
+    not run. Every row records the peak memory after the first step and at the end, and
+    the bytes in use at the end, to calibrate `jaxpp._bench._memory`.
 
     SPMD gradient accumulation runs as `accumulate` ("scan" or "treduce"); jaxpp always
     pipelines `treduce`. For jaxpp the row adds the measured bubble, the simulator's
@@ -302,6 +312,7 @@ def run_config(
 
     Raises:
         CorrectnessError: if its first-step loss differs from `reference`.
+        PredictedOOMError: if XLA's memory estimate exceeds `memory_limit`.
 
     Example:
         >>> problem = Problem(preset=_configs.PRESETS["tiny"])
@@ -317,10 +328,23 @@ def run_config(
         raise ValueError(f"steps={steps}, warmup={warmup}: both must be >= 1.")
     step, state, batch = build(config, problem, attention=attention, accumulate=accumulate)
     preset = problem.preset
+    devices = jax.devices()[: config.num_devices]
     started = time.perf_counter()
+    xla_memory = None
+    if config.kind == _configs.SPMD:  # compile once, read XLA's estimate before running
+        step = step.lower(state, batch).compile()
+        xla_memory = compiled_memory(step)
+        total = None if xla_memory is None else xla_memory["total_bytes"]
+        if memory_limit is not None and total is not None and total > memory_limit:
+            raise PredictedOOMError(
+                f"predicted OOM (XLA's estimate after compiling): {total / 2**30:.1f} GiB > "
+                f"{memory_limit / 2**30:.1f} GiB. Fix: remat, more accumulation steps, or more "
+                f"sharding."
+            )
     state, loss = step(state, batch)
     first_loss = float(loss)
     compile_seconds = time.perf_counter() - started
+    peak_first_step = peak_memory(devices)
     tolerance = 1e-4 if preset.dtype == "float32" else 2e-2
     if not np.isclose(first_loss, reference, rtol=tolerance, atol=0.0):
         raise CorrectnessError(
@@ -353,7 +377,10 @@ def run_config(
         "tokens_per_s": tokens / median,
         "model_tflops_per_device": flops / config.num_devices / 1e12,
         "mfu": None if matmul_tflops is None else flops / config.num_devices / 1e12 / matmul_tflops,
-        "peak_memory_bytes": peak_memory(jax.devices()[: config.num_devices]),
+        "peak_memory_bytes": peak_memory(devices),
+        "peak_memory_after_first_step_bytes": peak_first_step,
+        "memory_in_use_bytes": memory_in_use(devices),
+        "xla_memory": xla_memory,
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "config": dataclasses.asdict(config),
         "accumulate": accumulate if config.kind == _configs.SPMD else "treduce",
@@ -389,6 +416,66 @@ def costs_dict(costs: schedules.Costs) -> dict[str, Any]:
         for stage, kinds in per_stage.items()
     }
     return data
+
+
+def compiled_memory(compiled: Any) -> dict[str, int] | None:
+    """XLA's memory estimate of a compiled step per device, or None if the backend has none.
+
+    `total_bytes` = arguments + outputs + temporaries - outputs aliased to (donated)
+    arguments, the bytes the step needs at its peak.
+
+    Example:
+        >>> f = jax.jit(lambda x: x * 2).lower(jnp.ones(4)).compile()
+        >>> m = compiled_memory(f)
+        >>> m is None or m["total_bytes"] >= 0
+        True
+    """
+    try:
+        analysis = compiled.memory_analysis()
+    except Exception:  # noqa: BLE001 (not every backend implements it)
+        return None
+    if analysis is None:
+        return None
+    names = ("argument", "output", "temp", "alias", "generated_code")
+    found = {f"{n}_bytes": int(getattr(analysis, f"{n}_size_in_bytes", 0) or 0) for n in names}
+    found["total_bytes"] = (
+        found["argument_bytes"] + found["output_bytes"] + found["temp_bytes"]
+        - found["alias_bytes"]
+    )  # fmt: skip
+    return found
+
+
+def memory_in_use(devices: list) -> int | None:
+    """Largest `bytes_in_use` over `devices` now, or None where not reported (CPU).
+
+    Example:
+        >>> memory_in_use(jax.devices("cpu")[:1]) is None or True
+        True
+    """
+    found = [s.get("bytes_in_use") for s in _memory_stats(devices)]
+    found = [int(v) for v in found if v is not None]
+    return max(found) if found else None
+
+
+def memory_limit(devices: list) -> int | None:
+    """The smallest `bytes_limit` (what JAX may allocate) over `devices`, or None (CPU).
+
+    Example:
+        >>> memory_limit(jax.devices("cpu")[:1]) is None or True
+        True
+    """
+    found = [s.get("bytes_limit") for s in _memory_stats(devices)]
+    found = [int(v) for v in found if v is not None]
+    return min(found) if found else None
+
+
+def _memory_stats(devices: list) -> list[dict]:
+    stats = []
+    for device in devices:
+        found = device.memory_stats() if hasattr(device, "memory_stats") else None
+        if found:
+            stats.append(found)
+    return stats
 
 
 def peak_memory(devices: list) -> int | None:

@@ -27,6 +27,8 @@ def test_bench_cli_tiny_spmd_and_jaxpp_writes_valid_json(tmp_path, capsys):
         assert row["first_loss"] == pytest.approx(data["reference_loss"], rel=1e-4)
         assert len(row["step_s_all"]) == 2 and row["tokens_per_s"] > 0
         assert row["mfu"] is None  # no bf16 ceiling on the CPU
+        assert row["predicted_memory"]["total"] > 0
+    assert rows["spmd/dp4/acc1/noremat"]["xla_memory"]["argument_bytes"] > 0
     jaxpp_row = rows["jaxpp/1f1b/pp2-dp2/mb4/noremat"]
     assert 0 <= jaxpp_row["simulated_bubble"] < 1 and jaxpp_row["predicted_step_s"] > 0
     assert len(jaxpp_row["busy_seconds"]) == 2 and jaxpp_row["costs"]
@@ -40,7 +42,9 @@ def test_bench_cli_tiny_spmd_and_jaxpp_writes_valid_json(tmp_path, capsys):
 def test_bench_cli_list_prints_configurations(capsys):
     argv = ["bench", "pipeline", "--model", "8b", "--devices", "4", "--only", "spmd", "--list"]
     assert cli.main([*argv, "--remat", "on", "--accumulations", "4"]) == 0
-    printed = capsys.readouterr().out.split()
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("# predicted peak memory per device")
+    printed = [line.split()[0] for line in lines[1:]]
     assert printed == [f"spmd/{layout}/acc4/remat" for layout in _configs.spmd_layouts(4)]
 
 

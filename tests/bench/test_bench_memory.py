@@ -1,0 +1,116 @@
+"""The memory estimate of benchmark configurations and the OOM gate that uses it."""
+
+import dataclasses
+import json
+
+import pytest
+
+from jaxpp import cli
+from jaxpp._bench import _configs, _memory, _run
+from jaxpp.models import gpt
+
+GIB = _memory.GIB
+P2B, P8B = _configs.PRESETS["2b"], _configs.PRESETS["8b"]
+
+
+@pytest.mark.parametrize(
+    ("name", "measured_gib"),
+    [
+        # XLA's own estimate before its rematerialization pass (H200, 2026-11-21).
+        ("spmd/fsdp2/acc1/noremat", 124082786464 / GIB),
+        # The measured peak_bytes_in_use of the run (H200, 2026-11-21).
+        ("jaxpp/1f1b/pp2/mb16/noremat", 55471112960 / GIB),
+    ],
+)
+def test_estimate_matches_the_calibration_points_within_3_percent(name, measured_gib):
+    found = _memory.estimate(_configs.parse_config(name), P2B).total / GIB
+    assert found == pytest.approx(measured_gib, rel=0.03)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "2b", "8b"])
+def test_total_params_equals_the_gpt_param_count(preset):
+    config = _run.Problem(preset=_configs.PRESETS[preset]).model_config()
+    assert _memory.total_params(_configs.PRESETS[preset]) == gpt.param_count(config)
+
+
+def test_estimate_shrinks_with_remat_accumulation_and_sharding():
+    def total(name: str, preset=P8B) -> float:
+        return _memory.estimate(_configs.parse_config(name), preset).total
+
+    assert total("spmd/fsdp4/acc4/remat") < total("spmd/fsdp4/acc4/noremat")
+    assert total("spmd/fsdp4/acc8/noremat") < total("spmd/fsdp4/acc4/noremat")
+    assert total("spmd/fsdp4/acc4/noremat") < total("spmd/dp4/acc4/noremat")
+    assert total("spmd/tp4/acc4/noremat") < total("spmd/dp4/acc4/noremat")
+    assert total("jaxpp/1f1b/pp4/mb32/noremat") < total("jaxpp/1f1b/pp4/mb16/noremat")
+    assert total("jaxpp/1f1b/pp4/mb16/remat") < total("jaxpp/1f1b/pp4/mb16/noremat")
+    assert total("jaxpp/1f1b/pp2-tp2/mb16/noremat") < total("jaxpp/1f1b/pp2-dp2/mb16/noremat")
+
+
+def test_estimate_parts_follow_the_layout():
+    fsdp = _memory.estimate(_configs.parse_config("spmd/fsdp4/acc1/remat"), P8B)
+    dp = _memory.estimate(_configs.parse_config("spmd/dp4/acc1/remat"), P8B)
+    assert fsdp.state == pytest.approx(dp.state / 4)  # ZeRO-3 shards the AdamW state
+    assert dp.state == pytest.approx(12 * _memory.total_params(P8B))
+    # A V schedule puts the first and the last stage on rank 0: embedding, head, logits.
+    zbv = _memory.estimate(_configs.parse_config("jaxpp/zbv/pp4/mb16/noremat"), P8B)
+    one = _memory.estimate(_configs.parse_config("jaxpp/1f1b/pp4/mb16/noremat"), P8B)
+    assert zbv.logits > 0 and one.logits == 0  # 1F1B's fullest rank is rank 0, no head
+    extra = _memory.embed_params(P8B) + _memory.head_params(P8B)
+    assert zbv.state - one.state == pytest.approx(12 * (extra - _memory.embed_params(P8B)))
+
+
+def test_oom_problem_names_both_sizes_and_the_fix():
+    config = _configs.parse_config("spmd/dp2/acc1/noremat")
+    message = _memory.oom_problem(config, P2B, 100 * GIB)
+    assert message.startswith("predicted OOM: 130.") and "> 100.0 GiB" in message
+    assert "Fix: remat" in message
+    assert _memory.oom_problem(config, P2B, 200 * GIB) is None
+
+
+def test_usable_bytes_reads_the_jax_memory_fraction():
+    assert _memory.usable_bytes("h200", environ={}) == pytest.approx(0.75 * 140.4 * GIB)
+    env = {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.9"}
+    assert _memory.usable_bytes("h100", environ=env) == pytest.approx(0.9 * 79.6 * GIB)
+    with pytest.raises(ValueError, match="Fix: one of h200, h100"):
+        _memory.usable_bytes("a100")
+
+
+def test_fit_problem_names_a_schedule_that_refuses_the_microbatch_count():
+    config = _configs.parse_config("jaxpp/dualpipev/pp4/mb4/noremat")
+    assert "needs at least 7 microbatches" in _configs.fit_problem(config, P8B, 4)
+    assert not any(
+        c.schedule == "dualpipev" and c.ranks == 4 and c.microbatches < 7
+        for c in _configs.sweep(P8B, 4, microbatches=(4, 8))
+    )
+
+
+def test_bench_cli_list_shows_predicted_memory_and_verdict(capsys):
+    argv = ["bench", "pipeline", "--model", "2b", "--devices", "2", "--list", "--remat", "off"]
+    configs = "spmd/fsdp2/acc1/noremat,jaxpp/1f1b/pp2/mb16/noremat"
+    assert cli.main([*argv, "--configs", configs, "--memory-gib", "105"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("# predicted peak memory per device; limit 105.0 GiB")
+    assert lines[1].split() == ["spmd/fsdp2/acc1/noremat", "115.6", "GiB", "predicted", "OOM"]
+    assert lines[2].split() == ["jaxpp/1f1b/pp2/mb16/noremat", "51.7", "GiB", "fits"]
+
+
+def test_bench_cli_predicted_oom_skips_without_compiling(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    names = "spmd/dp2/acc1/noremat,jaxpp/1f1b/pp2/mb4/noremat"
+    argv = ["bench", "pipeline", "--model", "tiny", "--devices", "2", "--configs", names]
+    flags = ["--steps", "1", "--warmup", "1", "--attention", "xla", "--memory-gib", "1e-6"]
+    assert cli.main([*argv, *flags, "--out", str(out)]) == 0  # skipped is not failed
+    rows = json.loads(out.read_text())["results"]
+    assert [r["status"] for r in rows] == ["skipped", "skipped"]
+    for row in rows:
+        assert row["error"].startswith("predicted OOM: ") and "> 0.0 GiB" in row["error"]
+        assert row["predicted_memory"]["total"] > 0
+    assert "predicted OOM" in out.with_suffix(".md").read_text()
+
+
+def test_run_config_xla_estimate_over_the_limit_raises_before_running():
+    preset = dataclasses.replace(_configs.PRESETS["tiny"], num_layers=1)
+    problem = _run.Problem(preset=preset)
+    config = _configs.parse_config("spmd/dp2/acc1/noremat")
+    with pytest.raises(_run.PredictedOOMError, match=r"XLA's estimate after compiling"):
+        _run.run_config(config, problem, reference=1.0, attention="xla", memory_limit=1)
