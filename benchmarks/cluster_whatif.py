@@ -9,14 +9,23 @@ layout, and every assumption.
         --cluster nodes=128,gpus_per_node=8,ib=400Gbps --overlap 0.5
 
 The shipped example JSON is NOT a measurement; it is an illustrative GPT-8B-like input.
+Measured inputs come from a `jaxpp bench pipeline` results file: `--from-bench FILE
+--config NAME` takes that jaxpp row's per-stage task times and optimizer time, first
+predicts the measured run itself (model vs measurement, the issue's 10% check), then
+sweeps the cluster:
+
+    python benchmarks/cluster_whatif.py --from-bench \
+        benchmarks/results/pipeline_2026-11-21/bench_2b_2xh200_partial.json \
+        --config jaxpp/1f1b/pp2/mb16/noremat --cluster nodes=128,gpus_per_node=8,ib=400Gbps
 """
 
 import argparse
+import json
 import pathlib
 import sys
 import time
 
-from jaxpp.schedules import format_what_if, load_costs, parse_cluster, what_if
+from jaxpp.schedules import costs_from_dict, format_what_if, load_costs, parse_cluster, what_if
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,8 +47,20 @@ def main(argv: list[str] | None = None) -> int:
         help="comma-separated GPU counts (e.g. 2,4 to compare with measured runs); "
         "default powers of two from 8 to the cluster size",
     )
+    parser.add_argument("--from-bench", type=pathlib.Path, help="jaxpp bench results JSON")
+    parser.add_argument("--config", help="with --from-bench: the measured jaxpp row")
     args = parser.parse_args(argv)
-    costs = load_costs(args.costs)
+    if args.from_bench is not None:
+        if not args.config:
+            parser.error("--from-bench needs --config NAME (a jaxpp row of that file).")
+        from jaxpp._bench import _whatif
+
+        results = json.loads(args.from_bench.read_text())
+        print(_whatif.validate(results, args.config).describe())
+        costs = costs_from_dict(_whatif.cluster_costs(results, args.config))
+        args.costs = args.from_bench
+    else:
+        costs = load_costs(args.costs)
     cluster = parse_cluster(args.cluster)
     started = time.perf_counter()
     gpus = None if args.gpus is None else tuple(int(g) for g in args.gpus.split(","))

@@ -302,6 +302,8 @@ class MeasuredCosts:
     Times are per layer, on one GPU (no tensor parallelism), for one microbatch of
     `microbatch_size` sequences of `seq_len` tokens. `weight_grad_s` (optional) is the
     weight-gradient part of `backward_s` (zero-bubble schedules split it off).
+    `optimizer_s_per_param_byte` (optional, default 0) is the measured time of the step's
+    work outside the microbatch loop (the optimizer update) per parameter byte a GPU holds.
 
     Example:
         >>> m = example_costs()
@@ -322,6 +324,7 @@ class MeasuredCosts:
     weight_grad_s: float | None = None
     embedding_param_bytes: float = 0.0
     state_bytes_per_param_byte: float = 8.0
+    optimizer_s_per_param_byte: float = 0.0
     collectives: tuple[Collective, ...] = ()
     measured: bool = True
     note: str = ""
@@ -367,6 +370,7 @@ def costs_from_dict(data: Mapping[str, Any]) -> MeasuredCosts:
                    "param_bytes": .., "activation_bytes": ..},
          "boundary_activation_bytes": .., "embedding_param_bytes": 0 (optional),
          "memory": {"gpu_bytes": .., "state_bytes_per_param_byte": 8 (optional)},
+         "optimizer_s_per_param_byte": 0 (optional),
          "collectives": [{"op": "all_reduce", "bytes": .., "gpus": 2, "seconds": ..}]}
 
     `state_bytes_per_param_byte` is everything a GPU keeps per parameter byte when it
@@ -424,6 +428,7 @@ def costs_from_dict(data: Mapping[str, Any]) -> MeasuredCosts:
         embedding_param_bytes=data.get("embedding_param_bytes", 0.0),
         gpu_bytes=memory["gpu_bytes"],
         state_bytes_per_param_byte=memory.get("state_bytes_per_param_byte", 8.0),
+        optimizer_s_per_param_byte=data.get("optimizer_s_per_param_byte", 0.0),
         collectives=tuple(collectives),
         measured=bool(data.get("measured", True)),
         note=str(data.get("note", "")),

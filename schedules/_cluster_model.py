@@ -36,6 +36,9 @@ ASSUMPTIONS = (
     "memory per GPU = held params x state_bytes_per_param_byte + stored activations "
     "(peak in flight for PP) + FSDP gather buffers; no allocator slack, no fragmentation",
     "embedding params count in memory and all-reduces (first and last PP rank), not compute",
+    "the optimizer update runs after the last backward, on the critical path, in time "
+    "proportional to the parameter bytes a GPU holds (optimizer_s_per_param_byte, 0 if "
+    "not measured)",
 )
 
 
@@ -237,11 +240,13 @@ def predict(
         comm += collective(_cluster.all_gather_time, params, dp_group)  # reduce-scatter
         exposed = m * (comm - overlap * min(comm, per_mb))
         memory = params * mult / dp + 2 * costs.param_bytes / tp + activations
+        held = params / dp
     else:
         comm = collective(_cluster.all_reduce_time, params, dp_group)
         exposed = comm - min(overlap * comm, costs.num_layers * backward)
         memory = params * mult + activations
-    step = m * per_mb + exposed
+        held = params
+    step = m * per_mb + exposed + held * costs.optimizer_s_per_param_byte
     return _prediction(layout, costs, step, memory, m, compute, exposed, 0.0)
 
 
@@ -291,7 +296,8 @@ def _predict_pipeline(
         for h, p in zip(held, peaks, strict=True)
     )
     compute /= layout.pp
-    return _prediction(layout, costs, makespan + exposed, memory, m, compute, exposed, bubble)
+    step = makespan + exposed + max(held) * costs.optimizer_s_per_param_byte
+    return _prediction(layout, costs, step, memory, m, compute, exposed, bubble)
 
 
 def _prediction(layout, costs, step, memory, m, compute, exposed, bubble) -> Prediction:

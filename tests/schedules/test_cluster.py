@@ -388,3 +388,22 @@ def test_predict_lower_latency_is_never_slower():
     for layout in _cluster_model.candidate_layouts(8, costs, cluster, schedules=("zb-h1", "zbv")):
         slow = predict(layout, costs, cluster, overlap=0.5).step_s
         assert predict(layout, costs, quicker, overlap=0.5).step_s <= slow * (1 + 1e-12), layout
+
+
+def test_predict_adds_optimizer_time_per_held_param_byte():
+    rng = random.Random(14)
+    costs = _costs(rng, embedding_param_bytes=0.0)
+    rate = rng.uniform(1e-12, 1e-10)
+    timed = dataclasses.replace(costs, optimizer_s_per_param_byte=rate)
+    cluster = _cluster_of(rng, 1, 4)
+    layers = costs.num_layers
+    for layout, held in (
+        (Layout(dp=4), layers * costs.param_bytes),
+        (Layout(dp=4, fsdp=True), layers * costs.param_bytes / 4),
+        (Layout(tp=2, dp=2), layers * costs.param_bytes / 2),
+        (Layout(pp=4, schedule="1f1b"), layers * costs.param_bytes / 4),
+    ):
+        extra = predict(layout, timed, cluster).step_s - predict(layout, costs, cluster).step_s
+        assert extra == pytest.approx(held * rate, rel=1e-9), layout
+    data = {**_cluster.example_costs_dict(), "optimizer_s_per_param_byte": rate}
+    assert costs_from_dict(data).optimizer_s_per_param_byte == rate

@@ -1,0 +1,192 @@
+"""From a measured benchmark row to the cluster what-if model, and back to check it.
+
+`cluster_costs(results, name)` turns one jaxpp row of a `jaxpp bench pipeline` results
+file (its measured per-stage task times, the optimizer time outside the loop, the model's
+shape) into the `jaxpp-cluster-costs/1` inputs of `jaxpp.schedules.what_if`;
+`validate(results, name)` predicts that same run on a one-node cluster of its GPUs and
+compares the prediction with the measured step (the issue asks for 10%).
+"""
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+from jaxpp import schedules
+from jaxpp._bench import _configs, _memory
+
+COMPUTE_BYTES = 2  # bfloat16 parameters in the compute dtype
+# Bytes a GPU keeps per compute-dtype parameter byte: float32 params, grads and AdamW
+# mu, nu, a float32 gradient accumulator and the bf16 copy: (4 + 4 + 8 + 4 + 2) / 2.
+STATE_BYTES_PER_PARAM_BYTE = 11.0
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Validation:
+    """The what-if model's step for a measured run, next to the measurement.
+
+    Attributes:
+        name: the configuration.
+        measured_s: its measured median step.
+        predicted_s: the cluster model's step for the same layout and GPUs.
+        prediction: the full prediction (bubble, memory, ...).
+    """
+
+    name: str
+    measured_s: float
+    predicted_s: float
+    prediction: schedules.Prediction
+
+    @property
+    def error(self) -> float:
+        """`predicted / measured - 1` (negative: the model is optimistic)."""
+        return self.predicted_s / self.measured_s - 1
+
+    def describe(self) -> str:
+        """One line: measured, predicted, relative error."""
+        return (
+            f"{self.name}: measured {self.measured_s * 1e3:.1f} ms, what-if model "
+            f"{self.predicted_s * 1e3:.1f} ms ({100 * self.error:+.1f}%), simulated bubble "
+            f"{100 * self.prediction.bubble:.1f}%"
+        )
+
+
+def cluster_costs(results: Mapping[str, Any], name: str) -> dict[str, Any]:
+    """The `jaxpp-cluster-costs/1` dict measured by jaxpp row `name` of `results`.
+
+    Per-layer times are the mean over stages of each stage's measured task time divided
+    by its layers (times TP inside a stage, to give one GPU's time); the optimizer time
+    is `outside_loop_seconds` per parameter byte of the fullest rank.
+
+    Raises:
+        ValueError: no such row, not a successful jaxpp row, or no measured costs.
+
+    Example:
+        >>> import json, pathlib
+        >>> path = "benchmarks/results/pipeline_2026-11-21/bench_2b_2xh200_partial.json"
+        >>> results = json.loads(pathlib.Path(path).read_text())
+        >>> costs = cluster_costs(results, "jaxpp/1f1b/pp2/mb16/noremat")
+        >>> costs["num_layers"], costs["microbatch_size"], round(costs["layer"]["forward_s"], 5)
+        (24, 2, 0.00162)
+    """
+    row = _row(results, name)
+    config = _configs.parse_config(name)
+    preset = _preset(results)
+    stages = config.num_stages
+    per_stage = row["costs"]["per_stage"]
+    if len(per_stage) != stages:
+        raise ValueError(
+            f"row {name!r} has measured costs for {len(per_stage)} stages, expected {stages}."
+        )
+    layers = preset.num_layers / stages
+    forward = _mean(per_stage, ("F",)) / layers * config.model
+    backward = _mean(per_stage, ("B",), ("I", "W")) / layers * config.model
+    weight = _mean(per_stage, ("W",)) / layers * config.model if _has(per_stage, "W") else None
+    microbatch = preset.global_batch // config.microbatches // config.data
+    tokens = microbatch * preset.seq_len
+    layer_bytes = COMPUTE_BYTES * _memory.layer_params(preset)
+    embedding_bytes = COMPUTE_BYTES * (_memory.embed_params(preset) + _memory.head_params(preset))
+    held = _fullest_rank_bytes(config, layer_bytes * layers, embedding_bytes)
+    factor = _memory.ACTIVATION_FACTOR[_configs.JAXPP]
+    layer: dict[str, float] = {
+        "forward_s": forward,
+        "backward_s": backward,
+        "param_bytes": layer_bytes,
+        "activation_bytes": factor * tokens * _memory.activation_bytes_per_token(
+            preset, remat=config.remat
+        ),
+    }  # fmt: skip
+    if weight is not None:
+        layer["weight_grad_s"] = weight
+    env = results.get("environment", {})
+    return {
+        "format": "jaxpp-cluster-costs/1",
+        "measured": True,
+        "note": (
+            f"measured by jaxpp bench pipeline: {name} on {env.get('device_count')} x "
+            f"{env.get('device')}, {env.get('date')}"
+        ),
+        "num_layers": preset.num_layers,
+        "global_batch": preset.global_batch,
+        "microbatch_size": microbatch,
+        "seq_len": preset.seq_len,
+        "layer": layer,
+        "boundary_activation_bytes": float(tokens * preset.d_model * COMPUTE_BYTES),
+        "embedding_param_bytes": float(embedding_bytes),
+        "memory": {
+            "gpu_bytes": float(results.get("memory_limit_bytes") or _memory.usable_bytes()),
+            "state_bytes_per_param_byte": STATE_BYTES_PER_PARAM_BYTE,
+        },
+        "optimizer_s_per_param_byte": float(row.get("outside_loop_seconds") or 0.0) / held,
+    }
+
+
+def validate(results: Mapping[str, Any], name: str) -> Validation:
+    """Predicts measured jaxpp row `name` with the cluster model on one node of its GPUs.
+
+    Raises:
+        ValueError: as `cluster_costs`.
+
+    Example:
+        >>> import json, pathlib
+        >>> path = "benchmarks/results/pipeline_2026-11-21/bench_2b_2xh200_partial.json"
+        >>> results = json.loads(pathlib.Path(path).read_text())
+        >>> check = validate(results, "jaxpp/1f1b/pp2/mb16/noremat")
+        >>> abs(check.error) < 0.10
+        True
+    """
+    config = _configs.parse_config(name)
+    costs = schedules.costs_from_dict(cluster_costs(results, name))
+    cluster = schedules.Cluster(1, config.num_devices)
+    layout = schedules.Layout(
+        tp=config.model, pp=config.ranks, dp=config.data, schedule=config.schedule
+    )
+    prediction = schedules.predict(layout, costs, cluster)
+    return Validation(name, float(_row(results, name)["step_s"]), prediction.step_s, prediction)
+
+
+def _row(results: Mapping[str, Any], name: str) -> Mapping[str, Any]:
+    rows = [r for r in results.get("results", ()) if r.get("name") == name]
+    if not rows:
+        known = ", ".join(r.get("name", "?") for r in results.get("results", ()))
+        raise ValueError(f"no row {name!r} in the results. Fix: one of: {known}.")
+    row = rows[0]
+    if row.get("kind") != _configs.JAXPP or row.get("status") != "ok" or not row.get("costs"):
+        raise ValueError(
+            f"row {name!r} is not a successful jaxpp row with measured costs (status "
+            f"{row.get('status')!r}). Fix: pick a jaxpp row that ran."
+        )
+    return row
+
+
+def _preset(results: Mapping[str, Any]) -> _configs.ModelPreset:
+    model = results.get("model", {})
+    preset = _configs.PRESETS.get(model.get("preset"))
+    if preset is None:
+        raise ValueError(f"results of unknown preset {model.get('preset')!r}.")
+    fields = {f.name for f in dataclasses.fields(preset)}
+    recorded = {k: (tuple(v) if isinstance(v, list) else v) for k, v in model.items()}
+    return dataclasses.replace(preset, **{k: v for k, v in recorded.items() if k in fields})
+
+
+def _has(per_stage: Mapping[str, Mapping[str, float]], kind: str) -> bool:
+    return all(kind in kinds for kinds in per_stage.values())
+
+
+def _mean(per_stage: Mapping[str, Mapping[str, float]], *alternatives: tuple[str, ...]) -> float:
+    for kinds in alternatives:
+        if all(all(k in times for k in kinds) for times in per_stage.values()):
+            values = [sum(times[k] for k in kinds) for times in per_stage.values()]
+            return sum(values) / len(values)
+    raise ValueError(f"measured costs {dict(per_stage)} lack the kinds {alternatives}.")
+
+
+def _fullest_rank_bytes(config: _configs.BenchConfig, stage_bytes: float, embedding: float):
+    """Parameter bytes of the fullest rank as the cluster model counts them."""
+    builder = schedules.get_builder(config.schedule, config.num_stages, ranks=config.ranks)
+    placement = builder.build(config.microbatches).placement
+    held = [0.0] * config.ranks
+    for stage in range(config.num_stages):
+        held[placement[stage]] += stage_bytes / config.model
+    held[placement[0]] += embedding / 2 / config.model
+    held[placement[-1]] += embedding / 2 / config.model
+    return max(held)
