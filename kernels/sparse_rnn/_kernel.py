@@ -151,11 +151,11 @@ def _gather_matvec(cfg, src_ref, src_row0, keys, resident, load, n_chunks):
     each gather is one wide load; a 16-bit `src` is widened to float32 after the gather.
     """
 
-    def gather(cols):
-        return src_ref[cols + src_row0, :].astype(jnp.float32)
+    def gather(cols):  # raw rows, in the source's dtype
+        return src_ref[cols + src_row0, :]
 
     def term(vals, cols):
-        return vals[:, :, None] * gather(cols)
+        return vals[:, :, None] * gather(cols).astype(jnp.float32)
 
     accs = []
     for key, size in keys:
@@ -184,27 +184,26 @@ def _pipelined_chunks(cfg, keys, accs, gather, load, first, n_chunks):
     Iteration `c` issues the word loads of chunk `c + 2`, then the gathers of chunk `c + 1`
     (whose words arrived during the previous iteration), then the products of chunk `c` (whose
     gathered rows arrived during the previous iteration). Chunk indices past the end are
-    clamped: the extra loads re-read the last chunk and are never used. Costs about
-    `(CHUNK + CHUNK * batch) * rows / threads` more registers than the plain loop.
+    clamped: the extra loads re-read the last chunk and are never used. The carried state is
+    raw: packed words and gathered rows in the source dtype (a 16-bit source halves the
+    carried rows), decoded and widened at use. Costs about `CHUNK * (2 + batch * bytes / 4) *
+    rows / threads` more registers than the plain loop (NOTES.md has the measured counts).
     """
     last = n_chunks - 1
 
     def words_of(c):
         return tuple(load(key, size, c) for key, size in keys)
 
-    def rows_of(words):
-        out = []
-        for w in words:
-            vals, cols = _decode(cfg, w)
-            out.append((vals, gather(cols)))
-        return tuple(out)
+    def rows_of(words):  # the gathered rows stay in the source dtype until used
+        return tuple((w, gather(_decode(cfg, w)[1])) for w in words)
 
     def body(c, state):
         accs, words_next, cur = state
         words_after = words_of(jnp.minimum(c + 2, last))
         nxt = rows_of(words_next)
         accs = tuple(
-            acc + vals[:, :, None] * rows for acc, (vals, rows) in zip(accs, cur, strict=True)
+            acc + _decode(cfg, w)[0][:, :, None] * rows.astype(jnp.float32)
+            for acc, (w, rows) in zip(accs, cur, strict=True)
         )
         return accs, words_after, nxt
 
