@@ -6,27 +6,52 @@ first-step loss must match the single-device reference before it is timed (media
 configuration, so a cut-off run keeps what it measured), with a markdown table (.md)
 and a bar chart (.png) beside it. Names of configurations: see `jaxpp._bench._configs`.
 
-On the GPU machine: the device tool allows 10 minutes per command and about 30 minutes
-per session, and one ~8B configuration costs about 2 minutes (compile, reference, 12
-steps), so run a focused subset, three configurations per command. Rows with the same
-`--out` merge; `--isolate` runs each configuration in its own process, so memory peaks are
-per configuration and an OOM fails only that row. Pure DP cannot hold the ~8B model's
-fp32 weights + AdamW state (~133 GB) on one GPU, so it is left out there. On that
-machine `jaxpp` is not installed: start each command with `source benchmarks/gpu_env.sh &&`
-and write `python3 -m jaxpp.cli bench ...` for `jaxpp bench ...`.
+Memory: every configuration gets a predicted peak per device (`jaxpp._bench._memory`,
+shown by `--list`); one predicted not to fit is skipped with a `predicted OOM: X GiB > Y
+GiB` row instead of compiling (`--no-memory-gate` runs it anyway). SPMD steps are compiled
+before they run and skipped too if XLA's own `memory_analysis()` exceeds the limit; rows
+record that estimate and the measured peaks. The limit is what JAX may allocate: by
+default 0.75 of the GPU (105 GiB of an H200; XLA's rematerialization aims at 0.95 of it),
+so the commands below set `XLA_PYTHON_CLIENT_MEM_FRACTION=0.9` (126 GiB) for both sides.
 
-    # nvidia-h200-x4, the ~8B model; OUT=benchmarks/results/bench_8b_4xh200.json
-    jaxpp bench pipeline --model 8b --devices 4 --isolate --out $OUT --configs \
-        spmd/fsdp4/acc1/remat,spmd/fsdp2-tp2/acc1/remat,spmd/tp4/acc4/remat
-    jaxpp bench pipeline --model 8b --devices 4 --isolate --out $OUT --configs \
-        jaxpp/1f1b/pp4/mb16/noremat,jaxpp/zb-h1/pp4/mb16/noremat,jaxpp/zbv/pp4/mb16/noremat
-    jaxpp bench pipeline --model 8b --devices 4 --isolate --out $OUT --configs \
-        jaxpp/interleaved-1f1b/pp4/mb16/noremat,jaxpp/dualpipev/pp4/mb16/noremat,jaxpp/1f1b/pp4/mb32/remat
-    # nvidia-h200-x2, the ~2B model; OUT=benchmarks/results/bench_2b_2xh200.json
-    jaxpp bench pipeline --model 2b --devices 2 --isolate --out $OUT --configs \
-        spmd/dp2/acc1/remat,spmd/fsdp2/acc1/noremat,spmd/tp2/acc1/noremat
-    jaxpp bench pipeline --model 2b --devices 2 --isolate --out $OUT --configs \
-        jaxpp/1f1b/pp2/mb16/noremat,jaxpp/zbv/pp2/mb16/noremat,jaxpp/dualpipev/pp2/mb16/noremat
+On the GPU machine: the device tool allows 10 minutes per command and about 30 minutes
+per session, and one ~8B configuration costs about 2-3 minutes (compile, 12 steps, one
+profiled step), so run a focused subset, three configurations per command. Rows with the
+same `--out` merge; `--isolate` runs each configuration in its own process, so memory
+peaks are per configuration and an OOM fails only that row. On that machine `jaxpp` is
+not installed: `source benchmarks/gpu_env.sh` in the repository root, then run
+`python3 -m jaxpp.cli bench ...` (for `jaxpp bench ...`) from outside it (`cd /tmp`: the
+root's bare `./jaxpp` would shadow the package tree; `--isolate` children already run in
+an empty folder). The plan, strongest predicted-to-fit candidates first (`--list` with
+the same flags shows each one's predicted GiB):
+
+    source benchmarks/gpu_env.sh && cd /tmp && export XLA_PYTHON_CLIENT_MEM_FRACTION=0.9
+    # nvidia-h200-x4, the ~8B model (limit 126 GiB; predicted GiB per device in brackets)
+    RES=$OLDPWD/benchmarks/results/bench_8b_4xh200.json
+    # SPMD: FSDP with accumulation [84, 114], DP x TP [103]
+    python3 -m jaxpp.cli bench pipeline --model 8b --devices 4 --isolate --out $RES --configs \
+        spmd/fsdp4/acc4/noremat,spmd/dp2-tp2/acc8/noremat,spmd/fsdp4/acc2/noremat
+    # SPMD: TP and FSDP x TP [90, 82], FSDP with remat and no accumulation [45]
+    python3 -m jaxpp.cli bench pipeline --model 8b --devices 4 --isolate --out $RES --configs \
+        spmd/tp4/acc4/noremat,spmd/fsdp2-tp2/acc4/noremat,spmd/fsdp4/acc1/remat
+    # jaxpp: zero-bubble schedules at 32 microbatches of one sequence [96, 93, 99]
+    python3 -m jaxpp.cli bench pipeline --model 8b --devices 4 --isolate --out $RES --configs \
+        jaxpp/zbv/pp4/mb32/noremat,jaxpp/zb-h1/pp4/mb32/noremat,jaxpp/dualpipev/pp4/mb32/noremat
+    # jaxpp: 1F1B and interleaved [93, 102, 118 (tight)]
+    python3 -m jaxpp.cli bench pipeline --model 8b --devices 4 --isolate --out $RES --configs \
+        jaxpp/1f1b/pp4/mb32/noremat,jaxpp/interleaved-1f1b/pp4/mb32/noremat,jaxpp/1f1b/pp4/mb16/noremat
+    # nvidia-h200-x2, the ~2B model; RES=$OLDPWD/benchmarks/results/bench_2b_2xh200.json
+    # SPMD [90, 71, 78]
+    python3 -m jaxpp.cli bench pipeline --model 2b --devices 2 --isolate --out $RES --configs \
+        spmd/dp2/acc2/noremat,spmd/fsdp2/acc2/noremat,spmd/tp2/acc2/noremat
+    # jaxpp [55, 53, 59]; then zbv/pp2/mb8 [75], interleaved-1f1b/pp2/mb16 [56]
+    python3 -m jaxpp.cli bench pipeline --model 2b --devices 2 --isolate --out $RES --configs \
+        jaxpp/zbv/pp2/mb16/noremat,jaxpp/zb-h1/pp2/mb16/noremat,jaxpp/dualpipev/pp2/mb16/noremat
+    # one H100 (no pipeline): calibrate the memory estimate on SPMD, 2B on one GPU
+    # (limit 71.6 GiB; predicted [54, 66, 47]; rows record XLA's estimate and the peaks)
+    python3 -m jaxpp.cli bench pipeline --model 2b --devices 1 --isolate --configs \
+        spmd/dp1/acc16/noremat,spmd/dp1/acc8/noremat,spmd/dp1/acc8/remat \
+        --out $OLDPWD/benchmarks/results/bench_2b_1xh100.json
 
 With more device time, sweep by flags instead (`--only spmd|jaxpp`, `--schedules`,
 `--layouts`, `--microbatches`, `--accumulations`, `--remat on|off|off,on`).

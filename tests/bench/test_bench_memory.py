@@ -114,3 +114,22 @@ def test_run_config_xla_estimate_over_the_limit_raises_before_running():
     config = _configs.parse_config("spmd/dp2/acc1/noremat")
     with pytest.raises(_run.PredictedOOMError, match=r"XLA's estimate after compiling"):
         _run.run_config(config, problem, reference=1.0, attention="xla", memory_limit=1)
+
+
+def test_the_docstring_plan_names_configurations_predicted_to_fit():
+    import re
+
+    from jaxpp import _cli_bench
+
+    found = re.findall(
+        r"--model (\w+) --devices (\d+) --isolate.*?--configs\s+([^\s\\]+)", _cli_bench.__doc__
+    )
+    assert len(found) == 7
+    for model, devices, names in found:
+        kind = "h100" if devices == "1" else "h200"
+        limit = _memory.usable_bytes(kind, fraction=0.9)
+        preset = _configs.PRESETS[model]
+        for name in names.split(","):
+            config = _configs.parse_config(name)
+            assert _configs.fit_problem(config, preset, int(devices)) is None, name
+            assert _memory.oom_problem(config, preset, limit) is None, name
