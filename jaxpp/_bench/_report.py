@@ -88,12 +88,12 @@ def markdown_table(rows: Sequence[Mapping]) -> str:
         >>> print(markdown_table([{"name": "spmd/dp2/acc1/noremat", "status": "ok",
         ...     "tokens_per_s": 100.0, "step_s": 0.5, "mfu": None,
         ...     "peak_memory_bytes": None}]).splitlines()[2])
-        | spmd/dp2/acc1/noremat | 100 | 500.0 | n/a | n/a |  |  |  |
+        | spmd/dp2/acc1/noremat | 100 | 500.0 | n/a | n/a |  |  |  |  |
     """
     header = (
-        "| configuration | tokens/s | step ms | MFU | peak GiB/device "
+        "| configuration | tokens/s | step ms | MFU | peak GiB/device | predicted GiB "
         "| bubble measured | bubble simulated | predicted step ms |\n"
-        "|---|---:|---:|---:|---:|---:|---:|---:|"
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|"
     )
     ok = sorted((r for r in rows if r.get("status") == "ok"), key=lambda r: -r["tokens_per_s"])
     lines = [header]
@@ -103,6 +103,7 @@ def markdown_table(rows: Sequence[Mapping]) -> str:
         lines.append(
             f"| {r['name']} | {r['tokens_per_s']:.0f} | {r['step_s'] * 1e3:.1f} "
             f"| {_percent(r.get('mfu'))} | {'n/a' if peak is None else f'{peak / 2**30:.1f}'} "
+            f"| {_predicted_gib(r)} "
             f"| {_percent(r.get('measured_bubble'), '')} "
             f"| {_percent(r.get('simulated_bubble'), '')} "
             f"| {'' if predicted is None else f'{predicted * 1e3:.1f}'} |"
@@ -110,7 +111,9 @@ def markdown_table(rows: Sequence[Mapping]) -> str:
     for r in rows:
         if r.get("status") != "ok":
             reason = str(r.get("error", "")).splitlines()[0][:120] if r.get("error") else ""
-            lines.append(f"| {r['name']} | {r.get('status')}: {reason} | | | | | | |")
+            lines.append(
+                f"| {r['name']} | {r.get('status')}: {reason} | | | | {_predicted_gib(r)} | | | |"
+            )
     return "\n".join(lines)
 
 
@@ -152,6 +155,11 @@ def bar_chart(rows: Sequence[Mapping], path: str | pathlib.Path, *, title: str) 
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def _predicted_gib(row: Mapping) -> str:
+    predicted = (row.get("predicted_memory") or {}).get("total")
+    return "" if predicted is None else f"{predicted / 2**30:.1f}"
 
 
 def _percent(value: float | None, missing: str = "n/a") -> str:
