@@ -183,6 +183,17 @@ def _config(
                 f"has {sms} multiprocessors (one block each). Fix: pack with num_blocks <= {sms}."
             )
     batch = int(x_shape[0])
+    padded = 1 << max(0, (batch - 1).bit_length())
+    state_bytes = jnp.dtype(state_dtype).itemsize * weights.hidden_size * padded
+    if implementation == "persistent" and state_dtype != "float32" and state_bytes % 128:
+        # Slab t + 1 must not share a cache line with slab t: a gather of slab t would pull
+        # the not yet written head of slab t + 1 into L1, and a later step could read it stale.
+        raise ValueError(
+            f"state_dtype={state_dtype!r} with hidden={weights.hidden_size} and batch padded to "
+            f"{padded} gives {state_bytes}-byte state slabs, not a multiple of the 128-byte "
+            "cache line. Fix: use state_dtype='float32', or a hidden size (or batch) for which "
+            "hidden * batch * 2 is a multiple of 128."
+        )
     return _kernel.KernelConfig(
         cell=cell,
         hidden=weights.hidden_size,

@@ -125,3 +125,14 @@ def test_persistent_variant_lowers_for_cuda(cell, state_dtype, prefetch, residen
         spec((steps * gh, batch), f32), state, state, twords,
     )  # fmt: skip
     assert "sparse_rnn_backward_persistent" in bwd
+
+
+def test_state_dtype_with_slabs_not_line_aligned_raises_before_launch(monkeypatch):
+    from jaxpp.kernels.sparse_rnn import _api
+
+    monkeypatch.setattr(_api.jax, "default_backend", lambda: "gpu")
+    weights, x, h0, _, _ = _problem("tanh", 24, 1, 2, 0.5, seed=1)  # 24 * 1 * 2 = 48 bytes
+    with pytest.raises(ValueError, match="not a multiple of the 128-byte"):
+        sr.sparse_rnn(
+            x, h0, weights, cell="tanh", implementation="persistent", state_dtype="float16"
+        )
