@@ -103,8 +103,9 @@ class DistributedExecutor(_local.LocalExecutor):
         """
         try:
             outputs = super().run(inputs, record_timing=record_timing)
-        except jax.errors.JaxRuntimeError as error:
-            _coordination.wait_for_verdict(error)
+        except (jax.errors.JaxRuntimeError, ValueError, RuntimeError) as error:
+            if _failed_collective(error):
+                _coordination.wait_for_verdict(error)
             raise
         self._runs += 1
         if record_timing:
@@ -349,6 +350,24 @@ class DistributedExecutor(_local.LocalExecutor):
         aval = self.output_avals[index]
         sharding = NamedSharding(self.rank_meshes[buffer.rank], PartitionSpec())
         return jax.make_array_from_single_device_arrays(aval.shape, sharding, [], dtype=aval.dtype)
+
+
+def _failed_collective(error: BaseException) -> bool:
+    """Whether `error` may come from a collective whose peer went away.
+
+    XLA raises a runtime error, or (when the collective ran while it was being
+    dispatched) a ValueError carrying the same text.
+
+    Example:
+        >>> _failed_collective(ValueError("UNKNOWN: Gloo collective permute failed"))
+        True
+        >>> _failed_collective(ValueError("bad shape"))
+        False
+    """
+    if isinstance(error, jax.errors.JaxRuntimeError):
+        return True
+    text = str(error).lower()
+    return any(word in text for word in ("collective", "gloo", "nccl", "connection closed"))
 
 
 def _plan_id(plan: _plan.Plan, meshes: Sequence[Mesh]) -> str:
