@@ -3,7 +3,7 @@
 #
 #   bash benchmarks/pipeline_gpu_run.sh env pvj dist     # issue 3 and 4 numbers
 #   PVJ_MB_SIZE=16 PVJ_SCHEDULES=1f1b bash benchmarks/pipeline_gpu_run.sh pvj
-#   bash benchmarks/pipeline_gpu_run.sh bench2b          # throughput race, ~2B on 2 GPUs
+#   BENCH_MODEL=8b BENCH_DEVICES=4 BENCH_CONFIGS=a,b,c bash benchmarks/pipeline_gpu_run.sh bench
 #
 # Each part has its own time limit and writes its JSON and log under $OUT (default
 # /tmp/out), so a part that fails or runs out of time leaves the others' results.
@@ -56,13 +56,17 @@ for part in "$@"; do
           --out "$OUT/distributed_${n}gpu_${n}proc_b${DIST_BATCH:-32}.json"
       done
       ;;
-    bench2b)  # issue 6 on two GPUs: the strongest SPMD guesses against 1F1B
-      CUDA_VISIBLE_DEVICES=0,1 run bench2b "${BENCH_LIMIT:-540}" python3 -m jaxpp.cli bench \
-        pipeline --model 2b --devices 2 --isolate --out "$OUT/bench_2b_2xh200.json" --configs \
-        "${BENCH_CONFIGS:-spmd/fsdp2/acc1/noremat,jaxpp/1f1b/pp2/mb16/noremat,spmd/tp2/acc1/noremat}"
+    bench)  # issue 6: BENCH_MODEL (2b) on BENCH_DEVICES (2) GPUs, BENCH_CONFIGS (see
+      # the plan in jaxpp/_cli_bench.py's docstring); both sides get 0.9 of each GPU
+      devices=${BENCH_DEVICES:-2}
+      XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 CUDA_VISIBLE_DEVICES=$(seq -s, 0 $((devices - 1))) \
+        run "bench_${BENCH_MODEL:-2b}" "${BENCH_LIMIT:-540}" python3 -m jaxpp.cli bench \
+        pipeline --model "${BENCH_MODEL:-2b}" --devices "$devices" --isolate \
+        --out "$OUT/bench_${BENCH_MODEL:-2b}_${devices}xgpu.json" --configs \
+        "${BENCH_CONFIGS:-spmd/dp2/acc2/noremat,spmd/fsdp2/acc2/noremat,spmd/tp2/acc2/noremat}"
       ;;
     *)
-      echo "unknown part: $part (env, pvj, dist, bench2b)" >&2
+      echo "unknown part: $part (env, pvj, dist, bench)" >&2
       exit 2
       ;;
   esac
