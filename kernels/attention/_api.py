@@ -9,7 +9,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from jaxpp.kernels.attention import _configs, _mosaic, _reference, _triton
+from jaxpp.kernels.attention import _configs, _mosaic, _mosaic_fused, _reference, _triton
 
 IMPLEMENTATIONS = ("auto", "mosaic", "triton", "xla")
 MOSAIC_HEAD_DIMS = (64, 128, 256)
@@ -202,6 +202,11 @@ def _kernel_bwd(static: _Static, residuals, d_out):
         dq, dk, dv = _triton.backward(
             *args, q_len=q_len, kv_len=kv_len, config=static.triton, **common
         )
+    elif static.backward.fused:
+        dq_acc, dk, dv = _mosaic_fused.backward_fused(
+            *args, q_len=q_len, kv_len=kv_len, config=static.backward, **common
+        )
+        dq = (dq_acc[:, :q_len] * static.scale).astype(qp.dtype)
     else:
         common["config"] = static.backward
         dq = _mosaic.backward_dq(*args, kv_len=kv_len, **common)

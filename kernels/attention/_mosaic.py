@@ -90,6 +90,9 @@ class BackwardConfig:
             for head dim 256.
         overlap: issue the two SMEM-operand matmuls of a step (S and dP) together, so
             the second runs while the first is awaited.
+        fused: one kernel computes dK, dV and dQ (5 block matmuls per block pair instead
+            of 7); dQ is added in float32 in HBM in a fixed order (`_mosaic_fused.py`).
+            Uses block_q, block_kv, num_stages and dkv_compute_wgs; head_dim <= 128.
     """
 
     block_q: int = 64
@@ -99,6 +102,7 @@ class BackwardConfig:
     dkv_compute_wgs: int = 2
     split_dkv: bool = False
     overlap: bool = False
+    fused: bool = False
 
     def __post_init__(self) -> None:
         _check_tiles(

@@ -64,6 +64,7 @@ def test_auto_on_cpu_runs_xla_without_pallas():
 
 _FWD_PP = ForwardConfig(block_q=64, block_kv=64, num_stages=2, compute_wgs=2, pingpong=True)
 _BWD_OV = BackwardConfig(block_q=64, block_kv=64, num_stages=2, overlap=True)
+_BWD_FUSED = BackwardConfig(block_q=64, block_kv=64, num_stages=2, fused=True)
 
 
 @pytest.mark.parametrize(
@@ -73,6 +74,10 @@ _BWD_OV = BackwardConfig(block_q=64, block_kv=64, num_stages=2, overlap=True)
         (200, 150, 2, 1, 64, True, _FWD_PP, _BWD_OV),  # causal, ragged, MQA, ping-pong, overlap
         (128, 256, 2, 2, 128, True, _FWD, _BWD),  # causal, kv longer than q
         (128, 128, 2, 1, 256, True, _FWD, _BWD_SPLIT),  # head dim 256, split dK/dV passes
+        # fused backward: 2 kv tiles (ordered dQ adds), ragged kv masked, causal, MQA
+        (200, 150, 2, 1, 64, True, _FWD, _BWD_FUSED),
+        # fused, head dim 128 (dQ columns split over the two consumers), kv longer than q
+        (130, 200, 2, 1, 128, False, _FWD, _BWD_FUSED),
     ),
 )
 def test_mosaic_interpret_matches_reference_with_grads(
@@ -124,6 +129,18 @@ def test_mosaic_interpret_float32_with_compute_dtype_runs_in_bf16():
     )
     assert got.dtype == jnp.float32
     assert tuning.relative_error(got, _f32_reference(q, k, v, do, True)[0]) < 1.5e-2
+
+
+def test_mosaic_fused_backward_head_dim_256_raises_with_fix():
+    q, k, v, do = _inputs(13, 64, 64, 1, 1, 256)
+
+    def ours(a, b, c):
+        return dot_product_attention(
+            a, b, c, implementation="mosaic", interpret=True, backward_config=_BWD_FUSED
+        )
+
+    with pytest.raises(NotImplementedError, match="split_dkv=True"):
+        jax.eval_shape(lambda: _vjp(ours, q, k, v, do))  # raised while tracing
 
 
 def test_mosaic_float32_without_compute_dtype_raises():
