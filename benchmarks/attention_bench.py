@@ -39,7 +39,11 @@ VARIANTS = {
     "ours_ov": ({}, {"overlap": True}),
     "ours_pp_ov": ({"pingpong": True}, {"overlap": True}),
     "ours_v1": ({"pingpong": False}, {"overlap": False}),
+    # fused backward (dK, dV, dQ in one kernel, ordered float32 dQ adds); head dim <= 128
+    "ours_fused": ({}, {"fused": True}),
 }
+# Variants that only support some head dims (others are skipped, not recorded as errors).
+VARIANT_MAX_HEAD_DIM = {"ours_fused": 128}
 XLA_MAX_SEQ = 4096  # the XLA baseline materialises [B, N, T, S] logits
 
 
@@ -232,6 +236,8 @@ def run_grid(
                 if name == "xla" and shape.seq > xla_max_seq:
                     continue
                 if name in VARIANTS and shape.head_dim not in variant_head_dims:
+                    continue
+                if shape.head_dim > VARIANT_MAX_HEAD_DIM.get(name, shape.head_dim):
                     continue
                 if name in VARIANTS and mode == "fwd" and not VARIANTS[name][0]:
                     continue  # a backward-only variant has the default forward

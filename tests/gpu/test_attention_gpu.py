@@ -3,12 +3,19 @@
 JAX_PLATFORMS=cuda python -m pytest -q -o addopts="" tests/gpu/test_attention_gpu.py
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import pytest
 
 from jaxpp.kernels import tuning
-from jaxpp.kernels.attention import dot_product_attention, xla_attention
+from jaxpp.kernels.attention import (
+    BackwardConfig,
+    default_configs,
+    dot_product_attention,
+    xla_attention,
+)
 
 pytestmark = pytest.mark.skipif(
     jax.devices()[0].platform != "gpu" or "H" not in jax.devices()[0].device_kind,
@@ -36,12 +43,24 @@ def _check(
     batch=2,
     seed=0,
     implementation="mosaic",
+    forward=None,
+    backward=None,
 ):
+    """Forward and gradients vs float32 XLA; `forward`/`backward`: config field overrides."""
     q, k, v, do = _inputs(jax.random.key(seed), batch, t, s, heads, kv_heads, head_dim, dtype)
     scale = head_dim**-0.5
+    fwd_cfg, bwd_cfg = _configs(head_dim, forward, backward)
 
     def ours(q, k, v):
-        return dot_product_attention(q, k, v, causal=causal, implementation=implementation)
+        return dot_product_attention(
+            q,
+            k,
+            v,
+            causal=causal,
+            implementation=implementation,
+            forward_config=fwd_cfg,
+            backward_config=bwd_cfg,
+        )
 
     def ref(q, k, v):
         f32 = [x.astype(jnp.float32) for x in (q, k, v)]
@@ -56,6 +75,46 @@ def _check(
     for name, g, r in zip(("dq", "dk", "dv"), grads, ref_grads, strict=True):
         err = tuning.relative_error(g, r)
         assert err < 2e-2, f"{name} relative error {err:.3g}"
+
+
+def _configs(head_dim, forward, backward):
+    if forward is None and backward is None:
+        return None, None
+    fwd, bwd = default_configs(jax.devices()[0].device_kind, head_dim)
+    return (
+        dataclasses.replace(fwd, **(forward or {})),
+        dataclasses.replace(bwd, **(backward or {})),
+    )
+
+
+# Variants behind config flags (NOTES.md), checked first so a short run still covers them.
+_FUSED = {"fused": True}
+
+
+@pytest.mark.parametrize("head_dim", (64, 128))
+@pytest.mark.parametrize("causal", (False, True))
+def test_fused_backward_real_size_matches_reference(head_dim, causal):
+    _check(
+        2048, 2048, 2048 // head_dim // 2, 2048 // head_dim // 2, head_dim, causal, backward=_FUSED
+    )
+
+
+@pytest.mark.parametrize("causal", (False, True))
+def test_fused_backward_ragged_gqa_matches_reference(causal):
+    _check(1000, 1000, 8, 2, 128, causal, backward=_FUSED)
+
+
+def test_fused_backward_cross_lengths_matches_reference():
+    _check(777, 1234, 4, 4, 64, True, backward=_FUSED)
+
+
+def test_fused_backward_head_dim_256_raises():
+    with pytest.raises(NotImplementedError, match="split_dkv=True"):
+        _check(256, 256, 2, 2, 256, False, backward=_FUSED)
+
+
+def test_fused_backward_is_deterministic():
+    _assert_deterministic(BackwardConfig(block_q=64, block_kv=64, num_stages=2, fused=True))
 
 
 @pytest.mark.parametrize("head_dim", (64, 128, 256))
@@ -77,19 +136,24 @@ def test_mosaic_attention_float16_matches_reference():
     _check(1024, 1024, 4, 1, 128, False, dtype=jnp.float16)
 
 
-def test_mosaic_attention_repeatable_backward_is_deterministic():
+def _assert_deterministic(backward_config=None):
     q, k, v, do = _inputs(jax.random.key(3), 1, 1024, 1024, 4, 4, 128, jnp.bfloat16)
-    f = jax.jit(
-        lambda q, k, v, do: jax.vjp(
-            lambda a, b, c: dot_product_attention(a, b, c, causal=True, implementation="mosaic"),
-            q,
-            k,
-            v,
-        )[1](do)
-    )
-    first, second = f(q, k, v, do), f(q, k, v, do)
-    for a, b in zip(first, second, strict=True):
-        assert bool(jnp.all(a == b))
+
+    def attn(a, b, c):
+        return dot_product_attention(
+            a, b, c, causal=True, implementation="mosaic", backward_config=backward_config
+        )
+
+    f = jax.jit(lambda q, k, v, do: jax.vjp(attn, q, k, v)[1](do))
+    first = f(q, k, v, do)
+    for _ in range(3):  # the fused kernel's dQ order depends on its semaphores: repeat
+        again = f(q, k, v, do)
+        for a, b in zip(first, again, strict=True):
+            assert bool(jnp.all(a == b))
+
+
+def test_mosaic_attention_repeatable_backward_is_deterministic():
+    _assert_deterministic()
 
 
 @pytest.mark.parametrize("causal", (False, True))
