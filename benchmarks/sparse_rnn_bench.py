@@ -346,6 +346,8 @@ VARIANTS = {
     "f16_pf": _V3 | dict(state_dtype="float16", prefetch=True),
     "f16_pf_nw8": _V3 | dict(state_dtype="float16", prefetch=True, num_warps=8),
     "bf16_pf": _V3 | dict(state_dtype="bfloat16", prefetch=True),
+    "f16_u2": _V3 | dict(state_dtype="float16", unroll=2),
+    "f16_u4": _V3 | dict(state_dtype="float16", unroll=4),
 }
 
 

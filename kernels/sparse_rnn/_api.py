@@ -32,6 +32,7 @@ def sparse_rnn(
     check_timeouts: bool = True,
     state_dtype: str = "float32",
     prefetch: bool = False,
+    unroll: int = 1,
 ) -> jax.Array:
     """Runs a recurrence with a pruned recurrent matrix; returns all hidden states.
 
@@ -63,6 +64,8 @@ def sparse_rnn(
             the cell math stays float32). Experimental, see kernels/sparse_rnn/NOTES.md.
         prefetch: software-pipeline the kernels' chunk loops (loads of the next chunks before
             the products of the current one). Experimental, see NOTES.md.
+        unroll: chunks of 32 non-zeros per loop iteration of the kernels (more independent
+            loads in flight). Experimental, see NOTES.md.
 
     Returns:
         `(batch, steps, hidden)` hidden states in `x_proj`'s dtype.
@@ -111,6 +114,7 @@ def sparse_rnn(
         max_spins,
         state_dtype,
         prefetch,
+        unroll,
     )
     hs = _sparse_rnn_kernel(
         cfg,
@@ -161,6 +165,7 @@ def _config(
     max_spins,
     state_dtype="float32",
     prefetch=False,
+    unroll=1,
 ):
     blocks, gates, units, slots = weights.values.shape
     if gates * units * slots > _weights.MAX_SLOTS_PER_BLOCK:
@@ -212,6 +217,7 @@ def _config(
         interpret=jax.default_backend() != "gpu",
         state_dtype=state_dtype,
         prefetch=bool(prefetch),
+        unroll=unroll,
     )
 
 

@@ -33,11 +33,15 @@ VARIANTS = {
     "f16_pf": dict(state_dtype="float16", prefetch=True),
     "f16_pf_nw8": dict(state_dtype="float16", prefetch=True, num_warps=8),
     "bf16_pf": dict(state_dtype="bfloat16", prefetch=True),
+    "f16_u2": dict(state_dtype="float16", unroll=2),
+    "f16_pf_u2": dict(state_dtype="float16", prefetch=True, unroll=2),
+    "f16_pf_u2_nw8": dict(state_dtype="float16", prefetch=True, unroll=2, num_warps=8),
+    "f16_u4": dict(state_dtype="float16", unroll=4),
 }
 
 
-def triton_ir(cfg: _kernel.KernelConfig) -> str:
-    """The forward persistent kernel's Triton IR (text), via `jax.export` for an H100."""
+def triton_ir(cfg: _kernel.KernelConfig, *, backward: bool = False) -> str:
+    """A persistent kernel's Triton IR (text), via `jax.export` for an H100."""
     from jax._src.pallas.triton import pallas_call_registration as registration
 
     captured = {}
@@ -59,14 +63,20 @@ def triton_ir(cfg: _kernel.KernelConfig) -> str:
     )
     mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)
     checks = [jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+    if backward:
+        twords = spec(
+            (cfg.blocks * (cfg.transpose_slots // _kernel.CHUNK) * cfg.units, 32), jnp.int32
+        )
+        fn = lambda gr, x, m, hb, cb, tw: _kernel.backward_persistent(cfg, gr, x, m, hb, cb, tw)  # noqa: E731
+        args = (spec((t * h, b), f32), spec((t * g * h, b), f32), spec((t * g * h, b), f32))
+        args += (state, state, twords)
+    else:
+        fn = lambda x, w, hb, cb: _kernel.forward_persistent(cfg, x, w, hb, cb)  # noqa: E731
+        args = (spec((t * g * h, b), f32), words, state, state)
     registration.lowering.lower_jaxpr_to_triton_module = capture
     try:
         with jax.sharding.use_abstract_mesh(mesh):
-            jax.export.export(
-                jax.jit(lambda x, w, hb, cb: _kernel.forward_persistent(cfg, x, w, hb, cb)),
-                platforms=["cuda"],
-                disabled_checks=checks,
-            )(spec((t * g * h, b), f32), words, state, state)
+            jax.export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=checks)(*args)
     finally:
         registration.lowering.lower_jaxpr_to_triton_module = lower
     # Attribute spellings that the newer Triton parser does not accept (they do not change
@@ -122,6 +132,7 @@ def main() -> None:
     parser.add_argument("--slots", type=int, default=704, help="padded non-zeros per row")
     parser.add_argument("--blocks", type=int, default=128)
     parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--backward", action="store_true", help="the backward kernel instead")
     args = parser.parse_args()
     base = _kernel.KernelConfig(
         cell="lstm", hidden=args.hidden, gates=4, blocks=args.blocks,
@@ -130,8 +141,9 @@ def main() -> None:
     )  # fmt: skip
     for name in args.variants.split(","):
         cfg = dataclasses.replace(base, **VARIANTS[name])
-        report = compile_report(triton_ir(cfg), cfg.num_warps, args.triton)
-        print(f"H={args.hidden} slots={args.slots} {name:12s} {report}", flush=True)
+        report = compile_report(triton_ir(cfg, backward=args.backward), cfg.num_warps, args.triton)
+        kind = "backward" if args.backward else "forward"
+        print(f"{kind} H={args.hidden} slots={args.slots} {name:12s} {report}", flush=True)
 
 
 if __name__ == "__main__":

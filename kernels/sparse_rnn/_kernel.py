@@ -32,13 +32,16 @@ Variants (off by default; NOTES.md models them and the next GPU run decides):
 gather from it (half the bytes and cache lines per gather; the cell math and the float32 `h`
 slabs are unchanged). `prefetch=True` software-pipelines the chunk loop: the weight words of
 chunk `c + 2` and the gathered rows of chunk `c + 1` are loaded before the products of chunk `c`,
-so the loop no longer waits on two dependent memory latencies per iteration.
+so the loop no longer waits on two dependent memory latencies per iteration. `unroll=k` handles
+`k` chunks per loop iteration (k independent loads per row group in flight; the backward has one
+row group per unit, not one per gate, so it has 4x fewer loads in flight than an LSTM forward).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import operator
 
 import jax
 import jax.numpy as jnp
@@ -73,8 +76,11 @@ class KernelConfig:
     value_dtype: str = "bfloat16"
     state_dtype: str = "float32"  # dtype of the state copy the forward gathers from
     prefetch: bool = False  # software-pipelined chunk loop
+    unroll: int = 1  # chunks per loop iteration
 
     def __post_init__(self):
+        if not (isinstance(self.unroll, int) and self.unroll >= 1):
+            raise ValueError(f"unroll={self.unroll!r}; use a positive int (chunks per iteration).")
         if self.state_dtype not in STATE_DTYPES:
             raise ValueError(
                 f"state_dtype={self.state_dtype!r} is not one of {STATE_DTYPES}. Fix: pick one."
@@ -164,7 +170,8 @@ def _gather_matvec(cfg, src_ref, src_row0, keys, resident, load, n_chunks):
             acc = acc + term(vals, cols)
         accs.append(acc)
     first = min((len(resident.get(key, ())) for key, _ in keys), default=0)
-    if first < n_chunks and not cfg.prefetch:
+    k = cfg.unroll
+    if first < n_chunks and not cfg.prefetch and k == 1:
 
         def body(c, accs):
             return tuple(
@@ -174,41 +181,70 @@ def _gather_matvec(cfg, src_ref, src_row0, keys, resident, load, n_chunks):
 
         accs = jax.lax.fori_loop(first, n_chunks, body, tuple(accs))
     elif first < n_chunks:
-        accs = _pipelined_chunks(cfg, keys, tuple(accs), gather, load, first, n_chunks)
+        # `k` chunks per iteration (`unroll`): k independent loads per key in flight.
+        groups = (n_chunks - first) // k
+
+        def load_group(key, size, i):
+            return tuple(load(key, size, first + i * k + j) for j in range(k))
+
+        accs = tuple(accs)
+        if groups and cfg.prefetch:
+            accs = _pipelined_chunks(cfg, keys, accs, gather, load_group, groups)
+        elif groups:
+
+            def body(i, accs):
+                return tuple(
+                    acc + _total(term(*_decode(cfg, w)) for w in load_group(key, size, i))
+                    for (key, size), acc in zip(keys, accs, strict=True)
+                )
+
+            accs = jax.lax.fori_loop(0, groups, body, accs)
+        for c in range(first + groups * k, n_chunks):  # the tail, fewer than k chunks
+            accs = tuple(
+                acc + term(*_decode(cfg, load(key, size, c)))
+                for (key, size), acc in zip(keys, accs, strict=True)
+            )
     return {key: jnp.sum(acc, axis=1) for (key, _), acc in zip(keys, accs, strict=True)}
 
 
-def _pipelined_chunks(cfg, keys, accs, gather, load, first, n_chunks):
+def _total(terms):
+    return functools.reduce(operator.add, terms)
+
+
+def _pipelined_chunks(cfg, keys, accs, gather, load_group, groups):
     """The chunk loop, software-pipelined by hand (Triton pipelines only loads feeding dots).
 
-    Iteration `c` issues the word loads of chunk `c + 2`, then the gathers of chunk `c + 1`
-    (whose words arrived during the previous iteration), then the products of chunk `c` (whose
-    gathered rows arrived during the previous iteration). Chunk indices past the end are
-    clamped: the extra loads re-read the last chunk and are never used. The carried state is
+    Iteration `c` issues the word loads of group `c + 2` (`load_group(key, size, c)`: a tuple
+    of `unroll` chunks), then the gathers of group `c + 1` (whose words arrived during the
+    previous iteration), then the products of group `c` (whose gathered rows arrived during the
+    previous iteration). Group indices past the end are clamped: the extra loads re-read the
+    last group and are never used. The carried state is
     raw: packed words and gathered rows in the source dtype (a 16-bit source halves the
     carried rows), decoded and widened at use. Costs about `CHUNK * (2 + batch * bytes / 4) *
     rows / threads` more registers than the plain loop (NOTES.md has the measured counts).
     """
-    last = n_chunks - 1
+    last = groups - 1
 
     def words_of(c):
-        return tuple(load(key, size, c) for key, size in keys)
+        return tuple(load_group(key, size, c) for key, size in keys)
 
     def rows_of(words):  # the gathered rows stay in the source dtype until used
-        return tuple((w, gather(_decode(cfg, w)[1])) for w in words)
+        return tuple(tuple((w, gather(_decode(cfg, w)[1])) for w in group) for group in words)
+
+    def products(group):
+        return _total(
+            _decode(cfg, w)[0][:, :, None] * rows.astype(jnp.float32) for w, rows in group
+        )
 
     def body(c, state):
         accs, words_next, cur = state
         words_after = words_of(jnp.minimum(c + 2, last))
         nxt = rows_of(words_next)
-        accs = tuple(
-            acc + _decode(cfg, w)[0][:, :, None] * rows.astype(jnp.float32)
-            for acc, (w, rows) in zip(accs, cur, strict=True)
-        )
+        accs = tuple(acc + products(group) for acc, group in zip(accs, cur, strict=True))
         return accs, words_after, nxt
 
-    state = (accs, words_of(min(first + 1, last)), rows_of(words_of(first)))
-    accs, _, _ = jax.lax.fori_loop(first, n_chunks, body, state)
+    state = (accs, words_of(min(1, last)), rows_of(words_of(0)))
+    accs, _, _ = jax.lax.fori_loop(0, groups, body, state)
     return accs
 
 

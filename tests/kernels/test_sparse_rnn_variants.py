@@ -15,20 +15,22 @@ pytestmark = pytest.mark.filterwarnings("ignore:.*Pallas Triton backend is depre
 _GATES = {"tanh": 1, "gru": 3, "lstm": 4}
 # (state_dtype, prefetch, resident_chunks): the default and every variant the bench names.
 _VARIANTS = [
-    ("float32", False, 0),
-    ("float32", True, 0),
-    ("float16", False, 0),
-    ("float16", True, 0),
-    ("bfloat16", True, 0),
-    ("float16", True, 1),
+    ("float32", False, 0, 1),
+    ("float32", True, 0, 1),
+    ("float16", False, 0, 1),
+    ("float16", True, 0, 1),
+    ("bfloat16", True, 0, 1),
+    ("float16", True, 1, 1),
+    ("float16", False, 0, 2),
+    ("float16", True, 0, 2),
 ]
 
 
-def _problem(cell, hidden, batch, steps, density, seed):
+def _problem(cell, hidden, batch, steps, density, seed, num_blocks=4):
     rng = np.random.default_rng(seed)
     g = _GATES[cell]
     w = rng.normal(size=(hidden, g * hidden)) * 0.5 / np.sqrt(density * hidden)
-    weights = sr.SparseRecurrentWeights.prune(w, density, num_gates=g, num_blocks=4)
+    weights = sr.SparseRecurrentWeights.prune(w, density, num_gates=g, num_blocks=num_blocks)
     x = jnp.asarray(rng.normal(size=(batch, steps, g * hidden)), jnp.float32)
     h0 = jnp.asarray(rng.normal(size=(batch, hidden)) * 0.5, jnp.float32)
     c0 = jnp.asarray(rng.normal(size=(batch, hidden)) * 0.5, jnp.float32)
@@ -42,20 +44,23 @@ def _rel(a, b):
 
 
 @pytest.mark.parametrize(
-    "cell,state_dtype,prefetch,resident",
+    "cell,state_dtype,prefetch,resident,unroll",
     [
-        ("lstm", "float32", True, 0),
-        ("lstm", "float16", True, 1),
-        ("gru", "float16", False, 0),
+        ("lstm", "float32", True, 0, 2),  # pipelined groups of 2 chunks, then a 1-chunk tail
+        ("lstm", "float16", True, 1, 1),  # pipelined after a resident chunk
+        ("gru", "float16", False, 0, 2),  # plain loop over groups of 2, then the tail
     ],
 )
 def test_variant_step_kernel_forward_and_gradients_match_reference(
-    cell, state_dtype, prefetch, resident
+    cell, state_dtype, prefetch, resident, unroll
 ):
-    # 40 kept per row -> 64 slots: two chunks, so the pipelined loop's prologue, steady state
-    # and clamped tail all run; resident=1 starts the loop at chunk 1.
-    weights, x, h0, c0, ct = _problem(cell, 48, 2, 2, 0.84, seed=len(cell) + resident)
-    assert weights.slots == 2 * _kernel.CHUNK
+    # Rows of 40 (hidden 48) or 70 (hidden 80) non-zeros: 2 or 3 chunks of 32, so the
+    # pipelined loop's prologue, steady state and clamped end, and the unrolled tail, all run.
+    hidden, chunks = (80, 3) if unroll > 1 else (48, 2)
+    seed = len(cell) + resident
+    # 16 units per block: one row group per gate (fewer kernel ops to interpret).
+    weights, x, h0, c0, ct = _problem(cell, hidden, 2, 2, 0.875, seed, num_blocks=hidden // 16)
+    assert weights.slots == chunks * _kernel.CHUNK
 
     def loss(impl, x, h0, c0, values, **kw):
         hs = sr.sparse_rnn(
@@ -63,7 +68,7 @@ def test_variant_step_kernel_forward_and_gradients_match_reference(
         )
         return jnp.sum(hs * ct), hs
 
-    kw = dict(state_dtype=state_dtype, prefetch=prefetch, resident_chunks=resident)
+    kw = dict(state_dtype=state_dtype, prefetch=prefetch, resident_chunks=resident, unroll=unroll)
     grad = jax.value_and_grad(loss, argnums=(1, 2, 3, 4), has_aux=True)
     (_, hs), grads = grad("step", x, h0, c0, weights.values, **kw)
     (_, hs_ref), grads_ref = grad("reference", x, h0, c0, weights.values)
@@ -97,16 +102,18 @@ def _export_cuda(fn, *args):
     return exported.mlir_module()
 
 
-@pytest.mark.parametrize("state_dtype,prefetch,resident", _VARIANTS)
-@pytest.mark.parametrize("cell", ["lstm", "gru"])
-def test_persistent_variant_lowers_for_cuda(cell, state_dtype, prefetch, resident):
+@pytest.mark.parametrize(
+    "cell,state_dtype,prefetch,resident,unroll",
+    [("lstm", *v) for v in _VARIANTS] + [("gru", "float16", True, 0, 2)],
+)
+def test_persistent_variant_lowers_for_cuda(cell, state_dtype, prefetch, resident, unroll):
     hidden, batch, steps, blocks = 256, 4, 8, 16
     gates = _GATES[cell]
     units = hidden // blocks
     cfg = _kernel.KernelConfig(
         cell=cell, hidden=hidden, gates=gates, blocks=blocks, units=units, slots=96,
         transpose_slots=128, batch=batch, steps=steps, num_warps=16,
-        resident_chunks=resident, state_dtype=state_dtype, prefetch=prefetch,
+        resident_chunks=resident, state_dtype=state_dtype, prefetch=prefetch, unroll=unroll,
     )  # fmt: skip
     f32 = jnp.float32
     gh = gates * hidden
