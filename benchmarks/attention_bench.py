@@ -41,9 +41,15 @@ VARIANTS = {
     "ours_v1": ({"pingpong": False}, {"overlap": False}),
     # fused backward (dK, dV, dQ in one kernel, ordered float32 dQ adds); head dim <= 128
     "ours_fused": ({}, {"fused": True}),
+    # forward: S of step j+1 issued beside P V of step j (FA3 intra-warpgroup overlap),
+    # on top of ping-pong; then also the lazy (thresholded) O rescale
+    "ours_la": ({"pingpong": True, "lookahead": True}, {}),
+    "ours_la_lazy": ({"pingpong": True, "lookahead": True, "lazy_rescale": True}, {}),
+    # the candidate new default: lookahead + lazy forward, fused backward
+    "ours_next": ({"pingpong": True, "lookahead": True, "lazy_rescale": True}, {"fused": True}),
 }
 # Variants that only support some head dims (others are skipped, not recorded as errors).
-VARIANT_MAX_HEAD_DIM = {"ours_fused": 128}
+VARIANT_MAX_HEAD_DIM = {"ours_fused": 128, "ours_next": 128}
 XLA_MAX_SEQ = 4096  # the XLA baseline materialises [B, N, T, S] logits
 
 

@@ -32,6 +32,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 LOG2E = math.log2(math.e)
+LAZY_RESCALE_LOG2 = 8.0  # P entries stay <= 2**8 with a stale max: safe in bf16 and f32
 _NEG_INF = float("-inf")
 
 
@@ -63,6 +64,14 @@ class ForwardConfig:
         longest_first: with causal, launch the q tiles with most kv blocks first.
         pingpong: with two consumers, order them by a shared barrier so that one runs
             its softmax while the other's matmuls use the tensor cores (FA3 ping-pong).
+        lookahead: inside a consumer, issue S = Q K^T of step j + 1 together with
+            O += P V of step j and run the softmax of j + 1 while P V still runs (FA3
+            intra-warpgroup pipelining); O lives in a wgmma accumulator. GPU only
+            (interpret mode runs the plain loop).
+        lazy_rescale: with lookahead, keep the running max unless some row of the
+            warpgroup's tile grew by more than `LAZY_RESCALE_LOG2` (base 2); only then
+            update it and rescale O (a warpgroup-uniform branch), so most steps skip
+            the O multiply. Exact: P and l use the same stale max, O / l is unchanged.
     """
 
     block_q: int = 64
@@ -71,9 +80,17 @@ class ForwardConfig:
     compute_wgs: int = 2
     longest_first: bool = True
     pingpong: bool = False
+    lookahead: bool = False
+    lazy_rescale: bool = False
 
     def __post_init__(self) -> None:
         _check_tiles(self, blocks=("block_q", "block_kv"), positive=("num_stages", "compute_wgs"))
+        if self.lazy_rescale and not self.lookahead:
+            raise ValueError(
+                "ForwardConfig(lazy_rescale=True) needs lookahead=True (the skipped rescale "
+                "is of the O accumulator that the lookahead loop keeps in a wgmma "
+                "accumulator). Fix: ForwardConfig(lookahead=True, lazy_rescale=True)."
+            )
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -247,6 +264,7 @@ def forward(
         return jnp.minimum(_cdiv(q_end, bkv), total_kv_steps)
 
     pingpong = config.pingpong and wgs == 2
+    lookahead = config.lookahead and not interpret
 
     def kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, scratch):
         q_smem, k_smem, v_smem, lse_smem, a_smem, barriers = scratch
@@ -320,15 +338,24 @@ def forward(
 
             if pingpong:  # consumer 1 starts one sync behind consumer 0
                 pl.when(wg == 1)(sched_sync)
-            carry = (_zeros((bq, head_dim)), _row_vector(_NEG_INF, bq), _row_vector(0.0, bq))
-            carry = lax.fori_loop(0, full_steps, lambda s, cr: step(s, cr, masked=False), carry)
-            carry = lax.fori_loop(
-                full_steps, my_steps, lambda s, cr: step(s, cr, masked=True), carry
-            )
-            lax.fori_loop(my_steps, cta_steps, skip, None)
+            if lookahead:
+                acc, m, denom = _lookahead_loop(
+                    my_q, k_smem, v_smem, k_bar, v_bar, k_free, v_free,
+                    sched_sync if pingpong else None,
+                    q_base=q_base, full_steps=full_steps, my_steps=my_steps,
+                    cta_steps=cta_steps, stages=stages, bkv=bkv, c=c, causal=causal,
+                    kv_len=kv_len, dtype=dtype, lazy=config.lazy_rescale,
+                )  # fmt: skip
+            else:
+                carry = (_zeros((bq, head_dim)), _row_vector(_NEG_INF, bq), _row_vector(0.0, bq))
+                carry = lax.fori_loop(0, full_steps, lambda s, cr: step(s, cr, masked=False), carry)
+                carry = lax.fori_loop(
+                    full_steps, my_steps, lambda s, cr: step(s, cr, masked=True), carry
+                )
+                lax.fori_loop(my_steps, cta_steps, skip, None)
+                acc, m, denom = carry
             if pingpong:
                 pl.when(wg == 0)(sched_sync)
-            acc, m, denom = carry
             inv_l = 1.0 / denom
             out = acc * lax.broadcast_in_dim(inv_l, (bq, head_dim), (0,))
             my_q[...] = out.astype(dtype)
@@ -379,6 +406,121 @@ def forward(
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=plgpu.InterpretGPUParams() if interpret else None,
     )(q, k, v)
+
+
+def _lookahead_loop(
+    my_q: Any,
+    k_smem: Any,
+    v_smem: Any,
+    k_bar: Any,
+    v_bar: Any,
+    k_free: Any,
+    v_free: Any,
+    sched_sync: Callable[[], None] | None,
+    *,
+    q_base: Any,
+    full_steps: Any,
+    my_steps: Any,
+    cta_steps: Any,
+    stages: int,
+    bkv: int,
+    c: float,
+    causal: bool,
+    kv_len: int,
+    dtype: Any,
+    lazy: bool = False,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One forward consumer's kv loop with S of step j issued beside P V of step j - 1.
+
+    Per step j >= 1: issue S_j = Q K_j^T (fresh accumulator) and O += P_{j-1} V_{j-1},
+    wait for S_j only (at most one wgmma group in flight), softmax of S_j while P V
+    runs, then wait for P V and rescale O by this step's alpha. With ping-pong, one
+    scheduling sync per step after the issues (skip steps sync once too), so the two
+    consumers' barrier counts stay equal. Returns (O unnormalised, m, l).
+    """
+    bq, head_dim = my_q.shape
+
+    def body(acc_o: Any, acc_s: Any) -> tuple[jax.Array, jax.Array, jax.Array]:
+        def issue_s(s: Any) -> None:
+            plgpu.barrier_wait(k_bar.at[lax.rem(s, stages)])
+            acc_s[...] = _zeros((bq, bkv))
+            plgpu.wgmma(acc_s, my_q, k_smem.at[lax.rem(s, stages)].T)
+
+        def issue_pv(s: Any, p: jax.Array) -> None:
+            plgpu.barrier_wait(v_bar.at[lax.rem(s, stages)])
+            plgpu.wgmma(acc_o, p, v_smem.at[lax.rem(s, stages)])
+
+        def softmax(s, logits, m, denom, *, masked: bool):
+            logits = logits * c
+            if masked:
+                kv_idx = _iota((bq, bkv), 1) + s * bkv
+                keep = kv_idx < kv_len
+                if causal:
+                    keep = keep & (_iota((bq, bkv), 0) + q_base >= kv_idx)
+                logits = jnp.where(keep, logits, _NEG_INF)
+            m_blk = logits.max(axis=1)
+            m_new = jnp.maximum(m, m_blk)
+            need = None
+            if lazy:  # one flag for the warpgroup: does any row's max grow by > threshold?
+                need = jnp.max(m_blk - m) > LAZY_RESCALE_LOG2
+                need_rows = plgpu.layout_cast(
+                    lax.broadcast_in_dim(need, (bq,), ()), plgpu.Layout.WGMMA.reduce(1)
+                )
+                m_new = jnp.where(need_rows, m_new, m)
+            alpha = jnp.exp2(m - m_new)
+            p = jnp.exp2(logits - lax.broadcast_in_dim(m_new, (bq, bkv), (0,)))
+            return p.astype(dtype), m_new, alpha, denom * alpha + p.sum(axis=1), need
+
+        def step(s, carry, *, masked: bool):
+            p_prev, m, denom = carry
+            issue_s(s)
+            issue_pv(s - 1, p_prev)
+            if sched_sync is not None:
+                sched_sync()
+            logits = plgpu.wgmma_accumulator_load(acc_s, wait_n=1)  # S_j; P V may run on
+            plgpu.barrier_arrive(k_free.at[lax.rem(s, stages)])
+            p, m, alpha, denom, need = softmax(s, logits, m, denom, masked=masked)
+            plgpu.wgmma_wait(0)
+            plgpu.barrier_arrive(v_free.at[lax.rem(s - 1, stages)])
+
+            def rescale() -> None:
+                acc_o[...] = acc_o[...] * lax.broadcast_in_dim(alpha, (bq, head_dim), (0,))
+
+            if need is None:
+                rescale()
+            else:
+                pl.when(need)(rescale)
+            return p, m, denom
+
+        def skip(s, _):
+            slot = lax.rem(s, stages)
+            plgpu.barrier_wait(k_bar.at[slot])
+            plgpu.barrier_arrive(k_free.at[slot])
+            plgpu.barrier_wait(v_bar.at[slot])
+            plgpu.barrier_arrive(v_free.at[slot])
+            if sched_sync is not None:
+                sched_sync()
+
+        acc_o[...] = _zeros((bq, head_dim))
+        issue_s(0)  # step 0: S only; masked (cheap once, and right for any tile)
+        if sched_sync is not None:
+            sched_sync()
+        logits = plgpu.wgmma_accumulator_load(acc_s, wait_n=0)
+        plgpu.barrier_arrive(k_free.at[0])
+        m0, d0 = _row_vector(_NEG_INF, bq), _row_vector(0.0, bq)
+        p, m, _, denom, _ = softmax(0, logits, m0, d0, masked=True)
+        carry = (p, m, denom)
+        start = jnp.maximum(full_steps, 1)
+        carry = lax.fori_loop(1, start, lambda s, cr: step(s, cr, masked=False), carry)
+        carry = lax.fori_loop(start, my_steps, lambda s, cr: step(s, cr, masked=True), carry)
+        p, m, denom = carry
+        issue_pv(my_steps - 1, p)
+        plgpu.wgmma_wait(0)
+        plgpu.barrier_arrive(v_free.at[lax.rem(my_steps - 1, stages)])
+        lax.fori_loop(my_steps, cta_steps, skip, None)
+        return acc_o[...], m, denom
+
+    return pl.run_scoped(body, plgpu.ACC((bq, head_dim), jnp.float32), plgpu.ACC((bq, bkv)))
 
 
 # -------------------------------------------------------------------------- backward

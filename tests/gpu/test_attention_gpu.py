@@ -45,9 +45,13 @@ def _check(
     implementation="mosaic",
     forward=None,
     backward=None,
+    growing=False,
 ):
     """Forward and gradients vs float32 XLA; `forward`/`backward`: config field overrides."""
     q, k, v, do = _inputs(jax.random.key(seed), batch, t, s, heads, kv_heads, head_dim, dtype)
+    if growing:  # keys scaled up along the sequence: the running max jumps block to block
+        ramp = jnp.linspace(0.5, 6.0, s, dtype=jnp.float32)[None, :, None, None]
+        k = (k.astype(jnp.float32) * ramp).astype(dtype)
     scale = head_dim**-0.5
     fwd_cfg, bwd_cfg = _configs(head_dim, forward, backward)
 
@@ -87,33 +91,47 @@ def _configs(head_dim, forward, backward):
     )
 
 
-# Variants behind config flags (NOTES.md), checked first so a short run still covers them.
+# Variants behind config flags (NOTES.md), checked first so a short run still covers them
+# (`TEST_K=variant benchmarks/attention_gpu_run.sh` runs only these).
 _FUSED = {"fused": True}
+_LOOKAHEAD = {"pingpong": True, "lookahead": True}
+_NEXT = {"pingpong": True, "lookahead": True, "lazy_rescale": True}  # candidate default
 
 
-@pytest.mark.parametrize("head_dim", (64, 128))
+@pytest.mark.parametrize("head_dim", (64, 128, 256))
 @pytest.mark.parametrize("causal", (False, True))
-def test_fused_backward_real_size_matches_reference(head_dim, causal):
-    _check(
-        2048, 2048, 2048 // head_dim // 2, 2048 // head_dim // 2, head_dim, causal, backward=_FUSED
-    )
+def test_variant_next_real_size_matches_reference(head_dim, causal):
+    # lookahead + lazy rescale forward; fused backward where it exists (head dim <= 128)
+    backward = _FUSED if head_dim <= 128 else None
+    heads = 2048 // head_dim // 2
+    _check(2048, 2048, heads, heads, head_dim, causal, forward=_NEXT, backward=backward)
 
 
 @pytest.mark.parametrize("causal", (False, True))
-def test_fused_backward_ragged_gqa_matches_reference(causal):
-    _check(1000, 1000, 8, 2, 128, causal, backward=_FUSED)
+def test_variant_next_ragged_gqa_matches_reference(causal):
+    _check(1000, 1000, 8, 2, 128, causal, forward=_NEXT, backward=_FUSED)
 
 
-def test_fused_backward_cross_lengths_matches_reference():
+def test_variant_lookahead_without_lazy_ragged_matches_reference():
+    _check(1000, 1000, 8, 2, 64, True, forward=_LOOKAHEAD, backward=_FUSED)
+
+
+def test_variant_lazy_rescale_with_growing_logits_matches_reference():
+    # keys scaled up along the sequence: the running max grows by more than the
+    # threshold many times, so the rescale branch runs (and is skipped) on real data
+    _check(1024, 1024, 4, 4, 128, False, forward=_NEXT, growing=True)
+
+
+def test_variant_fused_cross_lengths_matches_reference():
     _check(777, 1234, 4, 4, 64, True, backward=_FUSED)
 
 
-def test_fused_backward_head_dim_256_raises():
+def test_variant_fused_head_dim_256_raises():
     with pytest.raises(NotImplementedError, match="split_dkv=True"):
         _check(256, 256, 2, 2, 256, False, backward=_FUSED)
 
 
-def test_fused_backward_is_deterministic():
+def test_variant_fused_backward_is_deterministic():
     _assert_deterministic(BackwardConfig(block_q=64, block_kv=64, num_stages=2, fused=True))
 
 

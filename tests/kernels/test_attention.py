@@ -143,6 +143,11 @@ def test_mosaic_fused_backward_head_dim_256_raises_with_fix():
         jax.eval_shape(lambda: _vjp(ours, q, k, v, do))  # raised while tracing
 
 
+def test_lazy_rescale_without_lookahead_raises_with_fix():
+    with pytest.raises(ValueError, match="lookahead=True, lazy_rescale=True"):
+        ForwardConfig(lazy_rescale=True)
+
+
 def test_mosaic_float32_without_compute_dtype_raises():
     q, k, v, _ = _inputs(5, 16, 16, 2, 2, 64, jnp.float32)
     with pytest.raises(NotImplementedError, match="compute_dtype=jnp.bfloat16"):
