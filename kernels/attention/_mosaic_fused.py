@@ -35,10 +35,22 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.mosaic.gpu import utils as mgpu_utils
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from jaxpp.kernels.attention import _mosaic
 from jaxpp.kernels.attention._mosaic import LOG2E, _cdiv, _iota, _mma, _mma2, _mma_acc, _smem
+
+
+@plgpu.inline_mgpu()
+def _fence_proxy_async_global(ctx: Any) -> None:
+    """Orders this thread's generic-proxy global accesses against its TMA (async proxy) ones.
+
+    After the semaphore wait (generic acquire) and before the TMA add reads the
+    accumulator; and after the TMA add completed, before the release that signals it.
+    """
+    del ctx
+    mgpu_utils.inline_ptx("fence.proxy.async.global;", has_side_effects=True)
 
 
 def dq_writers(head_dim: int, wgs: int) -> int:
@@ -221,6 +233,7 @@ def backward_fused(
                 if not interpret:
                     sem = sems.at[(b * num_heads + h) * num_q_blocks + s]
                     plgpu.semaphore_wait(sem, tile, decrement=False, memory_scope="gpu")
+                    _fence_proxy_async_global()
                 for j in range(n_dq):
                     plgpu.barrier_wait(dq_full.at[j])
                     dst = dq_ref.at[b, pl.ds(s * bq, bq), h, pl.ds(j * dq_cols, dq_cols)]
@@ -246,6 +259,7 @@ def backward_fused(
                     plgpu.barrier_arrive(dq_free.at[j])
                 if not interpret:
                     plgpu.wait_smem_to_gmem(0)  # the adds are in HBM before the next tile's
+                    _fence_proxy_async_global()
                     plgpu.semaphore_signal(sem, 1, memory_scope="gpu")
 
             plgpu.wait_smem_to_gmem(0)
