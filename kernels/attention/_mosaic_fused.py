@@ -10,7 +10,7 @@ against 7 for the split kernels (which compute S and dP twice).
 dQ: every consumer writes its dS^T rows (bf16) to a shared SMEM tile; once all have
 (an mbarrier), consumer j < `n_dq` computes the CTA's dQ contribution for columns
 [j * D / n_dq, (j + 1) * D / n_dq) as dS @ K_cta (A = the dS^T tile transposed, from
-SMEM) and puts it (float32) into a staging tile. A fourth warpgroup, the dQ writer,
+SMEM) and puts it (float32) into a staging tile. An extra warpgroup, the dQ writer,
 adds the staging tiles into a float32 dQ accumulator in HBM with TMA reduce-add.
 
 Determinism: the contributions to one q block are added in a fixed order, by kv tile.
@@ -23,8 +23,9 @@ to run. Tile 0 stores instead of adding, so the accumulator needs no zeroing. Th
 of tile t - 1 have a lower launch index (kv tiles are the grid's second axis, heads the
 first), so they are resident or done when tile t waits on them.
 
-In interpret mode (CPU tests) global semaphores are not available; the interpreter
-runs the grid in order, and the writer skips the semaphores.
+In interpret mode (CPU tests) global semaphores and TMA reduce-add are not available;
+the interpreter runs the grid in order, so the writer skips the semaphores and adds by
+load, add and store.
 """
 
 from __future__ import annotations
