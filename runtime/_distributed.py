@@ -17,7 +17,7 @@ that own the rank holding them. `fetch` brings a value to every process or to on
 import dataclasses
 import hashlib
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -36,6 +36,22 @@ class _TransferKey:
     spec: PartitionSpec
     src: int
     dst: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Pair:
+    """A compiled transfer between two ranks and the shardings around it."""
+
+    permute: Callable[[jax.Array], jax.Array]
+    sharding: NamedSharding
+    shape: tuple[int, ...]
+    source_sharding: NamedSharding
+    target_sharding: NamedSharding
+    devices: tuple  # this process's devices of the pair mesh, in its order
+    dst_devices: frozenset
+    receiver_zeros: dict  # the receiver's never-read half of the input, per device
+    stack: Callable[[jax.Array], jax.Array]
+    unstack: Callable[[jax.Array], jax.Array]
 
 
 class DistributedExecutor(_local.LocalExecutor):
@@ -77,9 +93,8 @@ class DistributedExecutor(_local.LocalExecutor):
         self._rank_of_devices = {
             frozenset(m.devices.flat): r for r, m in enumerate(self.rank_meshes)
         }
-        self._transfers: dict[_TransferKey, object] = {}
+        self._pairs: dict[_TransferKey, _Pair] = {}
         self._reshard_fns: dict[NamedSharding, object] = {}
-        self._zeros: dict[tuple, jax.Array] = {}
         # Sends by position in the plan: value names may differ between processes (the
         # compiler numbers values in an order that can vary), positions do not.
         sends = (ins for ins in plan.instructions if isinstance(ins, _plan.Send))
@@ -241,79 +256,92 @@ class DistributedExecutor(_local.LocalExecutor):
                 f"meshes. Fix: build the MpmdMesh by slicing one mesh along its stage axis."
             )
         shape, dtype_name, spec = agreed
-        dtype = np.dtype(dtype_name)
-        source_sharding = NamedSharding(mesh_src, spec)
-        if self._mine[src] and not x.sharding.is_equivalent_to(source_sharding, x.ndim):
-            x = self._reshard(x, source_sharding)
-        key = _TransferKey(shape, dtype_name, spec, src, dst)
-        permute, pair_sharding, pair_shape = self._transfer_fn(key)
-        stacked_axis = len(shape) > 0  # scalars get a new leading axis; others reuse axis 0
-        shard_shape = source_sharding.shard_shape(shape)
-        pieces = []
-        dst_devices = set(mesh_dst.devices.flat)
+        pair = self._pair(_TransferKey(shape, dtype_name, spec, src, dst))
+        if self._mine[src] and not x.sharding.is_equivalent_to(pair.source_sharding, x.ndim):
+            x = self._reshard(x, pair.source_sharding)
         by_device = {s.device: s.data for s in x.addressable_shards} if self._mine[src] else {}
-        for device in pair_sharding.addressable_devices:
-            if device in dst_devices:
-                pieces.append(self._zeros_on(device, shard_shape, dtype, expand=not stacked_axis))
-            else:
-                shard = by_device[device]
-                pieces.append(shard if stacked_axis else _expand(shard))
-        stacked = jax.make_array_from_single_device_arrays(pair_shape, pair_sharding, pieces)
+        pieces = [
+            pair.receiver_zeros[device]
+            if device in pair.dst_devices
+            else pair.stack(by_device[device])
+            for device in pair.devices
+        ]
+        stacked = jax.make_array_from_single_device_arrays(pair.shape, pair.sharding, pieces)
         if self._sync_transfers:
             # XLA's CPU client runs a computation whose inputs are not ready on its
             # thread pool, where a gloo collective holds a thread while it waits for
             # the peer: on a machine with few cores, waiting collectives can take every
             # thread and starve the peer's. With ready inputs it runs on this thread.
             jax.block_until_ready(stacked)
-        out = permute(stacked)
+        out = pair.permute(stacked)
         if not self._mine[dst]:
             return None
-        received = [s.data for s in out.addressable_shards if s.device in dst_devices]
-        if not stacked_axis:
-            received = [_squeeze(r) for r in received]
-        return jax.make_array_from_single_device_arrays(
-            shape, NamedSharding(mesh_dst, spec), received
-        )
+        received = [
+            pair.unstack(s.data) for s in out.addressable_shards if s.device in pair.dst_devices
+        ]
+        return jax.make_array_from_single_device_arrays(shape, pair.target_sharding, received)
 
-    def _transfer_fn(self, key: _TransferKey):
-        """The pair collective of a transfer, its input sharding and its global shape.
+    def _pair(self, key: _TransferKey) -> "_Pair":
+        """Everything a transfer of this type between these two ranks needs, made once.
 
         The sender's and receiver's shards are stacked along axis 0 (the pair axis
         major over the spec's own axes there), so each device's block is its own shard
         as it is: one program per transfer, no reshaping around it. Scalars get a new
         leading axis of 2.
         """
-        fn = self._transfers.get(key)
-        if fn is None:
-            mesh_src, mesh_dst = self.rank_meshes[key.src], self.rank_meshes[key.dst]
-            # Lower device ids first: XLA:GPU wants an iota device assignment (it logs an
-            # error for others), so a transfer to a lower rank sends from pair index 1.
-            flip = mesh_src.devices.flat[0].id > mesh_dst.devices.flat[0].id
-            halves = (
-                [mesh_dst.devices, mesh_src.devices]
-                if flip
-                else [mesh_src.devices, mesh_dst.devices]
-            )
-            pair = Mesh(np.stack(halves), (_PAIR_AXIS, *mesh_src.axis_names))
-            if key.shape:
-                spec = tuple(key.spec) + (None,) * (len(key.shape) - len(key.spec))
-                lead = spec[0] if isinstance(spec[0], tuple) else (spec[0],)
-                lead = tuple(a for a in lead if a is not None)
-                spec = PartitionSpec((_PAIR_AXIS, *lead), *spec[1:])
-                pair_shape = (2 * key.shape[0], *key.shape[1:])
-            else:
-                spec = PartitionSpec(_PAIR_AXIS)
-                pair_shape = (2,)
+        pair = self._pairs.get(key)
+        if pair is not None:
+            return pair
+        mesh_src, mesh_dst = self.rank_meshes[key.src], self.rank_meshes[key.dst]
+        # Lower device ids first: XLA:GPU wants an iota device assignment (it logs an
+        # error for others), so a transfer to a lower rank sends from pair index 1.
+        flip = mesh_src.devices.flat[0].id > mesh_dst.devices.flat[0].id
+        halves = (
+            [mesh_dst.devices, mesh_src.devices] if flip else [mesh_src.devices, mesh_dst.devices]
+        )
+        mesh = Mesh(np.stack(halves), (_PAIR_AXIS, *mesh_src.axis_names))
+        stacked_axis = len(key.shape) > 0
+        if stacked_axis:
+            spec = tuple(key.spec) + (None,) * (len(key.shape) - len(key.spec))
+            lead = spec[0] if isinstance(spec[0], tuple) else (spec[0],)
+            lead = tuple(a for a in lead if a is not None)
+            pair_spec = PartitionSpec((_PAIR_AXIS, *lead), *spec[1:])
+            pair_shape = (2 * key.shape[0], *key.shape[1:])
+        else:
+            pair_spec = PartitionSpec(_PAIR_AXIS)
+            pair_shape = (2,)
+        perm = ((1, 0),) if flip else ((0, 1),)
 
-            perm = ((1, 0),) if flip else ((0, 1),)
+        def move(stacked):
+            return jax.lax.ppermute(stacked, _PAIR_AXIS, perm=perm)
 
-            def move(stacked):
-                return jax.lax.ppermute(stacked, _PAIR_AXIS, perm=perm)
-
-            permute = jax.jit(jax.shard_map(move, mesh=pair, in_specs=spec, out_specs=spec))
-            fn = (permute, NamedSharding(pair, spec), pair_shape)
-            self._transfers[key] = fn
-        return fn
+        sharding = NamedSharding(mesh, pair_spec)
+        source_sharding = NamedSharding(mesh_src, key.spec)
+        dst_devices = frozenset(mesh_dst.devices.flat)
+        devices = tuple(sharding.addressable_devices)
+        shard_shape = source_sharding.shard_shape(key.shape)
+        zeros_shape = shard_shape if stacked_axis else (1, *shard_shape)
+        dtype = np.dtype(key.dtype)
+        pair = _Pair(
+            permute=jax.jit(
+                jax.shard_map(move, mesh=mesh, in_specs=pair_spec, out_specs=pair_spec)
+            ),
+            sharding=sharding,
+            shape=pair_shape,
+            source_sharding=source_sharding,
+            target_sharding=NamedSharding(mesh_dst, key.spec),
+            devices=devices,
+            dst_devices=dst_devices,
+            receiver_zeros={
+                d: jax.device_put(np.zeros(zeros_shape, dtype), d)
+                for d in devices
+                if d in dst_devices
+            },
+            stack=_identity if stacked_axis else _expand,
+            unstack=_identity if stacked_axis else _squeeze,
+        )
+        self._pairs[key] = pair
+        return pair
 
     def _reshard(self, x: jax.Array, target: NamedSharding) -> jax.Array:
         fn = self._reshard_fns.get(target)
@@ -321,17 +349,6 @@ class DistributedExecutor(_local.LocalExecutor):
             fn = jax.jit(lambda a: a, out_shardings=target)
             self._reshard_fns[target] = fn
         return fn(x)
-
-    def _zeros_on(
-        self, device, shape: tuple[int, ...], dtype: np.dtype, *, expand: bool
-    ) -> jax.Array:
-        """The receiver's (never read) half of a transfer's input, made once per type."""
-        key = (device, shape, dtype.name, expand)
-        z = self._zeros.get(key)
-        if z is None:
-            z = jax.device_put(np.zeros((1, *shape) if expand else shape, dtype), device)
-            self._zeros[key] = z
-        return z
 
     def _microbatch_index(self, rank: int, mb: int) -> jax.Array:
         key = (rank, mb)
