@@ -203,9 +203,16 @@ def _kernel_bwd(static: _Static, residuals, d_out):
             *args, q_len=q_len, kv_len=kv_len, config=static.triton, **common
         )
     elif static.backward.fused:
-        dq_acc, dk, dv = _mosaic_fused.backward_fused(
-            *args, q_len=q_len, kv_len=kv_len, config=static.backward, **common
+        fused = functools.partial(
+            _mosaic_fused.backward_fused, *args, q_len=q_len, kv_len=kv_len, **common
         )
+        if static.backward.split_dkv:  # fused dK + dQ kernel, then the dV pass
+            dq_acc, dk = fused(config=static.backward, outputs="dk")
+            (dv,) = _mosaic.backward_dkv(
+                *args, q_len=q_len, outputs="dv", config=static.backward, **common
+            )
+        else:
+            dq_acc, dk, dv = fused(config=static.backward)
         dq = (dq_acc[:, :q_len] * static.scale).astype(qp.dtype)
     else:
         common["config"] = static.backward

@@ -109,7 +109,8 @@ class BackwardConfig:
             the second runs while the first is awaited.
         fused: one kernel computes dK, dV and dQ (5 block matmuls per block pair instead
             of 7); dQ is added in float32 in HBM in a fixed order (`_mosaic_fused.py`).
-            Uses block_q, block_kv, num_stages and dkv_compute_wgs; head_dim <= 128.
+            Uses block_q, block_kv, num_stages and dkv_compute_wgs. With split_dkv
+            (head dim 256): a fused dK + dQ kernel and the dV pass (6 matmuls, not 8).
     """
 
     block_q: int = 64

@@ -8,9 +8,9 @@ dK += dS^T Q: 5 block matmuls per (q, kv) block pair with the dQ product below,
 against 7 for the split kernels (which compute S and dP twice).
 
 dQ: every consumer writes its dS^T rows (bf16) to a shared SMEM tile; once all have
-(an mbarrier), consumer j < `n_dq` computes the CTA's dQ contribution for columns
-[j * D / n_dq, (j + 1) * D / n_dq) as dS @ K_cta (A = the dS^T tile transposed, from
-SMEM) and puts it (float32) into a staging tile. An extra warpgroup, the dQ writer,
+(an mbarrier), consumer j % wgs computes the CTA's dQ contribution for columns
+[64 j, 64 j + 64) as dS @ K_cta (A = the dS^T tile transposed, from SMEM) and puts it
+(float32) into staging tile j. An extra warpgroup, the dQ writer,
 adds the staging tiles into a float32 dQ accumulator in HBM with TMA reduce-add.
 
 Determinism: the contributions to one q block are added in a fixed order, by kv tile.
@@ -54,9 +54,14 @@ def _fence_proxy_async_global(ctx: Any) -> None:
     mgpu_utils.inline_ptx("fence.proxy.async.global;", has_side_effects=True)
 
 
-def dq_writers(head_dim: int, wgs: int) -> int:
-    """Consumers that compute dQ column slices: slices are >= 64 columns wide (TMA swizzle)."""
-    return max(1, min(wgs, head_dim // 64))
+SMEM_BYTES = 227 * 1024  # per CTA on sm_90a
+DQ_COLS = 64  # dQ columns per staging slice (one 128-byte swizzle tile of K's columns)
+
+
+def _smem_bytes(head_dim: int, bq: int, cta_rows: int, stages: int, n_dq: int) -> int:
+    kv = 2 * cta_rows * head_dim * 2
+    ring = stages * (2 * bq * head_dim * 2 + 2 * bq * 4)
+    return kv + ring + 2 * cta_rows * bq * 2 + n_dq * bq * DQ_COLS * 4
 
 
 def backward_fused(
@@ -73,11 +78,13 @@ def backward_fused(
     kv_len: int,
     config: _mosaic.BackwardConfig,
     interpret: bool,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(dQ / scale in float32 [B, T, N, H], dK and dV per q head [B, S, N, H]).
+    outputs: str = "dkv",
+) -> tuple[jax.Array, ...]:
+    """(dQ / scale in float32 [B, T, N, H], dK[, dV] per q head [B, S, N, H]).
 
     The caller multiplies dQ by `scale` and casts it (one elementwise pass in XLA).
-    Rows of dQ past `q_len` are not written.
+    Rows of dQ past `q_len` are not written. `outputs="dk"` leaves dV out (head dim
+    256: dK + dV accumulators do not fit the registers; dV comes from the split dV pass).
     """
     batch, t_pad, num_heads, head_dim = q.shape
     s_pad, num_kv_heads = k.shape[1], k.shape[2]
@@ -88,17 +95,24 @@ def backward_fused(
         config.num_stages,
         config.dkv_compute_wgs,
     )
-    if head_dim > 128:
+    if outputs not in ("dkv", "dk"):
+        raise ValueError(f"outputs={outputs!r}; use 'dkv' or 'dk'.")
+    want_dv = outputs == "dkv"
+    if want_dv and head_dim > 128:
         raise NotImplementedError(
-            f"BackwardConfig(fused=True) supports head_dim <= 128 (dK and dV accumulators "
-            f"of head_dim {head_dim} do not fit the registers); use split_dkv=True."
+            f"BackwardConfig(fused=True) computes dK and dV together only for head_dim <= "
+            f"128 (the two accumulators of head_dim {head_dim} do not fit the registers); "
+            "use BackwardConfig(fused=True, split_dkv=True, dkv_compute_wgs=1): a fused "
+            "dK + dQ kernel and a separate dV pass."
         )
     cta_rows = bkv * wgs
     num_kv_tiles = s_pad // cta_rows
     num_q_blocks = t_pad // bq
     total_q_steps = _cdiv(q_len, bq)
-    n_dq = dq_writers(head_dim, wgs)
-    dq_cols = head_dim // n_dq
+    dq_cols = min(DQ_COLS, head_dim)
+    n_dq = head_dim // dq_cols  # dQ column slices; slice j is computed by consumer j % wgs
+    while stages > 1 and _smem_bytes(head_dim, bq, cta_rows, stages, n_dq) > SMEM_BYTES:
+        stages -= 1  # head dim 256: a single-slot ring leaves room for the dQ staging
     ragged_kv = kv_len % cta_rows != 0  # some CTA holds padded keys: mask them (dQ needs it)
     dtype = q.dtype
     c = scale * LOG2E
@@ -106,7 +120,8 @@ def backward_fused(
     def first_step(kv_base: Any) -> Any:
         return jnp.minimum(kv_base // bq, total_q_steps) if causal else 0
 
-    def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, dk_ref, dv_ref, scratch):
+    def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, dk_ref, *refs):
+        dv_ref, scratch = refs if want_dv else (None, refs[0])
         (k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, ds_smem, stage, a_smem, bars) = (
             scratch
         )
@@ -124,7 +139,7 @@ def backward_fused(
         @pl.when(wg < wgs)
         def _consumer():
             if not interpret:
-                plgpu.set_max_registers(232, action="increase")
+                plgpu.set_max_registers(240 if wgs == 1 else 232, action="increase")
             kv_base = cta_base + wg * bkv
             my_k = k_smem.at[pl.ds(wg * bkv, bkv)]
             my_v = v_smem.at[pl.ds(wg * bkv, bkv)]
@@ -154,7 +169,8 @@ def backward_fused(
                     if causal:
                         keep = keep & (_iota((bkv, bq), 1) + s * bq >= kv_idx)
                     p_t = jnp.where(keep, p_t, 0.0)
-                dv = _mma_acc(dv, p_t.astype(dtype), do_smem.at[slot], my_a, interpret)
+                if want_dv:
+                    dv = _mma_acc(dv, p_t.astype(dtype), do_smem.at[slot], my_a, interpret)
                 delta = plgpu.load(delta_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
                 ds_t = (p_t * (dp_t - lax.broadcast_in_dim(delta, (bkv, bq), (1,)))).astype(dtype)
                 buf = ds_smem.at[lax.rem(s - cta_first, 2)]
@@ -166,28 +182,31 @@ def backward_fused(
                 plgpu.barrier_arrive(q_free.at[slot])
                 plgpu.barrier_wait(ds_ready)  # every consumer's dS^T rows are in `buf`
 
-                @pl.when(wg < n_dq)
-                def _dq():
-                    cols = pl.ds(wg * dq_cols, dq_cols) if n_dq > 1 else slice(None)
-                    part = _mma(buf.T, k_smem.at[:, cols], (bq, dq_cols))
-                    my_stage = stage.at[wg]
-                    plgpu.barrier_wait(dq_free.at[wg])
-                    my_stage[...] = part
-                    plgpu.commit_smem()
-                    plgpu.barrier_arrive(dq_full.at[wg])
+                for j in range(n_dq):
+
+                    @pl.when(wg == j % wgs)
+                    def _dq(j: int = j) -> None:
+                        cols = pl.ds(j * dq_cols, dq_cols) if n_dq > 1 else slice(None)
+                        part = _mma(buf.T, k_smem.at[:, cols], (bq, dq_cols))
+                        plgpu.barrier_wait(dq_free.at[j])
+                        stage.at[j][...] = part
+                        plgpu.commit_smem()
+                        plgpu.barrier_arrive(dq_full.at[j])
 
                 return dk, dv
 
-            carry = (_mosaic._zeros((bkv, head_dim)), _mosaic._zeros((bkv, head_dim)))
+            carry = (
+                _mosaic._zeros((bkv, head_dim)),
+                _mosaic._zeros((bkv, head_dim)) if want_dv else None,
+            )
             carry = lax.fori_loop(cta_first, full_from, lambda s, a: step(s, a, masked=True), carry)
             carry = lax.fori_loop(
                 full_from, total_q_steps, lambda s, a: step(s, a, masked=False), carry
             )
             dk, dv = carry
 
-            @pl.when(wg < n_dq)
-            def _drain():  # observe the writer's last release too (every phase is waited on)
-                plgpu.barrier_wait(dq_free.at[wg])
+            for j in range(n_dq):  # observe the writer's last releases (every phase waited on)
+                pl.when(wg == j % wgs)(lambda j=j: plgpu.barrier_wait(dq_free.at[j]))
 
             # K and V tiles are reused below for dK and dV: wait until no consumer still
             # reads K in its dQ product.
@@ -196,10 +215,12 @@ def backward_fused(
 
             out_rows = (b, pl.ds(kv_base, bkv), h)
             my_k[...] = (dk * scale).astype(dtype)
-            my_v[...] = dv.astype(dtype)
+            if want_dv:
+                my_v[...] = dv.astype(dtype)
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(my_k, dk_ref.at[out_rows])
-            plgpu.copy_smem_to_gmem(my_v, dv_ref.at[out_rows])
+            if want_dv:
+                plgpu.copy_smem_to_gmem(my_v, dv_ref.at[out_rows])
             plgpu.wait_smem_to_gmem(0)
 
         @pl.when(wg == wgs)
@@ -291,9 +312,9 @@ def backward_fused(
         ),
     )
     kv_out = jax.ShapeDtypeStruct((batch, s_pad, num_heads, head_dim), dtype)
-    dq_acc, dk, dv = plgpu.kernel(
+    return plgpu.kernel(
         kernel,
-        out_type=(jax.ShapeDtypeStruct(q.shape, jnp.float32), kv_out, kv_out),
+        out_type=(jax.ShapeDtypeStruct(q.shape, jnp.float32), kv_out, *([kv_out] * want_dv)),
         scratch_types=(scratch,),
         grid=(num_heads, num_kv_tiles, batch),
         grid_names=("heads", "kv_tiles", "batch"),
@@ -302,4 +323,3 @@ def backward_fused(
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=plgpu.InterpretGPUParams() if interpret else None,
     )(q, k, v, do, lse, delta)
-    return dq_acc, dk, dv

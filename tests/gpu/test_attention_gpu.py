@@ -101,10 +101,10 @@ _NEXT = {"pingpong": True, "lookahead": True, "lazy_rescale": True}  # candidate
 @pytest.mark.parametrize("head_dim", (64, 128, 256))
 @pytest.mark.parametrize("causal", (False, True))
 def test_variant_next_real_size_matches_reference(head_dim, causal):
-    # lookahead + lazy rescale forward; fused backward where it exists (head dim <= 128)
-    backward = _FUSED if head_dim <= 128 else None
+    # lookahead + lazy rescale forward; fused backward (head dim 256: its default
+    # split_dkv makes it a fused dK + dQ kernel and the dV pass)
     heads = 2048 // head_dim // 2
-    _check(2048, 2048, heads, heads, head_dim, causal, forward=_NEXT, backward=backward)
+    _check(2048, 2048, heads, heads, head_dim, causal, forward=_NEXT, backward=_FUSED)
 
 
 @pytest.mark.parametrize("causal", (False, True))
@@ -126,9 +126,13 @@ def test_variant_fused_cross_lengths_matches_reference():
     _check(777, 1234, 4, 4, 64, True, backward=_FUSED)
 
 
-def test_variant_fused_head_dim_256_raises():
+def test_variant_fused_head_dim_256_needs_split_dkv():
     with pytest.raises(NotImplementedError, match="split_dkv=True"):
-        _check(256, 256, 2, 2, 256, False, backward=_FUSED)
+        _check(256, 256, 2, 2, 256, False, backward={"fused": True, "split_dkv": False})
+
+
+def test_variant_fused_split_head_dim_256_ragged_matches_reference():
+    _check(1000, 1000, 4, 2, 256, True, backward=_FUSED)
 
 
 def test_variant_fused_backward_is_deterministic():

@@ -65,6 +65,10 @@ def test_auto_on_cpu_runs_xla_without_pallas():
 _FWD_PP = ForwardConfig(block_q=64, block_kv=64, num_stages=2, compute_wgs=2, pingpong=True)
 _BWD_OV = BackwardConfig(block_q=64, block_kv=64, num_stages=2, overlap=True)
 _BWD_FUSED = BackwardConfig(block_q=64, block_kv=64, num_stages=2, fused=True)
+# head dim 256: fused dK + dQ kernel, then the dV pass; 4 dQ slices over 2 consumers
+_BWD_FUSED_SPLIT = BackwardConfig(
+    block_q=64, block_kv=64, num_stages=2, dq_compute_wgs=1, split_dkv=True, fused=True
+)
 
 
 @pytest.mark.parametrize(
@@ -75,9 +79,10 @@ _BWD_FUSED = BackwardConfig(block_q=64, block_kv=64, num_stages=2, fused=True)
         (128, 256, 2, 2, 128, True, _FWD, _BWD),  # causal, kv longer than q
         (128, 128, 2, 1, 256, True, _FWD, _BWD_SPLIT),  # head dim 256, split dK/dV passes
         # fused backward: 2 kv tiles (ordered dQ adds), ragged kv masked, causal, MQA
-        (200, 150, 2, 1, 64, True, _FWD, _BWD_FUSED),
-        # fused, head dim 128 (dQ columns split over the two consumers), kv longer than q
-        (130, 200, 2, 1, 128, False, _FWD, _BWD_FUSED),
+        (100, 150, 2, 1, 64, True, _FWD, _BWD_FUSED),
+        # fused dK + dQ at head dim 256 (dQ column slices round-robin over two
+        # consumers, 2 kv tiles, ragged kv) and the dV pass
+        (100, 200, 2, 1, 256, False, _FWD, _BWD_FUSED_SPLIT),
     ),
 )
 def test_mosaic_interpret_matches_reference_with_grads(

@@ -14,6 +14,9 @@ from jaxpp.kernels.attention import BackwardConfig, ForwardConfig, dot_product_a
 _FUSED = BackwardConfig(block_q=64, block_kv=64, num_stages=2, fused=True)
 _LOOKAHEAD_PP = ForwardConfig(pingpong=True, lookahead=True)
 _LOOKAHEAD_LAZY = ForwardConfig(block_kv=64, lookahead=True, lazy_rescale=True)
+_FUSED_SPLIT = BackwardConfig(  # head dim 256: fused dK + dQ kernel (1-slot ring), dV pass
+    block_q=64, block_kv=64, dq_compute_wgs=1, dkv_compute_wgs=1, split_dkv=True, fused=True
+)
 
 
 def _export_fwd_bwd(t, s, heads, kv_heads, head_dim, causal, fwd, bwd):
@@ -48,14 +51,14 @@ def _export_fwd_bwd(t, s, heads, kv_heads, head_dim, causal, fwd, bwd):
         (256, 256, 2, 1, 128, True, None, _FUSED),
         (200, 330, 2, 2, 64, False, None, _FUSED),
         (256, 256, 2, 2, 128, True, _LOOKAHEAD_PP, None),
-        (200, 200, 2, 1, 256, True, _LOOKAHEAD_LAZY, None),
+        (200, 200, 2, 1, 256, True, _LOOKAHEAD_LAZY, _FUSED_SPLIT),
         (256, 256, 2, 2, 128, False, _LOOKAHEAD_PP, _FUSED),
     ),
     ids=(
         "fused-d128-causal",
         "fused-d64-ragged",
         "lookahead-pingpong-d128-causal",
-        "lookahead-lazy-d256-ragged",
+        "lookahead-lazy-fused-split-d256-ragged",
         "lookahead-fused-d128",
     ),
 )
