@@ -248,13 +248,6 @@ class DistributedExecutor(_local.LocalExecutor):
         """
         if not (self._mine[src] or self._mine[dst]):
             return None
-        mesh_src, mesh_dst = self.rank_meshes[src], self.rank_meshes[dst]
-        if mesh_src.devices.shape != mesh_dst.devices.shape:
-            raise ValueError(
-                f"rank {src} has a mesh of shape {mesh_src.devices.shape} but rank {dst} one of "
-                f"{mesh_dst.devices.shape}; a transfer between processes needs equal rank "
-                f"meshes. Fix: build the MpmdMesh by slicing one mesh along its stage axis."
-            )
         shape, dtype_name, spec = agreed
         pair = self._pair(_TransferKey(shape, dtype_name, spec, src, dst))
         if self._mine[src] and not x.sharding.is_equivalent_to(pair.source_sharding, x.ndim):
@@ -293,6 +286,13 @@ class DistributedExecutor(_local.LocalExecutor):
         if pair is not None:
             return pair
         mesh_src, mesh_dst = self.rank_meshes[key.src], self.rank_meshes[key.dst]
+        if mesh_src.devices.shape != mesh_dst.devices.shape:
+            raise ValueError(
+                f"rank {key.src} has a mesh of shape {mesh_src.devices.shape} but rank "
+                f"{key.dst} one of {mesh_dst.devices.shape}; a transfer between processes needs "
+                f"equal rank meshes. Fix: build the MpmdMesh by slicing one mesh along its "
+                f"stage axis."
+            )
         # Lower device ids first: XLA:GPU wants an iota device assignment (it logs an
         # error for others), so a transfer to a lower rank sends from pair index 1.
         flip = mesh_src.devices.flat[0].id > mesh_dst.devices.flat[0].id
