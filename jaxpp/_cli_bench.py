@@ -70,11 +70,26 @@ import argparse
 import dataclasses
 import os
 import pathlib
+import queue
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 
 _REMAT = {"on": (True,), "off": (False,), "off,on": (False, True), "on,off": (False, True)}
+CACHE_ENV = "JAXPP_BENCH_CACHE_DIR"
+# The preset fields the reference loss depends on (not the sweep's microbatch counts).
+_REFERENCE_FIELDS = (
+    "num_layers", "d_model", "num_heads", "num_kv_heads", "d_ff", "vocab_size", "seq_len",
+    "global_batch", "dtype",
+)  # fmt: skip
+
+
+def _default_cache_dir() -> str:
+    default = pathlib.Path(tempfile.gettempdir(), "jaxpp-bench-cache")
+    return os.environ.get(CACHE_ENV) or str(default)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -129,6 +144,35 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--isolate", action="store_true", help="each configuration in its own process"
     )
     parser.add_argument(
+        "--config-timeout",
+        type=float,
+        default=None,
+        metavar="S",
+        help="with --isolate: stop a configuration's process after S seconds and record a "
+        "`timeout` row naming the phase it was in, then go on",
+    )
+    parser.add_argument(
+        "--cache-dir",
+        default=None,
+        help="JAX persistent compilation cache (XLA:GPU's per-fusion autotune cache goes in "
+        f"its subfolder); 'off' disables. Default with --isolate: ${CACHE_ENV} or "
+        f"{_default_cache_dir()}, shared by the children; without: off",
+    )
+    parser.add_argument(
+        "--reference-loss",
+        type=float,
+        default=None,
+        help="the single-device first-step loss, if known (default: from --out when it "
+        "holds one for the same model, seed and attention, else measured once)",
+    )
+    parser.add_argument(
+        "--ceilings",
+        default=None,
+        metavar="TFLOPS,GBPS",
+        help="bf16 matmul TFLOP/s and memory GB/s of the device, if known (default: from "
+        "--out when measured on the same device kind, else measured once)",
+    )
+    parser.add_argument(
         "--prepare-only", action="store_true", help=argparse.SUPPRESS
     )  # measure the reference loss and ceilings into --out, run nothing (used by --isolate)
     parser.set_defaults(run=run, parser=parser)
@@ -145,6 +189,17 @@ def run(args: argparse.Namespace) -> int:
     out = args.out or f"benchmarks/results/bench_{args.model}_{args.devices or 'all'}dev.json"
     if args.memory_gib is not None and args.memory_gib <= 0:
         args.parser.error(f"--memory-gib {args.memory_gib} must be > 0.")
+    if args.config_timeout is not None and not args.isolate:
+        args.parser.error(
+            "--config-timeout needs --isolate (a configuration is stopped by ending its "
+            "process). Fix: add --isolate --devices N."
+        )
+    if args.config_timeout is not None and args.config_timeout <= 0:
+        args.parser.error(f"--config-timeout {args.config_timeout} must be > 0 seconds.")
+    try:
+        args.ceilings_given = _ceilings(args.ceilings)
+    except ValueError as e:
+        args.parser.error(str(e))
     if args.list:
         _list(args, configs)
         return 0
@@ -239,31 +294,241 @@ def _run_isolated(args: argparse.Namespace, configs: tuple, out: str) -> int:
     The children run in an empty directory (`python -m jaxpp.cli` from a folder holding
     a bare `./jaxpp`, such as the repository root on the GPU machine, would import that
     instead of the package tree), with `--out` made absolute and, when this process
-    imported jaxpp from a package tree, that tree first on PYTHONPATH.
+    imported jaxpp from a package tree, that tree first on PYTHONPATH. They share one
+    compilation cache (`--cache-dir`), and their output is relayed line by line as it
+    comes. A first child measures the reference loss and ceilings unless `--out` (or the
+    flags) already hold them. A child that runs past `--config-timeout`, or is still
+    running when this process gets SIGTERM (`timeout` around the whole call), is ended
+    and gets a `timeout` row naming the phase it was in.
     """
+    from jaxpp._bench import _phases, _report
+
+    origin = time.time()
+    clock = _phases.PhaseClock("bench", origin=origin)
     out = str(pathlib.Path(out).resolve())
+    cache = args.cache_dir or _default_cache_dir()
     common = [
         sys.executable, "-m", "jaxpp.cli", "bench", "pipeline", "--model", args.model,
         "--devices", str(args.devices), "--steps", str(args.steps), "--warmup", str(args.warmup),
         "--attention", args.attention, "--accumulate", args.accumulate, "--out", out,
+        "--cache-dir", cache,
     ]  # fmt: skip
     if args.memory_gib is not None:
         common += ["--memory-gib", str(args.memory_gib)]
     if args.no_memory_gate:
         common.append("--no-memory-gate")
+    if args.reference_loss is not None:
+        common += ["--reference-loss", repr(args.reference_loss)]
+    if args.ceilings is not None:
+        common += ["--ceilings", args.ceilings]
     env = child_environment()
-    with tempfile.TemporaryDirectory(prefix="jaxpp-bench-") as cwd:
-        print("== reference loss and ceilings", flush=True)
-        prepare = [*common, "--configs", configs[0].name, "--prepare-only"]
-        if subprocess.run(prepare, env=env, cwd=cwd, check=False).returncode:
-            return 1
-        failed = 0
-        for config in configs:
-            command = [*common, "--configs", config.name]
-            print(f"== {config.name}", flush=True)
-            failed += subprocess.run(command, env=env, cwd=cwd, check=False).returncode != 0
+    env[_phases.ORIGIN_ENV] = repr(origin)
+    env["PYTHONUNBUFFERED"] = "1"
+    clock.say(f"{len(configs)} configuration(s), cache {cache}, out {out}")
+    stop = _StopOnSignal()
+    previous = signal.signal(signal.SIGTERM, stop.handle)
+    failed = 0
+    try:
+        with tempfile.TemporaryDirectory(prefix="jaxpp-bench-") as cwd:
+            if _needs_prepare(args, out):
+                prepare = [*common, "--configs", configs[0].name, "--prepare-only"]
+                child = _run_child(prepare, env=env, cwd=cwd, timeout=None, stop=stop)
+                if child.returncode:
+                    clock.say(f"reference/ceilings failed (exit {child.returncode}) in "
+                              f"{child.phase}")  # fmt: skip
+                    return 1
+            else:
+                clock.say("reference loss and ceilings: reused (from --out or the flags)")
+            for config in configs:
+                if stop.stopped:
+                    break
+                command = command_for(common, config.name)
+                started = time.perf_counter()
+                child = _run_child(command, env=env, cwd=cwd, timeout=args.config_timeout,
+                                   stop=stop)  # fmt: skip
+                elapsed = time.perf_counter() - started
+                clock.say(f"{config.name} exit {child.returncode} after {elapsed:.1f} s; "
+                          f"{_cache_size(cache)}")  # fmt: skip
+                if child.stopped_in is not None:
+                    why = "--config-timeout" if not stop.stopped else "SIGTERM to the bench"
+                    limit = f" {args.config_timeout:g} s" if not stop.stopped else ""
+                    row = {
+                        "name": config.name, "kind": config.kind, "status": "timeout",
+                        "phase": child.stopped_in, "phase_seconds": child.phase_seconds,
+                        "error": f"stopped by {why}{limit} after {elapsed:.1f} s, in phase "
+                                 f"{child.stopped_in}",
+                    }  # fmt: skip
+                    _report.add_row(out, row, preset=args.model)
+                elif child.returncode < 0:  # killed (e.g. out of host memory): no row
+                    row = {
+                        "name": config.name, "kind": config.kind, "status": "failed",
+                        "phase": child.phase, "phase_seconds": child.phase_seconds,
+                        "error": f"process died by signal {-child.returncode} in phase "
+                                 f"{child.phase}",
+                    }  # fmt: skip
+                    _report.add_row(out, row, preset=args.model)
+                failed += child.returncode != 0
+    except _Stopped:  # between two children: nothing to end
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     _finish(args, out)
-    return 1 if failed else 0
+    return 1 if failed or stop.stopped else 0
+
+
+def command_for(common: list[str], name: str) -> list[str]:
+    """The command line of the child that runs configuration `name`.
+
+    Example:
+        >>> command_for(["python"], "spmd/dp2/acc1/noremat")
+        ['python', '--configs', 'spmd/dp2/acc1/noremat']
+    """
+    return [*common, "--configs", name]
+
+
+class _StopOnSignal:
+    """SIGTERM handler of the `--isolate` parent: raises `_Stopped` once, remembers it."""
+
+    def __init__(self) -> None:
+        self.stopped = False
+
+    def handle(self, signum: int, frame: object) -> None:
+        if not self.stopped:
+            self.stopped = True
+            raise _Stopped(f"signal {signum}")
+
+
+class _Stopped(Exception):
+    """The `--isolate` parent was asked to stop (SIGTERM)."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Child:
+    returncode: int
+    phase: str  # the phase it was in last ("after X" between phases)
+    phase_seconds: dict
+    stopped_in: str | None  # the phase it was in when ended by a timeout or SIGTERM
+
+
+def _run_child(
+    command: list[str], *, env: dict, cwd: str, timeout: float | None, stop: _StopOnSignal
+) -> _Child:
+    """Runs `command`, relaying its output as it comes; ends it (its whole process group)
+    after `timeout` seconds or on `_Stopped`."""
+    from jaxpp._bench import _phases
+
+    env = {**env, _phases.SPAWNED_ENV: repr(time.time())}
+    process = subprocess.Popen(
+        command, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True, bufsize=1, start_new_session=True,
+    )  # fmt: skip
+    lines: queue.Queue = queue.Queue()
+    reader = threading.Thread(target=_pump, args=(process.stdout, lines), daemon=True)
+    reader.start()
+    deadline = None if timeout is None else time.monotonic() + timeout
+    phase, seconds, stopped_in = "startup", {}, None
+    try:
+        while True:
+            wait = None if deadline is None else deadline - time.monotonic()
+            if wait is not None and wait <= 0:
+                raise TimeoutError
+            try:
+                line = lines.get(timeout=wait)
+            except queue.Empty:
+                raise TimeoutError from None
+            if line is None:
+                break
+            sys.stdout.write(line)
+            sys.stdout.flush()
+            found = _phases.parse_line(line)
+            if found is not None:
+                if found.seconds is None:
+                    phase = found.phase
+                else:
+                    phase, seconds[found.phase] = f"after {found.phase}", found.seconds
+        returncode = process.wait()
+    except (TimeoutError, _Stopped):
+        stopped_in = phase
+        returncode = _end(process)
+    reader.join(timeout=5)
+    return _Child(returncode, phase, seconds, stopped_in)
+
+
+def _pump(stream, lines: queue.Queue) -> None:
+    for line in stream:
+        lines.put(line)
+    lines.put(None)
+
+
+def _end(process: subprocess.Popen) -> int:
+    """Ends `process` and its children: SIGTERM, then SIGKILL after 10 s."""
+    for sig, grace in ((signal.SIGTERM, 10), (signal.SIGKILL, 30)):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            return process.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            continue
+    return process.wait()
+
+
+def _needs_prepare(args: argparse.Namespace, out: str) -> bool:
+    """Whether a first child must measure the reference loss or ceilings for `out`."""
+    from jaxpp._bench import _configs, _report, _run
+
+    data = _report.load(out, preset=args.model)
+    problem = _run.Problem(preset=_configs.PRESETS[args.model])
+    has_reference = args.reference_loss is not None or (
+        _reusable_reference(data, problem.preset, problem.seed, args.attention) is not None
+    )
+    has_ceilings = args.ceilings is not None or "ceilings" in data
+    return not (has_reference and has_ceilings)
+
+
+def _reusable_reference(data: dict, preset, seed: int, attention: str) -> float | None:
+    """The reference loss in a results file if it was measured for this model (all preset
+    fields), seed and attention implementation, else None.
+
+    Example:
+        >>> from jaxpp._bench import _configs
+        >>> tiny = _configs.PRESETS["tiny"]
+        >>> model = {k: getattr(tiny, k) for k in tiny.__slots__ if k != "name"}
+        >>> data = {"reference_loss": 4.2, "seed": 0, "attention": "xla", "model": model}
+        >>> _reusable_reference(data, tiny, 0, "xla"), _reusable_reference(data, tiny, 1, "xla")
+        (4.2, None)
+    """
+    model = data.get("model", {})
+    same_model = all(model.get(k) == getattr(preset, k) for k in _REFERENCE_FIELDS)
+    same = same_model and data.get("seed", 0) == seed and data.get("attention") == attention
+    return data.get("reference_loss") if same else None
+
+
+def _ceilings(text: str | None) -> dict | None:
+    """`--ceilings TFLOPS,GBPS` as the ceilings dict of the results file.
+
+    Example:
+        >>> _ceilings("800,4300")
+        {'matmul_bf16_tflops': 800.0, 'hbm_bytes_per_s': 4300000000000.0}
+    """
+    if text is None:
+        return None
+    try:
+        tflops, gbps = (float(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(
+            f"--ceilings {text!r}: expected two numbers, bf16 matmul TFLOP/s and memory GB/s, "
+            f"e.g. --ceilings 807,4287."
+        ) from None
+    if tflops <= 0 or gbps <= 0:
+        raise ValueError(f"--ceilings {text!r}: both must be > 0.")
+    return {"matmul_bf16_tflops": tflops, "hbm_bytes_per_s": gbps * 1e9}
+
+
+def _cache_size(cache: str) -> str:
+    files = [p for p in pathlib.Path(cache).rglob("*") if p.is_file()]
+    return f"cache {len(files)} files, {sum(p.stat().st_size for p in files) / 2**20:.0f} MiB"
 
 
 def child_environment(environ: dict | None = None) -> dict[str, str]:
@@ -289,7 +554,22 @@ def child_environment(environ: dict | None = None) -> dict[str, str]:
 
 
 def _run_here(args: argparse.Namespace, configs: tuple, out: str) -> int:
+    from jaxpp._bench import _phases
+
+    origin = _phases.origin()
+    setup = _phases.PhaseClock(_phases.SETUP, origin=origin)
+    spawned = os.environ.get(_phases.SPAWNED_ENV)
+    if spawned:  # an --isolate child: Python start and imports so far
+        setup.record("startup", time.time() - float(spawned))
     import jax
+
+    if args.cache_dir and args.cache_dir != "off":
+        # XLA:GPU's per-fusion autotune results go to its subfolder (jax's default
+        # jax_persistent_cache_enable_xla_caches), shared by every process using it.
+        pathlib.Path(args.cache_dir).mkdir(parents=True, exist_ok=True)
+        jax.config.update("jax_compilation_cache_dir", args.cache_dir)
+    with setup.phase("backend"):
+        device = jax.devices()[0]
 
     from jaxpp._bench import _configs, _memory, _report, _run
     from jaxpp.kernels import tuning
@@ -301,19 +581,38 @@ def _run_here(args: argparse.Namespace, configs: tuple, out: str) -> int:
     # The ceilings and the reference come from the file when an earlier run of this
     # preset on this device measured them (with --isolate, a first process does), so
     # their memory does not count in a configuration's peak.
-    device = jax.devices()[0]
     same_device = previous.get("environment", {}).get("device") == device.device_kind
-    ceilings = previous.get("ceilings") if same_device else None
+    ceilings = args.ceilings_given or (previous.get("ceilings") if same_device else None)
     if ceilings is None and device.platform == "gpu":
-        ceilings = dataclasses.asdict(tuning.measure_ceilings())
+        with setup.phase("ceilings"):
+            ceilings = dataclasses.asdict(tuning.measure_ceilings())
     tflops = None if ceilings is None else ceilings["matmul_bf16_tflops"]
-    reference = previous.get("reference_loss")  # same preset, seed and batch: reuse it
-    if previous.get("attention") != args.attention:
-        reference = None
+    # Same model, seed, batch and attention: reuse it.
+    reference = _reusable_reference(previous, preset, problem.seed, args.attention)
+    source = previous.get("reference_source", "measured") if reference is not None else None
+    if args.reference_loss is not None:
+        tolerance = 1e-4 if preset.dtype == "float32" else 2e-2
+        if (
+            reference is not None
+            and source == "measured"
+            and not _close(args.reference_loss, reference, tolerance)
+        ):
+            args.parser.error(
+                f"--reference-loss {args.reference_loss} differs from the reference "
+                f"{reference:.6g} measured into {out}. Fix: drop --reference-loss (the file's "
+                f"value is used), or pass another --out."
+            )
+        if reference is None or source != "measured":
+            reference, source = args.reference_loss, "--reference-loss"
+
+    def measure_reference() -> float:
+        with setup.phase("reference"):
+            return _run.reference_loss(problem, attention=args.attention)
+
     # Measured when first needed: a run whose configurations are all predicted not to fit
     # spends no device time on it.
     if reference is None and args.prepare_only:
-        reference = _run.reference_loss(problem, attention=args.attention)
+        reference, source = measure_reference(), "measured"
     extra = {
         "model": {
             "preset": preset.name,
@@ -321,15 +620,17 @@ def _run_here(args: argparse.Namespace, configs: tuple, out: str) -> int:
             "params": _params(problem),
             "flops_per_token": _flops(problem),
         },
+        "seed": problem.seed,
         "ceilings": ceilings,
         "reference_loss": reference,
+        "reference_source": source,
         "attention": args.attention,
         "steps": args.steps,
         "warmup": args.warmup,
     }
     if args.prepare_only:
         _report.write(out, rows, **extra)
-        print(f"reference loss {reference:.6g}, ceilings {ceilings}: {out}", flush=True)
+        setup.say(f"reference loss {reference:.6g} ({source}), ceilings {ceilings}: {out}")
         return 0
     if args.memory_gib is not None:
         limit = args.memory_gib * _memory.GIB
@@ -338,20 +639,20 @@ def _run_here(args: argparse.Namespace, configs: tuple, out: str) -> int:
     extra["memory_limit_bytes"] = limit
     failed = 0
     for config in configs:
-        print(f"{config.name} ...", end=" ", flush=True)
+        clock = _phases.PhaseClock(config.name, origin=origin)
         predicted = _memory.estimate(config, preset)
         oom = None if limit is None else _memory.oom_problem(config, preset, limit)
         try:
             if oom and not args.no_memory_gate:
                 raise _run.PredictedOOMError(oom)
             if reference is None:
-                reference = _run.reference_loss(problem, attention=args.attention)
-                extra["reference_loss"] = reference
+                reference, source = measure_reference(), "measured"
+                extra["reference_loss"], extra["reference_source"] = reference, source
             row = _run.run_config(
                 config, problem, reference=reference, steps=args.steps, warmup=args.warmup,
                 matmul_tflops=tflops, attention=args.attention, accumulate=args.accumulate,
                 trace_path=pathlib.Path(out).parent / "traces" / f"{_file_name(config.name)}.json",
-                memory_limit=None if args.no_memory_gate else limit,
+                memory_limit=None if args.no_memory_gate else limit, clock=clock,
             )  # fmt: skip
         except _run.PredictedOOMError as e:
             row = {"name": config.name, "kind": config.kind, "status": "skipped", "error": str(e)}
@@ -361,6 +662,11 @@ def _run_here(args: argparse.Namespace, configs: tuple, out: str) -> int:
         except Exception as e:  # noqa: BLE001 (an OOM or lowering failure fails this row only)
             row, failed = {"name": config.name, "kind": config.kind, "status": "failed"}, failed + 1
             row["error"] = f"{type(e).__name__}: {e}"
+        if row["status"] != "ok":
+            row["phase"] = clock.current
+        # This process's shared setup (start-up, backend, reference) goes with its first row.
+        row["phase_seconds"] = {**setup.seconds, **clock.seconds}
+        setup.seconds.clear()
         row["predicted_memory"] = {
             **{f.name: getattr(predicted, f.name) for f in dataclasses.fields(predicted)},
             "total": predicted.total,
@@ -368,11 +674,17 @@ def _run_here(args: argparse.Namespace, configs: tuple, out: str) -> int:
         rows = _report.merge_rows(rows, row)
         _report.write(out, rows, **extra)
         status = row["status"]
-        print(f"{row['tokens_per_s']:.0f} tokens/s" if status == "ok" else status, flush=True)
-        if status != "ok":
-            print(f"  {row['error'].splitlines()[0][:300]}", flush=True)
+        if status == "ok":
+            clock.say(f"ok, {row['tokens_per_s']:.0f} tokens/s, step {row['step_s']:.3f} s")
+        else:
+            where = f" in phase {row['phase']}" if row.get("phase") else ""
+            clock.say(f"{status}{where}: {row['error'].splitlines()[0][:300]}")
     _finish(args, out)
     return 1 if failed else 0
+
+
+def _close(a: float, b: float, rtol: float) -> bool:
+    return abs(a - b) <= rtol * abs(b)
 
 
 def _finish(args: argparse.Namespace, out: str) -> None:

@@ -164,3 +164,23 @@ def _predicted_gib(row: Mapping) -> str:
 
 def _percent(value: float | None, missing: str = "n/a") -> str:
     return missing if value is None else f"{100 * value:.1f}%"
+
+
+def add_row(path: str | pathlib.Path, row: Mapping, *, preset: str) -> pathlib.Path:
+    """Merges `row` into the results file at `path` without starting JAX (the `--isolate`
+    parent records a child it had to stop); creates a minimal file if there is none.
+
+    Example:
+        >>> import tempfile
+        >>> p = add_row(tempfile.mkdtemp() + "/r.json", {"name": "a", "status": "timeout"},
+        ...             preset="tiny")
+        >>> load_rows(p, preset="tiny")[0]["status"]
+        'timeout'
+    """
+    path = pathlib.Path(path)
+    data = load(path, preset=preset) or {"schema": SCHEMA, "model": {"preset": preset}}
+    data["results"] = merge_rows(data.get("results", ()), row)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=1))
+    path.with_suffix(".md").write_text(markdown_table(data["results"]) + "\n")
+    return path

@@ -11,6 +11,7 @@ so its first-step loss must equal the single-device reference before its speed c
 import dataclasses
 import datetime
 import functools
+import io
 import json
 import pathlib
 import statistics
@@ -26,7 +27,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxpp import _mpmd, schedules
-from jaxpp._bench import _configs, _spmd
+from jaxpp._bench import _configs, _phases, _spmd
 from jaxpp._flax import _pipeline
 from jaxpp._trainer import TrainState
 from jaxpp._treduce import Add, Concat, treduce
@@ -296,6 +297,7 @@ def run_config(
     trace_path: str | pathlib.Path | None = None,
     accumulate: str = "scan",
     memory_limit: float | None = None,
+    clock: _phases.PhaseClock | None = None,
 ) -> dict[str, Any]:
     """Builds, checks and times one configuration; returns its result row.
 
@@ -309,6 +311,10 @@ def run_config(
     bubble and step time fed with the measured per-stage task times (`costs`, also for
     the cluster what-if model), and `trace_path` receives the Chrome/Perfetto trace of
     one profiled step.
+
+    `clock` times and prints the phases (init, compile or trace, first step, warm-up,
+    steps, profile); the row's `phase_seconds` holds them. jaxpp compiles its task
+    programs during the first step, so there that phase is "compile+first step".
 
     Raises:
         CorrectnessError: if its first-step loss differs from `reference`.
@@ -326,13 +332,17 @@ def run_config(
     """
     if steps < 1 or warmup < 1:
         raise ValueError(f"steps={steps}, warmup={warmup}: both must be >= 1.")
-    step, state, batch = build(config, problem, attention=attention, accumulate=accumulate)
+    if clock is None:
+        clock = _phases.PhaseClock(config.name, origin=time.time(), stream=io.StringIO())
+    with clock.phase("init"):
+        step, state, batch = build(config, problem, attention=attention, accumulate=accumulate)
+        jax.block_until_ready((state, batch))
     preset = problem.preset
     devices = jax.devices()[: config.num_devices]
-    started = time.perf_counter()
     xla_memory = None
     if config.kind == _configs.SPMD:  # compile once, read XLA's estimate before running
-        step = step.lower(state, batch).compile()
+        with clock.phase("compile"):
+            step = step.lower(state, batch).compile()
         xla_memory = compiled_memory(step)
         total = None if xla_memory is None else xla_memory["total_bytes"]
         if memory_limit is not None and total is not None and total > memory_limit:
@@ -341,9 +351,15 @@ def run_config(
                 f"{memory_limit / 2**30:.1f} GiB. Fix: remat, more accumulation steps, or more "
                 f"sharding."
             )
-    state, loss = step(state, batch)
-    first_loss = float(loss)
-    compile_seconds = time.perf_counter() - started
+        first = "first step"
+    else:  # the jaxpp compiler (trace, task graph, plan); XLA compiles tasks on first use
+        with clock.phase("trace"):
+            step.compile(state, batch)
+        first = "compile+first step"
+    with clock.phase(first):
+        state, loss = step(state, batch)
+        first_loss = float(loss)
+    compile_seconds = sum(clock.seconds.get(p, 0.0) for p in ("compile", "trace", first))
     peak_first_step = peak_memory(devices)
     tolerance = 1e-4 if preset.dtype == "float32" else 2e-2
     if not np.isclose(first_loss, reference, rtol=tolerance, atol=0.0):
@@ -353,15 +369,17 @@ def run_config(
             f"reported. Fix: the layout or schedule computes a different step; check its "
             f"shardings against jax.jit on one device."
         )
-    for _ in range(warmup - 1):
-        state, loss = step(state, batch)
-    jax.block_until_ready((state, loss))
-    seconds = []
-    for _ in range(steps):
-        started = time.perf_counter()
-        state, loss = step(state, batch)
+    with clock.phase("warm-up"):
+        for _ in range(warmup - 1):
+            state, loss = step(state, batch)
         jax.block_until_ready((state, loss))
-        seconds.append(time.perf_counter() - started)
+    seconds = []
+    with clock.phase("steps"):
+        for _ in range(steps):
+            started = time.perf_counter()
+            state, loss = step(state, batch)
+            jax.block_until_ready((state, loss))
+            seconds.append(time.perf_counter() - started)
     median = statistics.median(seconds)
     tokens = preset.global_batch * preset.seq_len
     flops = gpt.train_flops_per_token(problem.model_config(), preset.seq_len) * tokens / median
@@ -386,7 +404,8 @@ def run_config(
         "accumulate": accumulate if config.kind == _configs.SPMD else "treduce",
     }
     if config.kind == _configs.JAXPP:
-        profile = step.profile(state, batch)
+        with clock.phase("profile"):
+            profile = step.profile(state, batch)
         row["measured_bubble"] = profile.bubble(median)
         row["simulated_bubble"] = profile.simulation.bubble
         row["predicted_step_s"] = profile.predicted_step_seconds
@@ -398,6 +417,7 @@ def run_config(
             trace_path.parent.mkdir(parents=True, exist_ok=True)
             trace_path.write_text(json.dumps(profile.chrome_trace()))
             row["trace"] = str(trace_path)
+    row["phase_seconds"] = dict(clock.seconds)
     return row
 
 
