@@ -9,6 +9,14 @@ samples, fresh inputs, L2 flush, correctness gate against a float32 reference).
     python benchmarks/attention_bench.py --head-dims 128 --seqs 4096   # a slice
     python benchmarks/attention_bench.py --plot results.json           # PNG + table
 
+Hang-proof by default on a GPU (`--isolate`): this process never touches the GPU; it runs
+the ceilings and then one child process per shape (all its modes and implementations),
+prints each row's name before it starts, and kills a child whose row makes no progress
+for `--row-timeout` seconds. That row is recorded with `"status": "timeout"`, its
+implementation is skipped in the later shapes (`"status": "skipped"`), and a fresh
+child takes the shape's remaining rows. Every row has a `status`: ok, error, timeout or
+skipped. `--no-isolate` runs everything in this process (CPU smoke tests).
+
 tokamax is optional (`--impls`); it imports `xprof.cli.tools` at load, which a stub
 package made here satisfies when xprof is absent.
 """
@@ -17,12 +25,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import faulthandler
 import json
 import math
 import os
 import pathlib
+import queue
+import signal
+import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -225,6 +238,35 @@ def reference_vjp(q, k, v, do, causal):
     return merge_q(out), merge_q(dq), merge_kv(dk), merge_kv(dv)
 
 
+def plan_rows(
+    shapes: list[Shape],
+    names: tuple[str, ...],
+    modes: tuple[str, ...],
+    *,
+    xla_max_seq: int = XLA_MAX_SEQ,
+    variant_head_dims: tuple[int, ...] = (128,),
+) -> list[tuple[Shape, str, str]]:
+    """The (shape, mode, impl) rows of a run, in run order (pure: no JAX)."""
+    rows = []
+    for shape in shapes:
+        for mode in modes:
+            for name in names:
+                if name == "xla" and shape.seq > xla_max_seq:
+                    continue
+                if name in VARIANTS and shape.head_dim not in variant_head_dims:
+                    continue
+                if shape.head_dim > VARIANT_MAX_HEAD_DIM.get(name, shape.head_dim):
+                    continue
+                if name in VARIANTS and mode == "fwd" and not VARIANTS[name][0]:
+                    continue  # a backward-only variant has the default forward
+                rows.append((shape, mode, name))
+    return rows
+
+
+def _row_label(shape: Shape, mode: str, name: str) -> str:
+    return f"{shape.name:32s} {mode:7s} {name:12s}"
+
+
 def run_grid(
     shapes: list[Shape],
     impls: dict[str, Callable[..., Any]],
@@ -234,30 +276,35 @@ def run_grid(
     xla_max_seq: int = XLA_MAX_SEQ,
     variant_head_dims: tuple[int, ...] = (128,),
     save: Callable[[list[dict[str, Any]]], None] | None = None,
+    only: set[tuple[str, str, str]] | None = None,
+    row_timeout: float | None = None,
 ) -> list[dict[str, Any]]:
+    """Times the planned rows in this process; `only`: (shape name, mode, impl) to run.
+
+    Each row's label is printed (and flushed) before it starts; with `row_timeout`, a
+    row still running after it dumps every thread's Python stack to stderr.
+    """
     rows: list[dict[str, Any]] = []
-    for shape in shapes:
-        for mode in modes:
-            cache: dict[str, Any] = {}  # the float32 reference, shared by the implementations
-            for name, attn in impls.items():
-                if name == "xla" and shape.seq > xla_max_seq:
-                    continue
-                if name in VARIANTS and shape.head_dim not in variant_head_dims:
-                    continue
-                if shape.head_dim > VARIANT_MAX_HEAD_DIM.get(name, shape.head_dim):
-                    continue
-                if name in VARIANTS and mode == "fwd" and not VARIANTS[name][0]:
-                    continue  # a backward-only variant has the default forward
-                row = _bench_one(shape, mode, name, attn, samples, cache)
-                rows.append(row)
-                status = row.get("error", "")[:80] or (
-                    f"{row['tflops']:7.1f} TFLOP/s  err {row['rel_error']:.1e}  "
-                    f"spread {row['spread']:.2f}"
-                )
-                print(
-                    f"{shape.name:32s} {mode:7s} {name:8s} {status}  ({row['wall_s']:.0f}s)",
-                    flush=True,
-                )
+    caches: dict[tuple[str, str], dict[str, Any]] = {}  # float32 reference per shape, mode
+    planned = plan_rows(
+        shapes, tuple(impls), modes, xla_max_seq=xla_max_seq, variant_head_dims=variant_head_dims
+    )
+    for shape, mode, name in planned:
+        if only is not None and (shape.name, mode, name) not in only:
+            continue
+        print(f"START {_row_label(shape, mode, name)}", flush=True)
+        if row_timeout:
+            faulthandler.dump_traceback_later(max(5.0, row_timeout - 10.0), exit=False)
+        if (shape.name, mode) not in caches:
+            caches.clear()  # one reference in device memory at a time
+        cache = caches.setdefault((shape.name, mode), {})
+        row = _bench_one(shape, mode, name, impls[name], samples, cache)
+        faulthandler.cancel_dump_traceback_later()
+        rows.append(row)
+        status = row.get("error", "")[:80] or (
+            f"{row['tflops']:7.1f} TFLOP/s  err {row['rel_error']:.1e}  spread {row['spread']:.2f}"
+        )
+        print(f"{_row_label(shape, mode, name)} {status}  ({row['wall_s']:.0f}s)", flush=True)
         if save is not None:
             save(rows)
     return rows
@@ -333,8 +380,10 @@ def _bench_one(
             bytes_moved=nbytes,
         )
         row.update(m.to_dict())
+        row["status"] = "ok"
     except Exception as e:  # noqa: BLE001 - recorded, the grid goes on
         row["error"] = f"{type(e).__name__}: {str(e)[:600]}"
+        row["status"] = "error"
         traceback.print_exc(limit=3)
     row["wall_s"] = time.time() - start
     return row
@@ -428,6 +477,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--width", type=int, default=WIDTH)
     parser.add_argument("--interpret", action="store_true", help="CPU smoke test of the script")
     parser.add_argument("--plot", help="a results JSON: write its PNG and table, no run")
+    parser.add_argument(
+        "--isolate",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="child processes with per-row timeouts (default: on unless --interpret)",
+    )
+    parser.add_argument("--row-timeout", type=float, default=90.0, help="seconds per row")
+    parser.add_argument("--budget", type=float, default=None, help="seconds; no new row after")
+    parser.add_argument("--child-rows", help=argparse.SUPPRESS)  # JSON [[shape, mode, impl]]
+    parser.add_argument("--ceilings-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.plot:
         data = json.loads(pathlib.Path(args.plot).read_text())
@@ -435,13 +494,6 @@ def main(argv: list[str] | None = None) -> int:
         plot(data["results"], png)
         print(summarize(data["results"]))
         return 0
-
-    from jaxpp.kernels import tuning
-
-    print(json.dumps(tuning.environment()), flush=True)
-    ceilings = tuning.measure_ceilings()
-    print(ceilings, flush=True)
-    impls = implementations(tuple(args.impls), interpret=args.interpret)
     shapes = grid(
         tuple(args.head_dims),
         tuple(args.seqs),
@@ -449,21 +501,53 @@ def main(argv: list[str] | None = None) -> int:
         tokens=args.tokens,
         width=args.width,
     )
+    grid_info = {"tokens": args.tokens, "width": args.width, "dtype": "bfloat16"}
+    isolate = (not args.interpret) if args.isolate is None else args.isolate
+    if isolate and args.child_rows is None and not args.ceilings_only:
+        return _run_isolated(args, shapes, grid_info, argv)
+
+    from jaxpp.kernels import tuning
+
+    if args.ceilings_only:
+        env = tuning.environment()
+        print(json.dumps(env), flush=True)
+        ceilings = tuning.measure_ceilings()
+        print(ceilings, flush=True)
+        pathlib.Path(args.out).write_text(
+            json.dumps({"environment": env, "ceilings": dataclasses.asdict(ceilings)})
+        )
+        return 0
+    if args.child_rows is not None:  # one child of an isolated run: rows only, plain JSON
+        only = {tuple(r) for r in json.loads(args.child_rows)}
+        impls = implementations(tuple(args.impls), interpret=args.interpret)
+
+        def save_child(rows: list[dict[str, Any]]) -> None:
+            pathlib.Path(args.out).write_text(json.dumps({"results": rows}))
+
+        run_grid(
+            shapes,
+            impls,
+            args.samples,
+            tuple(args.modes),
+            xla_max_seq=args.xla_max_seq,
+            save=save_child,
+            variant_head_dims=tuple(args.variant_head_dims),
+            only=only,
+            row_timeout=args.row_timeout,
+        )
+        return 0
+
+    print(json.dumps(tuning.environment()), flush=True)
+    ceilings = tuning.measure_ceilings()
+    print(ceilings, flush=True)
+    impls = implementations(tuple(args.impls), interpret=args.interpret)
 
     def save(rows: list[dict[str, Any]]) -> None:
         for r in rows:
             if r.get("median_s"):
                 r["t_sol_s"] = tuning.sol_time(r["flops"], r["bytes"], ceilings)
         tuning.write_results(
-            args.out,
-            results=rows,
-            ceilings=ceilings,
-            grid={
-                "tokens": args.tokens,
-                "width": args.width,
-                "dtype": "bfloat16",
-                "argv": sys.argv[1:],
-            },
+            args.out, results=rows, ceilings=ceilings, grid={**grid_info, "argv": sys.argv[1:]}
         )
 
     rows = run_grid(
@@ -474,9 +558,171 @@ def main(argv: list[str] | None = None) -> int:
         xla_max_seq=args.xla_max_seq,
         save=save,
         variant_head_dims=tuple(args.variant_head_dims),
+        row_timeout=args.row_timeout,
     )
     print(summarize(rows))
     return 0
+
+
+def _run_isolated(
+    args: argparse.Namespace,
+    shapes: list[Shape],
+    grid_info: dict[str, Any],
+    argv: list[str] | None,
+) -> int:
+    """The parent of an isolated run: never touches the GPU; children time the rows."""
+    start = time.time()
+    budget_end = start + args.budget if args.budget else math.inf
+    work = pathlib.Path(tempfile.mkdtemp(prefix="attention_bench_"))
+    base = [sys.executable, "-X", "faulthandler", os.path.abspath(__file__)]
+    base += [a for a in (sys.argv[1:] if argv is None else argv)]
+    environment: dict[str, Any] = {}
+    ceilings: dict[str, float] | None = None
+    ceil_out = work / "ceilings.json"
+    status, _ = _run_child([*base, "--ceilings-only", "--out", str(ceil_out)], 90.0, None)
+    if ceil_out.exists():
+        data = json.loads(ceil_out.read_text())
+        environment, ceilings = data["environment"], data["ceilings"]
+    else:
+        print(f"ceilings child: {status}; rows get no t_sol_s", flush=True)
+
+    planned = plan_rows(
+        shapes,
+        tuple(args.impls),
+        tuple(args.modes),
+        xla_max_seq=args.xla_max_seq,
+        variant_head_dims=tuple(args.variant_head_dims),
+    )
+    rows: list[dict[str, Any]] = []
+    hung: dict[str, str] = {}  # impl -> the row where it timed out
+
+    def record(shape: Shape, mode: str, name: str, status: str, error: str) -> None:
+        print(f"{_row_label(shape, mode, name)} {status.upper()}: {error}", flush=True)
+        rows.append(
+            {
+                "shape": dataclasses.asdict(shape),
+                "name": shape.name,
+                "mode": mode,
+                "impl": name,
+                "status": status,
+                "error": error,
+            }
+        )
+
+    for shape in shapes:
+        todo = [(sh, m, n) for sh, m, n in planned if sh == shape]
+        while todo:
+            todo_now = []
+            for sh, m, n in todo:
+                if n in hung:
+                    record(sh, m, n, "skipped", f"{n} timed out earlier ({hung[n]})")
+                elif time.time() > budget_end:
+                    record(sh, m, n, "skipped", "the run's --budget was spent")
+                else:
+                    todo_now.append((sh, m, n))
+            if not todo_now:
+                break
+            out = work / f"rows_{len(rows)}.json"
+            child_rows = json.dumps([[sh.name, m, n] for sh, m, n in todo_now])
+            cmd = [*base, "--out", str(out), "--child-rows", child_rows, "--no-isolate"]
+            status, started = _run_child(cmd, args.row_timeout, budget_end)
+            done = json.loads(out.read_text())["results"] if out.exists() else []
+            rows.extend(done)
+            finished = {(r["name"], r["mode"], r["impl"]) for r in done}
+            todo = [(sh, m, n) for sh, m, n in todo_now if (sh.name, m, n) not in finished]
+            if not todo:
+                break
+            # the child stopped early: blame the row it had started, if it had one
+            culprit = next(
+                (t for t in todo if started and _row_label(*t).strip() == started), todo[0]
+            )
+            if status == "timeout":
+                hung[culprit[2]] = f"{culprit[0].name} {culprit[1]}"
+                record(*culprit, "timeout", f"no progress in {args.row_timeout:.0f} s (killed)")
+            elif started is None:  # died before its first row: do not retry row by row
+                for t in todo:
+                    record(*t, "error", f"child process {status} before its first row")
+                break
+            else:
+                record(*culprit, "error", f"child process {status}")
+            todo = [t for t in todo if t != culprit]
+        _write_merged(args.out, rows, ceilings, environment, grid_info)
+    _write_merged(args.out, rows, ceilings, environment, grid_info)
+    counts = {s: sum(r.get("status") == s for r in rows) for s in ("ok", "error", "timeout")}
+    counts["skipped"] = sum(r.get("status") == "skipped" for r in rows)
+    print(f"rows: {counts}  ({time.time() - start:.0f} s)", flush=True)
+    print(summarize(rows))
+    return 0
+
+
+def _run_child(
+    cmd: list[str], row_timeout: float, budget_end: float | None
+) -> tuple[str, str | None]:
+    """Runs a child, echoing its output; kills it when a row makes no progress in time.
+
+    Returns (status, label of the row it had started last): status is "ok", "timeout"
+    or "exit <code>".
+    """
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        bufsize=1,
+        start_new_session=True,  # its own process group: kill takes its helpers too
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    lines: queue.Queue[str | None] = queue.Queue()
+
+    def pump() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=pump, daemon=True).start()
+    started: str | None = None
+    deadline = time.time() + row_timeout + 60.0  # startup: imports, first compile
+    while True:
+        try:
+            line = lines.get(timeout=max(0.1, deadline - time.time()))
+        except queue.Empty:
+            print(f"... no progress for {row_timeout:.0f} s: killing the child", flush=True)
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return "timeout", started
+        if line is None:
+            break
+        print(line, end="", flush=True)
+        if line.startswith("START "):
+            started = line[len("START ") :].strip()
+            deadline = time.time() + row_timeout
+    code = proc.wait()
+    return ("ok" if code == 0 else f"exit {code}"), started
+
+
+def _write_merged(
+    path: str,
+    rows: list[dict[str, Any]],
+    ceilings: dict[str, float] | None,
+    environment: dict[str, Any],
+    grid_info: dict[str, Any],
+) -> None:
+    for r in rows:
+        if r.get("median_s") and ceilings:
+            r["t_sol_s"] = max(
+                r["flops"] / (ceilings["matmul_bf16_tflops"] * 1e12),
+                r["bytes"] / ceilings["hbm_bytes_per_s"],
+            )
+    payload = {
+        "environment": environment,
+        "results": rows,
+        "ceilings": ceilings,
+        "grid": {**grid_info, "argv": sys.argv[1:]},
+    }
+    out = pathlib.Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(payload, indent=1))
 
 
 if __name__ == "__main__":

@@ -200,7 +200,7 @@ def _cdiv(a: Any, b: int) -> Any:
 
 
 def _stream(
-    refs_at_step: Callable[[Any, Any], None],
+    refs_at_step: Callable[[Any, Any], None] | tuple[Callable[[Any, Any], None], ...],
     num_steps: Any,
     first_step: Any,
     num_stages: int,
@@ -210,21 +210,42 @@ def _stream(
     """Producer loop: TMA blocks first_step..num_steps-1 into ring slots (step - first) % stages.
 
     `refs_at_step(step, slot)` issues the copies of one block; before reusing a slot the
-    producer waits on each of `free_barriers` at that slot. `max_steps` (static) bounds
-    num_steps, so no copy is traced past the end of the array.
+    producer waits on each of `free_barriers` at that slot. If `refs_at_step` is a tuple
+    of such functions, one per free barrier, each copy waits only for its own barrier
+    (K of step s does not wait for V of step s - stages to be freed; the lookahead
+    forward needs that, see `_lookahead_loop`). `max_steps` (static) bounds num_steps,
+    so no copy is traced past the end of the array.
     """
+    if isinstance(refs_at_step, tuple):
+        if len(refs_at_step) != len(free_barriers):
+            raise ValueError("one copy function per free barrier (bug in jaxpp)")
+        loads = refs_at_step
+
+        def issue_all(step: Any, slot: Any) -> None:
+            for load in loads:
+                load(step, slot)
+
+        def wait_and_issue(step: Any, slot: Any) -> None:
+            for barrier, load in zip(free_barriers, loads, strict=True):
+                plgpu.barrier_wait(barrier.at[slot])
+                load(step, slot)
+    else:
+        issue_all = refs_at_step
+
+        def wait_and_issue(step: Any, slot: Any) -> None:
+            for barrier in free_barriers:
+                plgpu.barrier_wait(barrier.at[slot])
+            refs_at_step(step, slot)
+
     for i in range(min(num_stages, max_steps)):
 
         @pl.when(first_step + i < num_steps)
         def _prologue(i: int = i) -> None:
-            refs_at_step(first_step + i, i)
+            issue_all(first_step + i, i)
 
     @pl.loop(first_step + num_stages, num_steps)
     def _steady(step: Any) -> None:
-        slot = lax.rem(step - first_step, num_stages)
-        for barrier in free_barriers:
-            plgpu.barrier_wait(barrier.at[slot])
-        refs_at_step(step, slot)
+        wait_and_issue(step, lax.rem(step - first_step, num_stages))
 
     # Observe the last frees too, so every barrier phase is waited on once per thread.
     @pl.loop(jnp.maximum(first_step + num_stages, num_steps), num_steps + num_stages)
@@ -371,12 +392,22 @@ def forward(
             if not interpret:
                 plgpu.set_max_registers(40, action="decrease")
 
-            def load(step, slot):
+            def load_k(step, slot):
                 rows = (b, pl.ds(step * bkv, bkv), kv_h)
                 plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem.at[slot], k_bar.at[slot])
+
+            def load_v(step, slot):
+                rows = (b, pl.ds(step * bkv, bkv), kv_h)
                 plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem.at[slot], v_bar.at[slot])
 
-            _stream(load, cta_steps, 0, stages, (k_free, v_free), total_kv_steps)
+            def load(step, slot):
+                load_k(step, slot)
+                load_v(step, slot)
+
+            # lookahead holds V of step j - 1 until step j ends: K's slot must be reloaded
+            # without waiting for V's, or ping-pong deadlocks (see `_lookahead_loop`)
+            loads = (load_k, load_v) if config.lookahead else load
+            _stream(loads, cta_steps, 0, stages, (k_free, v_free), total_kv_steps)
 
     scratch = (
         _smem((wgs, bq, head_dim), dtype),
@@ -438,6 +469,16 @@ def _lookahead_loop(
     runs, then wait for P V and rescale O by this step's alpha. With ping-pong, one
     scheduling sync per step after the issues (skip steps sync once too), so the two
     consumers' barrier counts stay equal. Returns (O unnormalised, m, l).
+
+    Deadlock freedom with ping-pong (found on the H100: the first version hung): consumer 1
+    runs one sync behind consumer 0, and V of step j - 1 is freed only at the end of step
+    j. With a 2-slot ring, consumer 0 waiting for K_j before its sync needed consumer 1's
+    free of V_{j-2}, which consumer 1 gives only after the sync paired with consumer 0's
+    step-j sync: a cycle. Two changes break every such cycle (checked by an exhaustive
+    model of the barrier protocol over ring depths 2-3, up to 9 kv steps, every pair of
+    per-consumer step counts; NOTES.md): the producer reloads K's slot as soon as K is
+    freed, without waiting for V's (`_stream` with one copy per free barrier), and a skip
+    step (causal tail) syncs before its waits instead of after them.
     """
     bq, head_dim = my_q.shape
 
@@ -494,13 +535,13 @@ def _lookahead_loop(
             return p, m, denom
 
         def skip(s, _):
+            if sched_sync is not None:  # before the waits: see the docstring
+                sched_sync()
             slot = lax.rem(s, stages)
             plgpu.barrier_wait(k_bar.at[slot])
             plgpu.barrier_arrive(k_free.at[slot])
             plgpu.barrier_wait(v_bar.at[slot])
             plgpu.barrier_arrive(v_free.at[slot])
-            if sched_sync is not None:
-                sched_sync()
 
         acc_o[...] = _zeros((bq, head_dim))
         issue_s(0)  # step 0: S only; masked (cheap once, and right for any tile)
