@@ -15,6 +15,7 @@ process 0 prints progress and writes the JSON.
 
 import argparse
 import json
+import os
 import pathlib
 import platform
 import statistics
@@ -43,7 +44,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps")
     parser.add_argument("--steps", type=int, default=10, help="timed steps")
     parser.add_argument("--out", type=pathlib.Path, default=None, help="JSON results (process 0)")
+    parser.add_argument(
+        "--transfers",
+        choices=("async", "inline"),
+        default="async",
+        help="DistributedExecutor: transfers on a transfer thread (default) or in line",
+    )
     args = parser.parse_args(argv)
+    os.environ["JAXPP_ASYNC_TRANSFERS"] = "1" if args.transfers == "async" else "0"
 
     runtime.initialize()
     import jaxpp
@@ -98,6 +106,9 @@ def main(argv: list[str] | None = None) -> int:
         if main_process:
             print(f"step {index + 1}/{config.steps} loss {loss:.4f}", flush=True)
     executor = type(step.last_compiled.executor).__name__
+    if executor == "DistributedExecutor":
+        asynchronous = step.last_compiled.executor.async_transfers
+        executor += " (async transfers)" if asynchronous else " (inline transfers)"
     # Transfer stall: the part of the real step that the schedule, fed with the measured
     # task times (each task waited for, transfers not counted), does not explain.
     median = statistics.median(seconds)

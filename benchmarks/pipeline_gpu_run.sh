@@ -51,9 +51,12 @@ for part in "$@"; do
         CUDA_VISIBLE_DEVICES=$visible run "dist_${n}gpu_1proc_b${DIST_BATCH:-32}" 150 python3 \
           "$REPO"/benchmarks/distributed_train.py --stages "$n" $DIST_MODEL \
           --out "$OUT/distributed_${n}gpu_1proc_b${DIST_BATCH:-32}.json"
-        CUDA_VISIBLE_DEVICES=$visible run "dist_${n}gpu_${n}proc_b${DIST_BATCH:-32}" 180 python3 -m jaxpp.cli \
-          launch -n "$n" -- python3 "$REPO"/benchmarks/distributed_train.py --stages "$n" $DIST_MODEL \
-          --out "$OUT/distributed_${n}gpu_${n}proc_b${DIST_BATCH:-32}.json"
+        for transfers in ${DIST_TRANSFERS:-async inline}; do
+          tag="${n}gpu_${n}proc_${transfers}_b${DIST_BATCH:-32}"
+          CUDA_VISIBLE_DEVICES=$visible run "dist_$tag" 180 python3 -m jaxpp.cli launch -n "$n" \
+            -- python3 "$REPO"/benchmarks/distributed_train.py --stages "$n" $DIST_MODEL \
+            --transfers "$transfers" --out "$OUT/distributed_$tag.json"
+        done
       done
       ;;
     bench)  # issue 6: BENCH_MODEL (2b) on BENCH_DEVICES (2) GPUs, BENCH_CONFIGS (see

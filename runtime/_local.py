@@ -41,8 +41,10 @@ class StepStats:
             instruction was dispatched); near `seconds` means the host, not the
             devices, sets the pace.
         dispatch_by_kind: that host time split by what it issued ("inputs", "run",
-            "send", "split", "free", "outputs"); a kind that takes far longer than
-            its work needs is where the host waits.
+            "send", "split", "free", "outputs", and "wait": time spent waiting for a
+            value that another thread was still bringing, e.g. an asynchronous
+            transfer); a kind that takes far longer than its work needs is where the
+            host waits.
     """
 
     seconds: float
@@ -158,7 +160,15 @@ class LocalExecutor:
     def _output(self, index: int, buffer: _plan.Buffer, env: Mapping) -> jax.Array:
         """Step output `index`, held in `buffer`."""
         del index
-        return env[buffer]
+        return self._resolve(env[buffer])
+
+    def _resolve(self, value):
+        """The value a buffer holds (here: always the value itself; a subclass may hold
+        a future of it while another thread brings it)."""
+        return value
+
+    def _finish_dispatch(self) -> None:
+        """Waits until work handed to other threads during the step was dispatched."""
 
     # -- running ------------------------------------------------------------------------
 
@@ -180,7 +190,7 @@ class LocalExecutor:
                 value = self._place_input(name, given[name], r)
                 if value is not None:
                     env[_plan.Buffer(name, None, r)] = value
-        host = dict.fromkeys(("run", "send", "split", "free"), 0.0)
+        host = dict.fromkeys(("run", "send", "split", "free", "wait"), 0.0)
         host["inputs"] = time.perf_counter() - start
         live: list[dict[tuple[int, int], int]] = [{} for _ in range(plan.num_ranks)]
         peak = [0] * plan.num_ranks
@@ -191,7 +201,10 @@ class LocalExecutor:
                 if not self._runs_on(ins.rank):
                     continue
                 task = self._tasks[ins.task]
-                args = [env[b] for b in ins.inputs]
+                args = [self._resolve(env[b]) for b in ins.inputs]
+                waited = time.perf_counter() - issued
+                host["wait"] += waited
+                issued += waited
                 if _taskgraph.MICROBATCH_INDEX in task.inputs:
                     args.append(self._microbatch_index(ins.rank, ins.mb))
                 t0 = time.perf_counter() - start
@@ -217,8 +230,9 @@ class LocalExecutor:
             elif isinstance(ins, _plan.Split):
                 if not self._runs_on(ins.rank):
                     continue
+                source = self._resolve(env[ins.source])
                 for b, value in zip(
-                    ins.outputs, self._split(env[ins.source], ins.num_microbatches), strict=True
+                    ins.outputs, self._split(source, ins.num_microbatches), strict=True
                 ):
                     env[b] = value
                 host["split"] += time.perf_counter() - issued
@@ -233,6 +247,9 @@ class LocalExecutor:
                     if counts[pair] == 0:
                         del counts[pair]
                 host["free"] += time.perf_counter() - issued
+        issued = time.perf_counter()
+        self._finish_dispatch()
+        host["wait"] += time.perf_counter() - issued
         issued = time.perf_counter()
         outputs = [
             given[name] if b is None else self._output(index, b, env)

@@ -51,7 +51,9 @@ def run_case(name, schedule, layers, mesh, *, steps=2, in_shardings=None, profil
             assert_trees_close(got[0], ref_state, what=f"{name}: state, step {i}")
         else:
             assert got is None
-    assert isinstance(pipelined.last_compiled.executor, runtime.DistributedExecutor)
+    executor = pipelined.last_compiled.executor
+    assert isinstance(executor, runtime.DistributedExecutor)
+    print(f"TRANSFERS {name} {'async' if executor.async_transfers else 'inline'}", flush=True)
     if profile:  # every process sees every rank's task timings
         busy = pipelined.profile(pp_state, batch).busy_seconds
         assert len(busy) == mesh.num_ranks and all(b > 0 for b in busy), busy
@@ -80,6 +82,11 @@ def schedules4():
     run_case("interleaved", jaxpp.Interleaved1F1B(8, ranks=4), (1,) * 8, mesh, steps=1)
     run_case("zb-h1", jaxpp.ZeroBubble(4), (1, 1, 1, 1), mesh, steps=1)
     run_case("dualpipev", jaxpp.DualPipeV(8, ranks=4), (1,) * 8, mesh, steps=1)
+    os.environ["JAXPP_ASYNC_TRANSFERS"] = "0"  # the in-line path (the CPU default)
+    try:
+        run_case("1f1b-inline", jaxpp.Std1F1B(4), (1, 1, 1, 1), mesh, steps=1)
+    finally:
+        os.environ["JAXPP_ASYNC_TRANSFERS"] = "1"
 
 
 def spanning4():

@@ -30,6 +30,7 @@ def _launch(cases, *, processes, devices=1, timeout_s=20.0, hard_timeout_s=150.0
     """Runs the worker cases under `jaxpp launch`; returns (exit code, output, seconds)."""
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
     env["XLA_FLAGS"] = FAST_COMPILE  # the launcher adds the device count
+    env["JAXPP_ASYNC_TRANSFERS"] = "1"  # the GPU default: test the transfer thread here too
     command = [
         sys.executable,
         "-m",
@@ -84,7 +85,11 @@ def test_distributed_four_processes_every_schedule_and_spanning_stage_match_jit(
     code, out, _ = _launch(["schedules4", "spanning4"], processes=4)
     assert code == 0, _tail(out)
     names = ("1f1b", "interleaved", "zb-h1", "dualpipev", "spanning-1f1b", "spanning-zb-h1")
-    _assert_passed(out, names, 4)
+    _assert_passed(out, (*names, "1f1b-inline"), 4)
+    # One process per rank: transfers on the transfer thread when asked; a rank
+    # spanning processes keeps them in line (its own collectives share the order).
+    for name, how in (("1f1b", "async"), ("1f1b-inline", "inline"), ("spanning-1f1b", "inline")):
+        assert f"[0] TRANSFERS {name} {how}" in out, f"{name}:\n{_tail(out)}"
 
 
 def test_distributed_two_processes_other_schedules_and_split_ranks_match_jit():
