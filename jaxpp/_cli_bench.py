@@ -451,6 +451,7 @@ def _run_child(
         stopped_in = phase
         returncode = _end(process)
     reader.join(timeout=5)
+    process.stdout.close()
     return _Child(returncode, phase, seconds, stopped_in)
 
 

@@ -1,15 +1,23 @@
-"""`jaxpp bench pipeline --isolate`: children run from a folder without ./jaxpp.
+"""`jaxpp bench pipeline --isolate`: children run from a folder without ./jaxpp, their
+output is relayed as it comes, a slow one is stopped, and they share a compilation cache.
 
 On the GPU machine the repository root holds a bare `jaxpp/` (its subpackages live at the
 root), so `python -m jaxpp.cli` started there imports the wrong package.
 """
 
+import argparse
+import json
+import os
 import pathlib
 import subprocess
 import sys
+import textwrap
+
+import pytest
 
 import jaxpp
 from jaxpp import _cli_bench, cli
+from jaxpp._bench import _configs, _report
 
 
 def _shadow(tmp_path: pathlib.Path) -> pathlib.Path:
@@ -23,33 +31,114 @@ def _shadow(tmp_path: pathlib.Path) -> pathlib.Path:
 def test_isolate_children_run_outside_the_cwd_with_absolute_out(tmp_path, monkeypatch):
     shadow = _shadow(tmp_path)
     monkeypatch.chdir(shadow)
-    calls, real_run = [], subprocess.run
+    calls = []
 
-    def record(command, **kwargs):
-        calls.append((command, kwargs))
-        assert not (pathlib.Path(kwargs["cwd"]) / "jaxpp").exists()
-        return subprocess.CompletedProcess(command, 0)
+    def record(command, *, env, cwd, timeout, stop):
+        calls.append((command, env, cwd))
+        assert not (pathlib.Path(cwd) / "jaxpp").exists()
+        return _cli_bench._Child(0, "after steps", {}, None)
 
-    monkeypatch.setattr(_cli_bench.subprocess, "run", record)
+    monkeypatch.setattr(_cli_bench, "_run_child", record)
     argv = ["bench", "pipeline", "--model", "tiny", "--devices", "2", "--isolate"]
     names = "spmd/dp2/acc1/noremat,jaxpp/1f1b/pp2/mb4/noremat"
-    assert cli.main([*argv, "--configs", names, "--out", "rel/bench.json"]) == 0
+    cache = str(tmp_path / "cache")
+    argv += ["--configs", names, "--out", "rel/bench.json", "--cache-dir", cache]
+    assert cli.main(argv) == 0
     assert len(calls) == 3  # prepare, then one per configuration
-    for command, kwargs in calls:
-        out = command[command.index("--out") + 1]
-        assert out == str(shadow / "rel" / "bench.json")
-        assert pathlib.Path(kwargs["cwd"]).resolve() != shadow.resolve()
+    for command, _, cwd in calls:
+        assert command[command.index("--out") + 1] == str(shadow / "rel" / "bench.json")
+        assert command[command.index("--cache-dir") + 1] == cache
+        assert pathlib.Path(cwd).resolve() != shadow.resolve()
     # The child command itself works from that kind of folder, and fails from the shadow.
-    command, kwargs = calls[1]
+    _, env, _ = calls[1]
     probe = [sys.executable, "-m", "jaxpp.cli", "bench", "pipeline", "--model", "2b"]
     probe += ["--devices", "2", "--list", "--configs", "jaxpp/1f1b/pp2/mb16/noremat"]
     neutral = tmp_path / "neutral"
     neutral.mkdir()
-    good = real_run(probe, cwd=neutral, env=kwargs["env"], capture_output=True, text=True)
+    good = subprocess.run(probe, cwd=neutral, env=env, capture_output=True, text=True)
     assert good.returncode == 0, good.stderr
     assert "jaxpp/1f1b/pp2/mb16/noremat" in good.stdout
-    bad = real_run(probe, cwd=shadow, env=kwargs["env"], capture_output=True, text=True)
+    bad = subprocess.run(probe, cwd=shadow, env=env, capture_output=True, text=True)
     assert bad.returncode != 0 and "shadow jaxpp" in bad.stderr
+
+
+_SLOW_CHILD = textwrap.dedent(
+    """
+    import sys, time
+    name = sys.argv[1]
+    for phase in ("init", "trace"):
+        print(f"[+0.1s] {name}: {phase} ...", flush=True)
+        if phase == "trace":
+            time.sleep(60)
+        print(f"[+0.2s] {name}: {phase} 0.1 s", flush=True)
+    """
+)
+
+
+def test_isolate_config_timeout_records_phase_and_goes_on(tmp_path, monkeypatch, capsys):
+    script = tmp_path / "slow.py"
+    script.write_text(_SLOW_CHILD)
+    monkeypatch.setattr(
+        _cli_bench, "command_for", lambda common, name: [sys.executable, str(script), name]
+    )
+    out = tmp_path / "bench.json"
+    names = "spmd/dp2/acc1/noremat,jaxpp/1f1b/pp2/mb4/noremat"
+    argv = ["bench", "pipeline", "--model", "tiny", "--devices", "2", "--isolate"]
+    argv += ["--configs", names, "--out", str(out), "--config-timeout", "1.5"]
+    argv += ["--reference-loss", "4.2", "--ceilings", "1,1", "--cache-dir", "off"]
+    assert cli.main(argv) == 1  # no prepare child: both given
+    printed = capsys.readouterr().out
+    assert "spmd/dp2/acc1/noremat: init 0.1 s" in printed  # relayed from the child
+    rows = {r["name"]: r for r in _report.load_rows(out, preset="tiny")}
+    assert set(rows) == set(names.split(","))
+    for row in rows.values():
+        assert row["status"] == "timeout" and row["phase"] == "trace"
+        assert row["phase_seconds"] == {"init": 0.1}
+        assert "--config-timeout 1.5 s" in row["error"] and "in phase trace" in row["error"]
+    assert "timeout: stopped by --config-timeout" in out.with_suffix(".md").read_text()
+
+
+def test_isolate_real_child_streams_phases_and_fills_the_cache(tmp_path, monkeypatch, capfd):
+    monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    out, cache = tmp_path / "bench.json", tmp_path / "cache"
+    argv = ["bench", "pipeline", "--model", "tiny", "--devices", "2", "--isolate"]
+    argv += ["--configs", "spmd/dp2/acc1/noremat", "--out", str(out), "--steps", "1"]
+    argv += ["--warmup", "1", "--attention", "xla", "--cache-dir", str(cache)]
+    argv += ["--config-timeout", "120"]
+    assert cli.main(argv) == 0
+    printed = capfd.readouterr().out
+    for phase in ("reference", "init", "compile", "first step", "steps"):
+        assert f": {phase} ..." in printed
+    data = json.loads(out.read_text())
+    assert data["reference_source"] == "measured" and data["seed"] == 0
+    (row,) = data["results"]
+    assert row["status"] == "ok"
+    assert {"startup", "backend", "init", "compile", "first step", "steps"} <= set(
+        row["phase_seconds"]
+    )
+    assert any(p.is_file() for p in cache.rglob("*"))  # written by the child
+    # A rerun into the same file skips the reference/ceilings child.
+    rerun = _namespace(reference_loss=None, ceilings=None, attention="xla")
+    assert not _cli_bench._needs_prepare(rerun, str(out))
+
+
+def _namespace(**values) -> argparse.Namespace:
+    return argparse.Namespace(**{"model": "tiny", **values})
+
+
+def test_needs_prepare_other_attention_or_model_measures_again(tmp_path):
+    tiny = _configs.PRESETS["tiny"]
+    model = {"preset": "tiny", **{k: getattr(tiny, k) for k in _cli_bench._REFERENCE_FIELDS}}
+    out = _report.add_row(tmp_path / "r.json", {"name": "a", "status": "timeout"}, preset="tiny")
+    data = {**json.loads(out.read_text()), "model": model, "seed": 0, "attention": "xla"}
+    out.write_text(json.dumps({**data, "reference_loss": 4.2, "ceilings": None}))
+    same = _namespace(reference_loss=None, ceilings=None, attention="xla")
+    assert not _cli_bench._needs_prepare(same, str(out))
+    assert _cli_bench._needs_prepare(_namespace(**{**vars(same), "attention": "auto"}), str(out))
+    out.write_text(json.dumps({**data, "reference_loss": 4.2, "model": {**model, "d_ff": 8}}))
+    assert _cli_bench._needs_prepare(same, str(out))
+    given = _namespace(reference_loss=4.0, ceilings="1,1", attention="auto")
+    assert not _cli_bench._needs_prepare(given, str(out))
 
 
 def test_child_environment_puts_a_package_tree_first(tmp_path, monkeypatch):
@@ -58,7 +147,7 @@ def test_child_environment_puts_a_package_tree_first(tmp_path, monkeypatch):
     (tree / "jaxpp" / "schedules" / "__init__.py").write_text("")
     monkeypatch.setattr(jaxpp, "__file__", str(tree / "jaxpp" / "__init__.py"))
     env = _cli_bench.child_environment({"PYTHONPATH": "/x"})
-    assert env["PYTHONPATH"].split(":") == [str(tree), "/x"]
+    assert env["PYTHONPATH"].split(os.pathsep) == [str(tree), "/x"]
 
 
 def test_child_environment_leaves_an_installed_jaxpp_alone(tmp_path, monkeypatch):
@@ -66,3 +155,17 @@ def test_child_environment_leaves_an_installed_jaxpp_alone(tmp_path, monkeypatch
     bare.mkdir(parents=True)
     monkeypatch.setattr(jaxpp, "__file__", str(bare / "__init__.py"))
     assert _cli_bench.child_environment({"PYTHONPATH": "/x"}) == {"PYTHONPATH": "/x"}
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--config-timeout", "10"], "--config-timeout needs --isolate"),
+        (["--isolate", "--config-timeout", "0"], "must be > 0 seconds"),
+        (["--ceilings", "800"], "expected two numbers"),
+    ],
+)
+def test_isolate_flags_bad_values_raise_clear_errors(flags, message, capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "pipeline", "--model", "tiny", "--devices", "2", *flags])
+    assert message in capsys.readouterr().err
