@@ -4,6 +4,7 @@
 #   bash benchmarks/pipeline_gpu_run.sh env pvj dist     # issue 3 and 4 numbers
 #   PVJ_MB_SIZE=16 PVJ_SCHEDULES=1f1b bash benchmarks/pipeline_gpu_run.sh pvj
 #   BENCH_MODEL=8b BENCH_DEVICES=4 BENCH_CONFIGS=a,b,c bash benchmarks/pipeline_gpu_run.sh bench
+#   (bench also reads BENCH_LIMIT, BENCH_CONFIG_TIMEOUT, BENCH_ARGS, BENCH_CACHE, BENCH_RESULTS)
 #
 # Each part has its own time limit and writes its JSON and log under $OUT (default
 # /tmp/out), so a part that fails or runs out of time leaves the others' results.
@@ -60,13 +61,25 @@ for part in "$@"; do
       done
       ;;
     bench)  # issue 6: BENCH_MODEL (2b) on BENCH_DEVICES (2) GPUs, BENCH_CONFIGS (see
-      # the plan in jaxpp/_cli_bench.py's docstring); both sides get 0.9 of each GPU
+      # the plan in jaxpp/_cli_bench.py's docstring); both sides get 0.9 of each GPU.
+      # Results and the compilation cache live outside $OUT (a fresh folder per device
+      # call), so the next call on the same warm machine reuses the reference, the
+      # ceilings and compiled programs; the results are copied to $OUT after the run.
+      # BENCH_CONFIG_TIMEOUT stops one slow configuration (a `timeout` row naming its
+      # phase); BENCH_ARGS adds flags, e.g. "--steps 5 --warmup 1 --reference-loss X".
       devices=${BENCH_DEVICES:-2}
+      results=${BENCH_RESULTS:-/tmp/jaxpp-bench-results}
+      mkdir -p "$results"
       XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 CUDA_VISIBLE_DEVICES=$(seq -s, 0 $((devices - 1))) \
         run "bench_${BENCH_MODEL:-2b}" "${BENCH_LIMIT:-540}" python3 -m jaxpp.cli bench \
         pipeline --model "${BENCH_MODEL:-2b}" --devices "$devices" --isolate \
-        --out "$OUT/bench_${BENCH_MODEL:-2b}_${devices}xgpu.json" --configs \
+        --config-timeout "${BENCH_CONFIG_TIMEOUT:-240}" \
+        --cache-dir "${BENCH_CACHE:-/tmp/jaxpp-bench-cache}" ${BENCH_ARGS:-} \
+        --out "$results/bench_${BENCH_MODEL:-2b}_${devices}xgpu.json" --configs \
         "${BENCH_CONFIGS:-spmd/dp2/acc2/noremat,spmd/fsdp2/acc2/noremat,spmd/tp2/acc2/noremat}"
+      # Where the time went: every finished phase and every configuration's outcome.
+      grep -E '^\[\+[0-9.]+s\] ' "$OUT/bench_${BENCH_MODEL:-2b}.log" | grep -vE ' \.\.\.$' | tail -n 60
+      cp -r "$results"/. "$OUT"/
       ;;
     *)
       echo "unknown part: $part (env, pvj, dist, bench)" >&2

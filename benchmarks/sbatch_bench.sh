@@ -17,7 +17,9 @@
 #       --cluster nodes=64,gpus_per_node=8,ib=400Gbps
 #
 # Each configuration runs in its own process (--isolate): an OOM or a crash fails only
-# its row, and memory peaks are per configuration. Configurations predicted not to fit
+# its row, and memory peaks are per configuration; one running past CONFIG_TIMEOUT s gets a
+# `timeout` row naming its phase. The children share a compilation cache (CACHE_DIR), so a
+# resubmitted job loads what an earlier one compiled. Output lines carry [+seconds] stamps. Configurations predicted not to fit
 # are skipped before compiling ("predicted OOM: X GiB > Y GiB" rows). Results merge into
 # one JSON per model (+ .md table, .png chart, traces/) under benchmarks/results/.
 #SBATCH --job-name=jaxpp-bench
@@ -72,4 +74,5 @@ cd "$WORK"
     --configs "$CONFIGS" --device-kind "${DEVICE_KIND:-h200}"
 srun --ntasks=1 --kill-on-bad-exit=1 \
     "$PYTHON" -m jaxpp.cli bench pipeline --model "$MODEL" --devices "$GPUS" --isolate \
-    --steps "${STEPS:-10}" --warmup "${WARMUP:-2}" --configs "$CONFIGS" --out "$OUT"
+    --steps "${STEPS:-10}" --warmup "${WARMUP:-2}" --configs "$CONFIGS" --out "$OUT" \
+    --config-timeout "${CONFIG_TIMEOUT:-900}" --cache-dir "${CACHE_DIR:-$REPO/.cache/jaxpp-bench}"

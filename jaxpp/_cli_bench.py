@@ -14,44 +14,65 @@ record that estimate and the measured peaks. The limit is what JAX may allocate:
 default 0.75 of the GPU (105 GiB of an H200; XLA's rematerialization aims at 0.95 of it),
 so the commands below set `XLA_PYTHON_CLIENT_MEM_FRACTION=0.9` (126 GiB) for both sides.
 
+Observability: every process prints timestamped, flushed phase lines (seconds since the
+call began), and rows keep them in `phase_seconds`:
+
+    [+41.2s] jaxpp/zb-h1/pp4/mb32/noremat: compile+first step ...
+    [+118.9s] jaxpp/zb-h1/pp4/mb32/noremat: compile+first step 77.7 s
+
+Phases: setup (startup = Python and imports of a child, backend, ceilings, reference),
+then per configuration init (state and batch placed), compile (SPMD) or trace (the jaxpp
+compiler; XLA compiles its task programs during "compile+first step"), first step,
+warm-up, steps, profile. `--isolate` relays its children's lines as they come.
+
+Fixed costs: `--isolate` children share a JAX persistent compilation cache (`--cache-dir`,
+default /tmp/jaxpp-bench-cache; jax puts XLA:GPU's per-fusion autotune cache in its
+`xla_gpu_per_fusion_autotune_cache_dir` subfolder), so a program compiled by one child
+(a stage's forward task is the same under 1F1B and ZB-H1) or an earlier call is loaded,
+not compiled. On 8 CPU devices (narrow 40-layer GPT, zb-h1/pp4/mb32, a loaded machine)
+compile+first step took 16.5-24.6 s without the cache and 5.5-7.8 s with it warm, and
+1F1B after ZB-H1 6.6 s vs 12.4 s. The reference loss and ceilings are measured once per
+results file and reused by later calls with the same `--out` (same model, seed and
+attention); `--reference-loss` and `--ceilings` give them for a fresh file.
+`--config-timeout S` stops a child after S seconds with a `timeout` row naming the phase
+it was in; SIGTERM to the parent (the driver's `timeout`) does the same for the running one.
+
 On the GPU machine: the device tool allows 10 minutes per command and about 30 minutes
-per session, and one ~8B configuration costs about 2-3 minutes (compile, 12 steps, one
-profiled step), so run a focused subset, three configurations per command. Rows with the
-same `--out` merge; `--isolate` runs each configuration in its own process, so memory
-peaks are per configuration and an OOM fails only that row. On that machine `jaxpp` is
-not installed: `source benchmarks/gpu_env.sh` in the repository root, then run
-`python3 -m jaxpp.cli bench ...` (for `jaxpp bench ...`) from outside it (`cd /tmp`: the
-root's bare `./jaxpp` would shadow the package tree; `--isolate` children already run in
-an empty folder). The plan, strongest predicted-to-fit candidates first (`--list` with
-the same flags shows each one's predicted GiB):
+per session. On that machine `jaxpp` is not installed: `source benchmarks/gpu_env.sh` in
+the repository root, then run `python3 -m jaxpp.cli bench ...` from outside it (`cd
+/tmp`: the root's bare `./jaxpp` would shadow the package tree; `--isolate` children
+already run in an empty folder). `benchmarks/pipeline_gpu_run.sh bench` does all that,
+keeps results and cache in /tmp across calls on the same warm machine, and copies the
+results to $OUT. The plan for the next session, nvidia-h200-x4, the ~8B model, three
+calls of <= 9.5 min (predicted GiB per device in brackets; limit 126 GiB). The reference
+(11.2175) and ceilings (807.1 TFLOP/s, 4287 GB/s) were measured on 4x H200 last session,
+so call 1 passes them and every second goes to configurations:
+
+    # every call starts with (the device tool carries no environment between calls):
+    export BENCH_MODEL=8b BENCH_DEVICES=4 BENCH_LIMIT=560
+    export BENCH_ARGS="--steps 5 --warmup 1 --reference-loss 11.2175 --ceilings 807.1,4287.4"
+    # call 1: one SPMD and one jaxpp number, and where the time goes [84, 93]
+    C=spmd/fsdp4/acc4/noremat,jaxpp/1f1b/pp4/mb32/noremat
+    BENCH_CONFIG_TIMEOUT=260 BENCH_CONFIGS=$C bash benchmarks/pipeline_gpu_run.sh bench
+    # call 2 (same warm machine: cache and results reused): zero bubble [93, 96] and
+    # SPMD DP x TP [103]; set the timeout from call 1's phase lines
+    C=jaxpp/zb-h1/pp4/mb32/noremat,spmd/dp2-tp2/acc8/noremat,jaxpp/zbv/pp4/mb32/noremat
+    BENCH_CONFIG_TIMEOUT=180 BENCH_CONFIGS=$C bash benchmarks/pipeline_gpu_run.sh bench
+    # call 3: SPMD TP and FSDP x TP [90, 82], DualPipeV [99]
+    C=spmd/tp4/acc4/noremat,spmd/fsdp2-tp2/acc4/noremat,jaxpp/dualpipev/pp4/mb32/noremat
+    BENCH_CONFIG_TIMEOUT=180 BENCH_CONFIGS=$C bash benchmarks/pipeline_gpu_run.sh bench
+
+Later (more device time): spmd/fsdp4/acc2/noremat [114], spmd/fsdp4/acc1/remat [45],
+jaxpp/interleaved-1f1b/pp4/mb32/noremat [102], jaxpp/1f1b/pp4/mb16/noremat [118 (tight)];
+the ~2B model on nvidia-h200-x2 (BENCH_MODEL=2b BENCH_DEVICES=2): SPMD
+spmd/dp2/acc2/noremat,spmd/fsdp2/acc2/noremat,spmd/tp2/acc2/noremat [90, 71, 78], jaxpp
+jaxpp/zbv/pp2/mb16/noremat,jaxpp/zb-h1/pp2/mb16/noremat,jaxpp/dualpipev/pp2/mb16/noremat
+[55, 53, 59]. The same by hand, without the driver:
 
     source benchmarks/gpu_env.sh && cd /tmp && export XLA_PYTHON_CLIENT_MEM_FRACTION=0.9
-    # nvidia-h200-x4, the ~8B model (limit 126 GiB; predicted GiB per device in brackets)
-    RES=$OLDPWD/benchmarks/results/bench_8b_4xh200.json
-    # SPMD: FSDP with accumulation [84, 114], DP x TP [103]
-    python3 -m jaxpp.cli bench pipeline --model 8b --devices 4 --isolate --out $RES --configs \
-        spmd/fsdp4/acc4/noremat,spmd/dp2-tp2/acc8/noremat,spmd/fsdp4/acc2/noremat
-    # SPMD: TP and FSDP x TP [90, 82], FSDP with remat and no accumulation [45]
-    python3 -m jaxpp.cli bench pipeline --model 8b --devices 4 --isolate --out $RES --configs \
-        spmd/tp4/acc4/noremat,spmd/fsdp2-tp2/acc4/noremat,spmd/fsdp4/acc1/remat
-    # jaxpp: zero-bubble schedules at 32 microbatches of one sequence [96, 93, 99]
-    python3 -m jaxpp.cli bench pipeline --model 8b --devices 4 --isolate --out $RES --configs \
-        jaxpp/zbv/pp4/mb32/noremat,jaxpp/zb-h1/pp4/mb32/noremat,jaxpp/dualpipev/pp4/mb32/noremat
-    # jaxpp: 1F1B and interleaved [93, 102, 118 (tight)]
-    python3 -m jaxpp.cli bench pipeline --model 8b --devices 4 --isolate --out $RES --configs \
-        jaxpp/1f1b/pp4/mb32/noremat,jaxpp/interleaved-1f1b/pp4/mb32/noremat,jaxpp/1f1b/pp4/mb16/noremat
-    # nvidia-h200-x2, the ~2B model; RES=$OLDPWD/benchmarks/results/bench_2b_2xh200.json
-    # SPMD [90, 71, 78]
-    python3 -m jaxpp.cli bench pipeline --model 2b --devices 2 --isolate --out $RES --configs \
-        spmd/dp2/acc2/noremat,spmd/fsdp2/acc2/noremat,spmd/tp2/acc2/noremat
-    # jaxpp [55, 53, 59]; then zbv/pp2/mb8 [75], interleaved-1f1b/pp2/mb16 [56]
-    python3 -m jaxpp.cli bench pipeline --model 2b --devices 2 --isolate --out $RES --configs \
-        jaxpp/zbv/pp2/mb16/noremat,jaxpp/zb-h1/pp2/mb16/noremat,jaxpp/dualpipev/pp2/mb16/noremat
-    # one H100 (no pipeline): calibrate the memory estimate on SPMD, 2B on one GPU
-    # (limit 71.6 GiB; predicted [54, 66, 47]; rows record XLA's estimate and the peaks)
-    python3 -m jaxpp.cli bench pipeline --model 2b --devices 1 --isolate --configs \
-        spmd/dp1/acc16/noremat,spmd/dp1/acc8/noremat,spmd/dp1/acc8/remat \
-        --out $OLDPWD/benchmarks/results/bench_2b_1xh100.json
+    python3 -m jaxpp.cli bench pipeline --model 8b --devices 4 --isolate \
+        --config-timeout 260 --out /tmp/jaxpp-bench-results/bench_8b_4xgpu.json \
+        --configs spmd/fsdp4/acc4/noremat,jaxpp/1f1b/pp4/mb32/noremat
 
 With more device time, sweep by flags instead (`--only spmd|jaxpp`, `--schedules`,
 `--layouts`, `--microbatches`, `--accumulations`, `--remat on|off|off,on`).
@@ -462,8 +483,9 @@ def _pump(stream, lines: queue.Queue) -> None:
 
 
 def _end(process: subprocess.Popen) -> int:
-    """Ends `process` and its children: SIGTERM, then SIGKILL after 10 s."""
-    for sig, grace in ((signal.SIGTERM, 10), (signal.SIGKILL, 30)):
+    """Ends `process` and its children: SIGTERM, then SIGKILL after 5 s (before the
+    `timeout --kill-after=10` of the GPU driver ends this process)."""
+    for sig, grace in ((signal.SIGTERM, 5), (signal.SIGKILL, 30)):
         try:
             os.killpg(process.pid, sig)
         except ProcessLookupError:

@@ -121,10 +121,11 @@ def test_the_docstring_plan_names_configurations_predicted_to_fit():
 
     from jaxpp import _cli_bench
 
-    found = re.findall(
-        r"--model (\w+) --devices (\d+) --isolate.*?--configs\s+([^\s\\]+)", _cli_bench.__doc__
-    )
-    assert len(found) == 7
+    doc = _cli_bench.__doc__
+    found = re.findall(r"--model (\w+) --devices (\d+) --isolate.*?--configs\s+([^\s\\]+)", doc)
+    calls = re.findall(r"^    C=(\S+)$", doc, flags=re.MULTILINE)  # the 8B plan's driver calls
+    assert len(found) == 1 and len(calls) == 3
+    found += [("8b", "4", names) for names in calls]
     for model, devices, names in found:
         kind = "h100" if devices == "1" else "h200"
         limit = _memory.usable_bytes(kind, fraction=0.9)
