@@ -47,8 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--transfers",
         choices=("async", "inline"),
-        default="async",
-        help="DistributedExecutor: transfers on a transfer thread (default) or in line",
+        default="inline",
+        help="DistributedExecutor: transfers in line (default) or on a transfer thread",
     )
     args = parser.parse_args(argv)
     os.environ["JAXPP_ASYNC_TRANSFERS"] = "1" if args.transfers == "async" else "0"

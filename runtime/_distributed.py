@@ -10,15 +10,15 @@ over a mesh of the sender's and the receiver's devices, built once per
 follows the one global order, every pair of processes issues its transfers in the
 same order on both sides and the collectives cannot deadlock.
 
-On GPUs, transfers are asynchronous by default: a process hands its collectives, in plan
-order, to one transfer thread, and its main thread goes on issuing compute. Issuing
-a collective can block the host until the peer is there too (measured on 2 H200s:
-the sends held the host for 125 of a 170 ms step); on the transfer thread that wait
-no longer holds back the compute behind it. A Run whose input is still in transit
-waits for it (`dispatch_by_kind["wait"]`). `JAXPP_ASYNC_TRANSFERS=0` (or
-`async_transfers=False`) issues them on the main thread instead, and so does a run
-in which a rank spans several processes (its tasks hold collectives of their own,
-which must keep one order with the transfers in every process).
+Issuing such a collective blocks the host about until the GPU gets there (measured on
+2 H200s: the sends held the host for 125 of a 176 ms step, against 127 ms for one
+process driving both GPUs). `JAXPP_ASYNC_TRANSFERS=1` (or `async_transfers=True`)
+hands the collectives, in plan order, to one transfer thread while the main thread
+goes on issuing compute; a Run whose input is still in transit waits for it
+(`dispatch_by_kind["wait"]`). It is off by default because it measured slower: 212
+against 176 ms on 2 H200s, 93 against 69 ms on 2 CPU processes. A run in which a rank
+spans several processes always transfers in line (its tasks hold collectives of their
+own, which must keep one order with the transfers in every process).
 
 Results are `jax.Array`s as in multi-controller JAX: addressable in the processes
 that own the rank holding them. `fetch` brings a value to every process or to one.
@@ -31,6 +31,7 @@ import json
 import os
 import queue
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 
 import jax
@@ -83,8 +84,8 @@ class DistributedExecutor(_local.LocalExecutor):
             no part of an output return a non-addressable array of this type).
         input_specs: optional PartitionSpec per step input name.
         async_transfers: issue cross-process transfers on a transfer thread (default:
-            `JAXPP_ASYNC_TRANSFERS`, else on GPUs yes, on CPUs no); False issues them in
-            line. Only honoured when every rank lives in one process.
+            `JAXPP_ASYNC_TRANSFERS`, else no); False issues them in line. Only honoured
+            when every rank lives in one process.
 
     Step inputs may be host values (numpy, or arrays addressable in this process;
     every process must pass the same value) or arrays that an earlier step left on a
@@ -131,7 +132,7 @@ class DistributedExecutor(_local.LocalExecutor):
         if async_transfers is None:
             async_transfers = async_transfers_default()
         if async_transfers is None:
-            async_transfers = not self._sync_transfers  # on GPUs
+            async_transfers = False  # measured slower on GPUs and CPUs (module docstring)
         # A rank spread over processes runs collectives of its own (its tasks are SPMD
         # programs over them); issued from two threads, the order of those and of the
         # transfers could differ between processes and deadlock them. So only when
@@ -267,14 +268,21 @@ class DistributedExecutor(_local.LocalExecutor):
         return future if self._mine[dst] else None
 
     def _resolve(self, value):
-        if isinstance(value, _Transfer):
+        if not isinstance(value, _Transfer):
+            return value
+        if value.done():
             return value.wait()
-        return value
+        started = time.perf_counter()
+        try:
+            return value.wait()
+        finally:
+            if not self._transfer_thread.is_current():  # the step's thread waited
+                self._wait_seconds += time.perf_counter() - started
 
     def _finish_dispatch(self) -> None:
         pending, self._pending = self._pending, []
         for future in pending:
-            future.wait()
+            self._resolve(future)
 
     def _agreed_type(self, send: _plan.Send, x) -> tuple[tuple[int, ...], str, PartitionSpec]:
         """Shape, dtype and spec of a Send's value, the same in every process it involves.
@@ -437,9 +445,7 @@ class DistributedExecutor(_local.LocalExecutor):
 
 def async_transfers_default() -> bool | None:
     """`JAXPP_ASYNC_TRANSFERS`: "1" transfers on a transfer thread, "0" in line, unset
-    None (the executor decides: on GPUs the thread, on CPUs in line, where gloo's
-    blocking collectives on a few cores were slower that way: 93 against 69 ms a step
-    for 2 processes on 2 cores).
+    None (the executor's default: in line, see the module docstring).
 
     Example:
         >>> async_transfers_default() in (True, False, None)
@@ -495,6 +501,10 @@ class _TransferThread:
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
+
+    def is_current(self) -> bool:
+        """Whether the caller runs on this thread."""
+        return threading.current_thread() is self._thread
 
     def submit(self, what: str, fn: Callable, *args) -> _Transfer:
         future = _Transfer(what)

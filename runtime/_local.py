@@ -93,6 +93,7 @@ class LocalExecutor:
             )
         )
         self.last_stats: StepStats | None = None
+        self._wait_seconds = 0.0
 
     # -- placement helpers ------------------------------------------------------------
 
@@ -164,7 +165,8 @@ class LocalExecutor:
 
     def _resolve(self, value):
         """The value a buffer holds (here: always the value itself; a subclass may hold
-        a future of it while another thread brings it)."""
+        a future of it while another thread brings it, and adds the time it waited for
+        it to `self._wait_seconds`)."""
         return value
 
     def _finish_dispatch(self) -> None:
@@ -190,7 +192,8 @@ class LocalExecutor:
                 value = self._place_input(name, given[name], r)
                 if value is not None:
                     env[_plan.Buffer(name, None, r)] = value
-        host = dict.fromkeys(("run", "send", "split", "free", "wait"), 0.0)
+        host = dict.fromkeys(("run", "send", "split", "free"), 0.0)
+        self._wait_seconds = 0.0
         host["inputs"] = time.perf_counter() - start
         live: list[dict[tuple[int, int], int]] = [{} for _ in range(plan.num_ranks)]
         peak = [0] * plan.num_ranks
@@ -201,10 +204,9 @@ class LocalExecutor:
                 if not self._runs_on(ins.rank):
                     continue
                 task = self._tasks[ins.task]
+                waited_before = self._wait_seconds
                 args = [self._resolve(env[b]) for b in ins.inputs]
-                waited = time.perf_counter() - issued
-                host["wait"] += waited
-                issued += waited
+                issued += self._wait_seconds - waited_before
                 if _taskgraph.MICROBATCH_INDEX in task.inputs:
                     args.append(self._microbatch_index(ins.rank, ins.mb))
                 t0 = time.perf_counter() - start
@@ -247,9 +249,8 @@ class LocalExecutor:
                     if counts[pair] == 0:
                         del counts[pair]
                 host["free"] += time.perf_counter() - issued
-        issued = time.perf_counter()
         self._finish_dispatch()
-        host["wait"] += time.perf_counter() - issued
+        host["wait"] = self._wait_seconds
         issued = time.perf_counter()
         outputs = [
             given[name] if b is None else self._output(index, b, env)

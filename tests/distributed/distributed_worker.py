@@ -82,7 +82,7 @@ def schedules4():
     run_case("interleaved", jaxpp.Interleaved1F1B(8, ranks=4), (1,) * 8, mesh, steps=1)
     run_case("zb-h1", jaxpp.ZeroBubble(4), (1, 1, 1, 1), mesh, steps=1)
     run_case("dualpipev", jaxpp.DualPipeV(8, ranks=4), (1,) * 8, mesh, steps=1)
-    os.environ["JAXPP_ASYNC_TRANSFERS"] = "0"  # the in-line path (the CPU default)
+    os.environ["JAXPP_ASYNC_TRANSFERS"] = "0"  # the in-line path (the default)
     try:
         run_case("1f1b-inline", jaxpp.Std1F1B(4), (1, 1, 1, 1), mesh, steps=1)
     finally:

@@ -30,7 +30,7 @@ def _launch(cases, *, processes, devices=1, timeout_s=20.0, hard_timeout_s=150.0
     """Runs the worker cases under `jaxpp launch`; returns (exit code, output, seconds)."""
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
     env["XLA_FLAGS"] = FAST_COMPILE  # the launcher adds the device count
-    env["JAXPP_ASYNC_TRANSFERS"] = "1"  # the GPU default: test the transfer thread here too
+    env["JAXPP_ASYNC_TRANSFERS"] = "1"  # the opt-in transfer thread; "1f1b-inline" the default
     command = [
         sys.executable,
         "-m",

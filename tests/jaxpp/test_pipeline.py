@@ -61,8 +61,9 @@ def test_pipeline_every_builtin_schedule_matches_jit(schedule, layers):
     )
     assert max(stats.peak_activations) > 0  # the count is real, not a constant
     by_kind = stats.dispatch_by_kind
-    assert set(by_kind) == {"inputs", "run", "send", "split", "free", "outputs"}
+    assert set(by_kind) == {"inputs", "run", "send", "split", "free", "wait", "outputs"}
     assert by_kind["run"] > 0 and by_kind["send"] > 0
+    assert by_kind["wait"] == 0  # one process: no value is ever in transit on another thread
     assert sum(by_kind.values()) <= stats.dispatch_seconds <= stats.seconds
 
 
