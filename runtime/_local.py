@@ -14,7 +14,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jaxpp.runtime import _plan, _taskgraph
+from jaxpp.runtime import _plan, _precompile, _taskgraph
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -94,6 +94,12 @@ class LocalExecutor:
         )
         self.last_stats: StepStats | None = None
         self._wait_seconds = 0.0
+        # Task programs compiled before the first step (`_precompile`), and how often a
+        # step's arguments did not fit one (then it was compiled lazily instead).
+        self.last_precompile: _precompile.PrecompileStats | None = None
+        self.precompile_misses = 0
+        self._precompiled = False
+        self._ahead: set[tuple[str, int]] = set()
 
     # -- placement helpers ------------------------------------------------------------
 
@@ -119,16 +125,45 @@ class LocalExecutor:
             return _copy_shards(x, target)
         return jax.device_put(x, target)
 
+    def _make_jit(self, task: _taskgraph.Task, rank: int):
+        if task.inputs:
+            return jax.jit(task.fn, donate_argnums=task.donate)
+        return jax.jit(task.fn, out_shardings=self._replicated(rank))
+
     def _compiled_task(self, task: _taskgraph.Task, rank: int):
         key = (task.name, rank)
         fn = self._compiled.get(key)
         if fn is None:
-            if task.inputs:
-                fn = jax.jit(task.fn, donate_argnums=task.donate)
-            else:
-                fn = jax.jit(task.fn, out_shardings=self._replicated(rank))
+            fn = self._make_jit(task, rank)
             self._compiled[key] = fn
         return fn
+
+    def _call_task(self, task: _taskgraph.Task, rank: int, args: list):
+        key = (task.name, rank)
+        try:
+            return self._compiled_task(task, rank)(*args)
+        except (TypeError, ValueError):
+            if key not in self._ahead:
+                raise
+        # The arguments' types or devices differ from the ones compiled ahead: compile
+        # lazily as without precompiling (a wrong step would raise again here).
+        self._ahead.discard(key)
+        self.precompile_misses += 1
+        self._compiled[key] = self._make_jit(task, rank)
+        return self._compiled[key](*args)
+
+    def _precompile(self, given: Mapping[str, object]) -> None:
+        """Compiles every task program before the first step, ranks in parallel."""
+        self._precompiled = True
+        if not _precompile.enabled(self.rank_meshes):
+            return
+        programs = _precompile.plan_programs(
+            self.graph, self.plan, given, self.rank_meshes, self._runs_on
+        )
+        programs = [p for p in programs if (p.task.name, p.rank) not in self._compiled]
+        compiled, self.last_precompile = _precompile.compile_programs(programs, self._make_jit)
+        self._compiled.update(compiled)
+        self._ahead.update(compiled)
 
     def _microbatch_index(self, rank: int, mb: int) -> jax.Array:
         key = (rank, mb)
@@ -185,6 +220,8 @@ class LocalExecutor:
         graph, plan = self.graph, self.plan
         given = dict(zip(graph.step_inputs, inputs, strict=True))
         given.update(graph.constants)
+        if not self._precompiled:
+            self._precompile(given)
         env: dict[_plan.Buffer, object] = {}
         start = time.perf_counter()
         for name, ranks in self._input_order:
@@ -210,7 +247,7 @@ class LocalExecutor:
                 if _taskgraph.MICROBATCH_INDEX in task.inputs:
                     args.append(self._microbatch_index(ins.rank, ins.mb))
                 t0 = time.perf_counter() - start
-                outs = self._compiled_task(task, ins.rank)(*args)
+                outs = self._call_task(task, ins.rank, args)
                 if record_timing:
                     jax.block_until_ready(outs)
                     timings.append(

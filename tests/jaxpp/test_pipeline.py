@@ -64,6 +64,14 @@ def test_pipeline_every_builtin_schedule_matches_jit(schedule, layers):
     assert set(by_kind) == {"inputs", "run", "send", "split", "free", "wait", "outputs"}
     assert by_kind["run"] > 0 and by_kind["send"] > 0
     assert by_kind["wait"] == 0  # one process: no value is ever in transit on another thread
+    # One-device ranks: every task program was compiled before the first step, and every
+    # call used it (no lazy recompile because arguments differed from the compiled types).
+    executor = pipelined.last_compiled.executor
+    runs = {(i.task, i.rank) for i in pipelined.last_compiled.plan.instructions
+            if isinstance(i, Run)}  # fmt: skip
+    ahead = executor.last_precompile
+    assert ahead is not None and ahead.failed == 0 and ahead.programs == len(runs), ahead
+    assert executor.precompile_misses == 0
     assert sum(by_kind.values()) <= stats.dispatch_seconds <= stats.seconds
 
 
@@ -100,6 +108,14 @@ def test_pipeline_data_parallel_inside_stages_matches_jit():
     executor = pipelined.last_compiled.executor
     assert executor.rank_meshes[0].devices.size == 2
     assert len(state[0]["layers"][0]["w"].sharding.device_set) == 2
+    # Shardings inside a rank depend on XLA's choices upstream: no compiling ahead.
+    assert executor.last_precompile is None
+
+
+def test_precompile_setting_must_be_0_or_1(monkeypatch):
+    monkeypatch.setenv("JAXPP_PRECOMPILE", "yes")
+    with pytest.raises(ValueError, match="JAXPP_PRECOMPILE='yes': expected 1"):
+        _run_both(jaxpp.Std1F1B(4), (1, 1, 1, 1), steps=1)
 
 
 def test_pipeline_tensor_parallel_inside_stages_matches_jit():
@@ -139,8 +155,10 @@ def test_profile_gives_trace_costs_and_prediction(schedule):
     assert 0.0 <= profile.bubble(profile.predicted_step_seconds) < 1.0
 
 
-def test_pipeline_compiles_each_task_once_for_all_microbatches():
+def test_pipeline_compiles_each_task_once_for_all_microbatches(monkeypatch):
+    monkeypatch.setenv("JAXPP_PRECOMPILE", "0")  # the lazy path: jax.jit's own cache
     pipelined, _ = _run_both(jaxpp.Std1F1B(4), (1, 1, 1, 1), steps=2)
+    assert pipelined.last_compiled.executor.last_precompile is None
     compiled = pipelined.last_compiled.executor._compiled  # noqa: SLF001 -- the executor's cache
     loop_tasks = {(t.name, t.stage) for t in pipelined.last_compiled.graph.loop_tasks.values()}
     assert {(name, rank) for name, rank in compiled} >= loop_tasks
