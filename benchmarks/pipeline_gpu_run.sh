@@ -66,7 +66,7 @@ for part in "$@"; do
       # call), so the next call on the same warm machine reuses the reference, the
       # ceilings and compiled programs; the results are copied to $OUT after the run.
       # BENCH_CONFIG_TIMEOUT stops one slow configuration (a `timeout` row naming its
-      # phase); BENCH_ARGS adds flags, e.g. "--steps 5 --warmup 1 --reference-loss X".
+      # phase); BENCH_ARGS adds flags, e.g. "--steps 10 --warmup 1 --reference-loss X" (the issue asks for a median of >= 10 steps).
       devices=${BENCH_DEVICES:-2}
       results=${BENCH_RESULTS:-/tmp/jaxpp-bench-results}
       mkdir -p "$results"

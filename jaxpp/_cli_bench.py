@@ -44,13 +44,15 @@ the repository root, then run `python3 -m jaxpp.cli bench ...` from outside it (
 already run in an empty folder). `benchmarks/pipeline_gpu_run.sh bench` does all that,
 keeps results and cache in /tmp across calls on the same warm machine, and copies the
 results to $OUT. The plan for the next session, nvidia-h200-x4, the ~8B model, three
-calls of <= 9.5 min (predicted GiB per device in brackets; limit 126 GiB). The reference
+calls of <= 9.5 min (predicted GiB per device in brackets; limit 126 GiB). With one-device
+ranks the pipeline compiles its task programs ahead, one thread per rank (`JAXPP_PRECOMPILE`,
+README "Compiling ahead"), inside "compile+first step". The reference
 (11.2175) and ceilings (807.1 TFLOP/s, 4287 GB/s) were measured on 4x H200 last session,
 so call 1 passes them and every second goes to configurations:
 
     # every call starts with (the device tool carries no environment between calls):
     export BENCH_MODEL=8b BENCH_DEVICES=4 BENCH_LIMIT=560
-    export BENCH_ARGS="--steps 5 --warmup 1 --reference-loss 11.2175 --ceilings 807.1,4287.4"
+    export BENCH_ARGS="--steps 10 --warmup 1 --reference-loss 11.2175 --ceilings 807.1,4287.4"
     # call 1: one SPMD and one jaxpp number, and where the time goes [84, 93]
     C=spmd/fsdp4/acc4/noremat,jaxpp/1f1b/pp4/mb32/noremat
     BENCH_CONFIG_TIMEOUT=260 BENCH_CONFIGS=$C bash benchmarks/pipeline_gpu_run.sh bench
