@@ -9,8 +9,10 @@ bit-exact on the receiver):
   (both processes on one host: `time.monotonic_ns` is one clock);
 
 in three situations: `idle` (both devices idle), `busy-send` (a long matmul chain
-queued on the sender just before, independent of the array) and `busy-recv` (the
-same on the receiver). If a method's `issue` in `busy-*` is about the matmul's time,
+queued on the sender just before, independent of the array), `busy-recv` (the
+same on the receiver) and `deep-send` (`--deep` separate one-matmul programs queued
+on the sender: if queuing them takes host time, PjRt's in-flight pacing holds the
+host, whatever the transfer). If a method's `issue` in `busy-*` is about the matmul's time,
 its launch waits until the device (or the peer) gets there.
 
 Methods (all issued in the same order by both processes):
@@ -45,7 +47,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 
 METHODS = ("permute", "device_put", "transfer_server")
-SITUATIONS = ("idle", "busy-send", "busy-recv")
+SITUATIONS = ("idle", "busy-send", "busy-recv", "deep-send")
 NCCL_ASYNC_FLAGS = "--xla_gpu_nccl_async_execution=true --xla_gpu_nccl_blocking_communicators=false"
 # name -> (extra XLA_FLAGS, extra environment)
 VARIANTS: dict[str, tuple[str, dict[str, str]]] = {
@@ -79,6 +81,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--mbytes", type=float, default=None, help="array size (32 on GPU)")
     parser.add_argument("--trials", type=int, default=None, help="timed trials (10; 3 on CPU)")
     parser.add_argument("--busy-ms", type=float, default=50.0, help="target matmul-chain time")
+    parser.add_argument("--deep", type=int, default=64, help="programs queued in deep-send")
     parser.add_argument("--label", default=os.environ.get("TRANSFER_PROBE_VARIANT", "current"))
     parser.add_argument("--out-dir", type=pathlib.Path, default=None, help="JSON (default $OUT)")
     parser.add_argument("--variant-timeout", type=float, default=150.0, help="s, for --sweep")
@@ -101,7 +104,7 @@ def sweep(args) -> int:
         env["TRANSFER_PROBE_JSON"] = str(json_path)
         command = [sys.executable, "-m", "jaxpp.cli", "launch", "-n", "2", "--"]
         command += [sys.executable, os.path.abspath(__file__), "--label", name]
-        for flag in ("methods", "situations", "mbytes", "trials", "busy_ms"):
+        for flag in ("methods", "situations", "mbytes", "trials", "busy_ms", "deep"):
             value = getattr(args, flag)
             if value is not None:
                 command += [f"--{flag.replace('_', '-')}", str(value)]
@@ -145,23 +148,25 @@ def format_table(rows: Sequence[Mapping], failures: Mapping[str, str]) -> str:
     """One line per (variant, method, situation): medians in ms."""
     head = (
         f"{'variant':<17}{'method':<16}{'situation':<10}{'issue send':>11}{'issue recv':>11}"
-        f"{'land':>9}{'busy':>8}{'MB/s':>9}"
+        f"{'land':>9}{'busy':>8}{'queue':>8}{'MB/s':>9}"
     )
     lines = [head, "-" * len(head)]
     for r in rows:
         rate = r["mbytes"] / (r["land_ms"] / 1e3) if r["land_ms"] > 0 else float("nan")
         busy = f"{r['busy_ms']:8.1f}" if r["busy_ms"] is not None else f"{'-':>8}"
+        queue = max(r.get("queue_send_ms", 0.0), r.get("queue_recv_ms", 0.0))
         lines.append(
             f"{r['variant']:<17}{r['method']:<16}{r['situation']:<10}"
             f"{r['issue_send_ms']:11.2f}{r['issue_recv_ms']:11.2f}{r['land_ms']:9.2f}"
-            f"{busy}{rate:9.0f}"
+            f"{busy}{queue:8.1f}{rate:9.0f}"
         )
     for what, why in failures.items():
         lines.append(f"FAILED {what}: {why}")
     lines.append(
         "issue = host ms inside the call that starts the transfer (median); land = ms from "
-        "the sender's call to the value ready on the receiver; busy = ms of the matmul chain "
-        "queued just before on the busy side."
+        "the sender's call to the value ready on the receiver; busy = GPU ms of one matmul chain "
+        "(busy-*: queued just before on the busy side); queue = host ms spent queuing the "
+        "busy work (deep-send: --deep one-matmul programs)."
     )
     return "\n".join(lines)
 
@@ -198,6 +203,7 @@ def worker(args) -> int:
     mbytes = args.mbytes if args.mbytes is not None else (0.25 if on_cpu else 32.0)
     trials = args.trials if args.trials is not None else (3 if on_cpu else 10)
     probe = _Probe(jax, mbytes=mbytes, on_cpu=on_cpu, busy_target_ms=args.busy_ms)
+    probe.deep = args.deep
     rows, failures = [], {}
     methods = args.methods or ",".join(m for m in METHODS if not (on_cpu and m == "device_put"))
     for method in methods.split(","):
@@ -312,6 +318,8 @@ class _Probe:
             "issue_send_ms": sender["issue_ms"],
             "issue_recv_ms": mine["issue_ms"],
             "land_ms": mine["ready_ns"] / 1e6,
+            "queue_send_ms": sender["queue_ms"],
+            "queue_recv_ms": mine["queue_ms"],
         }
 
     def _chain(self, length: int) -> Callable:
@@ -338,6 +346,8 @@ class _Probe:
                 break
             length = min(4096, int(length * max(2.0, target_ms / max(ms, 1e-3))))
         self._busy = fn
+        self._one = self._chain(1)
+        self._one(self.busy_a).block_until_ready()
         # Both sides use the slower estimate for reporting; each queues its own chain.
         self.busy_ms = ms
 
@@ -357,12 +367,16 @@ class _Probe:
         state = prepare(x, k)
         self.barrier(f"{method}-{situation}-{k}")
         busy = (situation == "busy-send" and sending) or (situation == "busy-recv" and not sending)
+        t_queue = time.monotonic_ns()
         pending = self._busy(self.busy_a) if busy else None
+        if situation == "deep-send" and sending:
+            for _ in range(self.deep):
+                pending = self._one(self.busy_a)
         key = f"transfer_probe/{method}/{situation}/{k}"
         t0 = time.monotonic_ns()
         received = issue(x, k, state)
         t1 = time.monotonic_ns()
-        result = {"issue_ms": (t1 - t0) / 1e6, "ready_ns": 0.0}
+        result = {"issue_ms": (t1 - t0) / 1e6, "ready_ns": 0.0, "queue_ms": (t0 - t_queue) / 1e6}
         if sending:
             self._kv.kv_set(f"{key}/start", str(t0))
             # Wait for the receiver's verdict, keeping what the call returned alive.
@@ -429,7 +443,7 @@ class _Probe:
         if self.server is None:
             from jax.experimental import transfer
 
-            host = "127.0.0.1" if self.on_cpu else _host_ip()
+            host = "127.0.0.1"  # the pair shares a host (jaxpp launch)
             client = self.local.client
             self.server = transfer.start_transfer_server(client, f"{host}:0", [f"{host}:0"])
             self._kv.kv_set(f"transfer_probe/server/{self.me}", self.server.address())
@@ -456,15 +470,6 @@ def hash_situation(name: str) -> int:
     [0, 1, 2]
     """
     return 0 if not name else SITUATIONS.index(name) + 1
-
-
-def _host_ip() -> str:
-    import socket
-
-    try:
-        return socket.gethostbyname(socket.gethostname())
-    except OSError:
-        return "127.0.0.1"
 
 
 if __name__ == "__main__":

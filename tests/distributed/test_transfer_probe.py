@@ -47,10 +47,13 @@ def test_format_table_rows_and_failures(probe):
         "land_ms": 42.0,
         "busy_ms": 40.0,
         "mbytes": 32.0,
+        "queue_send_ms": 12.5,
+        "queue_recv_ms": 0.0,
     }
     text = probe.format_table([row, {**row, "situation": "idle", "busy_ms": None}], {"x/y": "boom"})
     lines = text.splitlines()
     assert lines[2].split()[:6] == ["baseline", "permute", "busy-send", "41.50", "0.20", "42.00"]
+    assert lines[2].split()[7] == "12.5"  # the busy side's queuing time
     assert lines[3].split()[6] == "-"  # no busy time when idle
     assert "FAILED x/y: boom" in text
 
