@@ -72,7 +72,10 @@ def random_probe_inputs(
     """Random words ``(grid, rows * slots_per_row)``, float16 state ``(hidden * batch,)``."""
     k_col, k_w, k_h = jax.random.split(key, 3)
     shape = (grid, rows * slots_per_row)
-    columns = jax.random.randint(k_col, shape, 0, hidden)
+    # Sorted within each row, as in the kernel's column order: the 32 lanes of a chunk read
+    # ~32 / density neighbouring columns (uniform columns, not the exact sparsity pattern).
+    columns = jax.random.randint(k_col, (grid, rows, slots_per_row), 0, hidden)
+    columns = jnp.sort(columns, axis=-1).reshape(shape)
     weights = jax.random.normal(k_w, shape, jnp.float32) * 0.05
     h = jax.random.uniform(k_h, (hidden * batch,), jnp.float32, -1.0, 1.0)
     return pack_probe_words(columns, weights), h.astype(jnp.float16)
