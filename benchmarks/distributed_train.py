@@ -46,12 +46,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=pathlib.Path, default=None, help="JSON results (process 0)")
     parser.add_argument(
         "--transfers",
-        choices=("async", "inline"),
+        choices=("async", "inline", "device_put"),
         default="inline",
-        help="DistributedExecutor: transfers in line (default) or on a transfer thread",
+        help="DistributedExecutor: permute transfers in line (default) or on a transfer "
+        "thread, or (experimental, GPUs) cross-process jax.device_put",
     )
     args = parser.parse_args(argv)
     os.environ["JAXPP_ASYNC_TRANSFERS"] = "1" if args.transfers == "async" else "0"
+    os.environ["JAXPP_TRANSFER"] = "device_put" if args.transfers == "device_put" else "permute"
 
     runtime.initialize()
     import jaxpp
@@ -107,8 +109,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"step {index + 1}/{config.steps} loss {loss:.4f}", flush=True)
     executor = type(step.last_compiled.executor).__name__
     if executor == "DistributedExecutor":
-        asynchronous = step.last_compiled.executor.async_transfers
-        executor += " (async transfers)" if asynchronous else " (inline transfers)"
+        chosen = step.last_compiled.executor
+        how = "async" if chosen.async_transfers else "inline"
+        executor += f" ({how} {chosen.transfer_method} transfers)"
     # Transfer stall: the part of the real step that the schedule, fed with the measured
     # task times (each task waited for, transfers not counted), does not explain.
     median = statistics.median(seconds)

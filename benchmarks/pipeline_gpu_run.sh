@@ -58,6 +58,14 @@ for part in "$@"; do
             -- python3 "$REPO"/benchmarks/distributed_train.py --stages "$n" $DIST_MODEL \
             --transfers "$transfers" --out "$OUT/distributed_$tag.json"
         done
+        # Transfers are copies: every transfer method must give bit-identical losses.
+        python3 - "$OUT"/distributed_${n}gpu_${n}proc_*_b${DIST_BATCH:-32}.json <<'PY'
+import json, sys
+runs = {p: json.load(open(p))["losses"] for p in sys.argv[1:]}
+first = next(iter(runs.values()), None)
+for p, losses in runs.items():
+    print(f"losses {'equal' if losses == first else 'DIFFER'}: {p}")
+PY
       done
       ;;
     bench)  # issue 6: BENCH_MODEL (2b) on BENCH_DEVICES (2) GPUs, BENCH_CONFIGS (see

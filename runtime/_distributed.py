@@ -20,6 +20,10 @@ against 176 ms on 2 H200s, 93 against 69 ms on 2 CPU processes. A run in which a
 spans several processes always transfers in line (its tasks hold collectives of their
 own, which must keep one order with the transfers in every process).
 
+`JAXPP_TRANSFER=device_put` (experimental, GPUs only, not yet measured) moves values
+between ranks of different processes with a cross-process `jax.device_put` instead:
+the client sends over NCCL on its own stream and thread (runtime/NOTES.md).
+
 Results are `jax.Array`s as in multi-controller JAX: addressable in the processes
 that own the rank holding them. `fetch` brings a value to every process or to one.
 """
@@ -43,6 +47,8 @@ from jaxpp.runtime import _coordination, _local, _plan, _taskgraph
 
 _PAIR_AXIS = "_jaxpp_pair"
 _ENV_ASYNC_TRANSFERS = "JAXPP_ASYNC_TRANSFERS"
+_ENV_TRANSFER = "JAXPP_TRANSFER"
+TRANSFER_METHODS = ("permute", "device_put")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -129,6 +135,13 @@ class DistributedExecutor(_local.LocalExecutor):
         self._sync_transfers = all(
             d.platform == "cpu" for m in self.rank_meshes for d in m.devices.flat
         )
+        self.transfer_method = transfer_method_default()
+        if self.transfer_method == "device_put" and self._sync_transfers:
+            raise ValueError(
+                f"{_ENV_TRANSFER}=device_put: cross-process jax.device_put does not deliver on "
+                f"CPUs (gloo) in jax 0.11.2. Fix: unset {_ENV_TRANSFER} (the collective-permute "
+                f"transfer) on CPUs."
+            )
         if async_transfers is None:
             async_transfers = async_transfers_default()
         if async_transfers is None:
@@ -323,6 +336,10 @@ class DistributedExecutor(_local.LocalExecutor):
             return None
         x = self._resolve(x)  # on the transfer thread: an earlier transfer, so done
         shape, dtype_name, spec = agreed
+        if self.transfer_method == "device_put" and not (
+            self._processes[src] & self._processes[dst]
+        ):
+            return self._device_put_transfer(x, src, dst, agreed)
         pair = self._pair(_TransferKey(shape, dtype_name, spec, src, dst))
         if self._mine[src] and not x.sharding.is_equivalent_to(pair.source_sharding, x.ndim):
             x = self._reshard(x, pair.source_sharding)
@@ -347,6 +364,29 @@ class DistributedExecutor(_local.LocalExecutor):
             pair.unstack(s.data) for s in out.addressable_shards if s.device in pair.dst_devices
         ]
         return jax.make_array_from_single_device_arrays(shape, pair.target_sharding, received)
+
+    def _device_put_transfer(
+        self, x, src: int, dst: int, agreed: tuple[tuple[int, ...], str, PartitionSpec]
+    ) -> jax.Array | None:
+        """Experimental (`JAXPP_TRANSFER=device_put`, GPUs): a cross-process `jax.device_put`.
+
+        The client sends over NCCL on its device-to-device stream from its own thread
+        (runtime/NOTES.md), so neither the caller nor the compute stream waits for the
+        peer. Both processes call it in the plan's one global order; the receiver passes
+        a handle on the sender's array with no shards of its own.
+        """
+        shape, dtype_name, spec = agreed
+        source = NamedSharding(self.rank_meshes[src], spec)
+        if self._mine[src]:
+            if not x.sharding.is_equivalent_to(source, x.ndim):
+                x = self._reshard(x, source)
+            x = _relabel(x, source)
+        else:
+            x = jax.make_array_from_single_device_arrays(
+                shape, source, [], dtype=np.dtype(dtype_name)
+            )
+        out = jax.device_put(x, NamedSharding(self.rank_meshes[dst], spec))
+        return out if self._mine[dst] else None
 
     def _pair(self, key: _TransferKey) -> "_Pair":
         """Everything a transfer of this type between these two ranks needs, made once.
@@ -460,6 +500,21 @@ def async_transfers_default() -> bool | None:
             f"or 0 (in line)."
         )
     return text == "1"
+
+
+def transfer_method_default() -> str:
+    """`JAXPP_TRANSFER`: how values move between processes, "permute" (default: a jitted
+    collective-permute) or "device_put" (experimental, GPUs: cross-process device_put).
+
+    Example:
+        >>> transfer_method_default() in TRANSFER_METHODS
+        True
+    """
+    text = os.environ.get(_ENV_TRANSFER, "permute").strip() or "permute"
+    if text not in TRANSFER_METHODS:
+        expected = ", ".join(TRANSFER_METHODS)
+        raise ValueError(f"{_ENV_TRANSFER}={text!r}: expected one of {expected}.")
+    return text
 
 
 class _Transfer(concurrent.futures.Future):

@@ -56,3 +56,15 @@ def test_async_transfers_default_rejects_other_values(monkeypatch):
     monkeypatch.setenv("JAXPP_ASYNC_TRANSFERS", "yes")
     with pytest.raises(ValueError, match="JAXPP_ASYNC_TRANSFERS='yes': expected 1"):
         _distributed.async_transfers_default()
+
+
+@pytest.mark.parametrize(("text", "expected"), [("", "permute"), ("device_put", "device_put")])
+def test_transfer_method_default_reads_the_environment(monkeypatch, text, expected):
+    monkeypatch.setenv("JAXPP_TRANSFER", text)
+    assert _distributed.transfer_method_default() == expected
+
+
+def test_transfer_method_default_rejects_other_values(monkeypatch):
+    monkeypatch.setenv("JAXPP_TRANSFER", "nccl")
+    with pytest.raises(ValueError, match="JAXPP_TRANSFER='nccl': expected one of permute"):
+        _distributed.transfer_method_default()
