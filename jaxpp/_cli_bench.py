@@ -372,23 +372,17 @@ def _run_isolated(args: argparse.Namespace, configs: tuple, out: str) -> int:
                 elapsed = time.perf_counter() - started
                 clock.say(f"{config.name} exit {child.returncode} after {elapsed:.1f} s; "
                           f"{_cache_size(cache)}")  # fmt: skip
+                row = None
                 if child.stopped_in is not None:
                     why = "--config-timeout" if not stop.stopped else "SIGTERM to the bench"
                     limit = f" {args.config_timeout:g} s" if not stop.stopped else ""
-                    row = {
-                        "name": config.name, "kind": config.kind, "status": "timeout",
-                        "phase": child.stopped_in, "phase_seconds": child.phase_seconds,
-                        "error": f"stopped by {why}{limit} after {elapsed:.1f} s, in phase "
-                                 f"{child.stopped_in}",
-                    }  # fmt: skip
-                    _report.add_row(out, row, preset=args.model)
+                    error = f"stopped by {why}{limit} after {elapsed:.1f} s"
+                    error += f", in phase {child.stopped_in}"
+                    row = _child_row(config, "timeout", child.stopped_in, child, error)
                 elif child.returncode < 0:  # killed (e.g. out of host memory): no row
-                    row = {
-                        "name": config.name, "kind": config.kind, "status": "failed",
-                        "phase": child.phase, "phase_seconds": child.phase_seconds,
-                        "error": f"process died by signal {-child.returncode} in phase "
-                                 f"{child.phase}",
-                    }  # fmt: skip
+                    error = f"process died by signal {-child.returncode} in phase {child.phase}"
+                    row = _child_row(config, "failed", child.phase, child, error)
+                if row is not None:
                     _report.add_row(out, row, preset=args.model)
                 failed += child.returncode != 0
     except _Stopped:  # between two children: nothing to end
@@ -431,6 +425,18 @@ class _Child:
     phase: str  # the phase it was in last ("after X" between phases)
     phase_seconds: dict
     stopped_in: str | None  # the phase it was in when ended by a timeout or SIGTERM
+
+
+def _child_row(config, status: str, phase: str | None, child, error: str) -> dict:
+    """The result row of a child that did not finish: `status`, the phase it was in."""
+    return {
+        "name": config.name,
+        "kind": config.kind,
+        "status": status,
+        "phase": phase,
+        "phase_seconds": child.phase_seconds,
+        "error": error,
+    }
 
 
 def _run_child(

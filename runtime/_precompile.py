@@ -67,7 +67,7 @@ def enabled(rank_meshes: Sequence[Mesh]) -> bool:
 
 
 def plan_programs(
-    graph: _taskgraph.TaskGraph,
+    tasks: Mapping[str, _taskgraph.Task],
     plan: _plan.Plan,
     given: Mapping[str, object],
     rank_meshes: Sequence[Mesh],
@@ -75,9 +75,10 @@ def plan_programs(
 ) -> list[Program]:
     """Every distinct (task, rank) program the plan runs here, with argument types.
 
-    Walks the plan with abstract values: step inputs and constants from `given`, task
-    outputs from `jax.eval_shape` (once per task and rank), sends keep their type,
-    splits drop axis 0. Only for one-device ranks (all shardings are that device).
+    `tasks` maps task names to tasks. Walks the plan with abstract values: step inputs
+    and constants from `given`, task outputs from `jax.eval_shape` (once per task and
+    rank), sends keep their type, splits drop axis 0. Only for one-device ranks (all
+    shardings are that device).
     """
     env: dict[_plan.Buffer, jax.ShapeDtypeStruct] = {}
     for name, ranks in plan.input_ranks.items():
@@ -86,7 +87,6 @@ def plan_programs(
             env[_plan.Buffer(name, None, r)] = aval
     outputs_of: dict[tuple[str, int], tuple] = {}
     programs: list[Program] = []
-    tasks = {t.name: t for t in (*graph.pre_tasks, *graph.loop_tasks.values(), *graph.post_tasks)}
     index = jax.ShapeDtypeStruct((), jax.numpy.int32)
     for ins in plan.instructions:
         if isinstance(ins, _plan.Run):
