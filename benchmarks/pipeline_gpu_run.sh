@@ -52,11 +52,16 @@ for part in "$@"; do
         CUDA_VISIBLE_DEVICES=$visible run "dist_${n}gpu_1proc_b${DIST_BATCH:-32}" 150 python3 \
           "$REPO"/benchmarks/distributed_train.py --stages "$n" $DIST_MODEL \
           --out "$OUT/distributed_${n}gpu_1proc_b${DIST_BATCH:-32}.json"
-        for transfers in ${DIST_TRANSFERS:-async inline}; do
-          tag="${n}gpu_${n}proc_${transfers}_b${DIST_BATCH:-32}"
-          CUDA_VISIBLE_DEVICES=$visible run "dist_$tag" 180 python3 -m jaxpp.cli launch -n "$n" \
+        # A method may name a transfer_probe.py variant after "@" (inline@nccl-async): its
+        # XLA_FLAGS / client setting apply to that run only.
+        for spec in ${DIST_TRANSFERS:-async inline}; do
+          transfers=${spec%%@*} variant=${spec#*@}
+          [ "$variant" = "$spec" ] && variant=baseline
+          tag="${n}gpu_${n}proc_${spec/@/-}_b${DIST_BATCH:-32}"
+          ( eval "$(python3 "$REPO"/benchmarks/transfer_probe.py --print-variant-env "$variant")" &&
+            CUDA_VISIBLE_DEVICES=$visible run "dist_$tag" 180 python3 -m jaxpp.cli launch -n "$n" \
             -- python3 "$REPO"/benchmarks/distributed_train.py --stages "$n" $DIST_MODEL \
-            --transfers "$transfers" --out "$OUT/distributed_$tag.json"
+            --transfers "$transfers" --out "$OUT/distributed_$tag.json" )
         done
         # Transfers are copies: every transfer method must give bit-identical losses.
         python3 - "$OUT"/distributed_${n}gpu_${n}proc_*_b${DIST_BATCH:-32}.json <<'PY'

@@ -40,6 +40,7 @@ import argparse
 import json
 import os
 import pathlib
+import shlex
 import statistics
 import subprocess
 import sys
@@ -62,6 +63,9 @@ _PAIR_AXIS = "pair"
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.print_variant_env is not None:
+        print(shell_exports(variant_env(os.environ, args.print_variant_env), os.environ))
+        return 0
     if args.sweep:
         return sweep(args)
     return worker(args)
@@ -70,6 +74,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sweep", action="store_true", help="relaunch once per variant")
+    parser.add_argument(
+        "--print-variant-env",
+        choices=sorted(VARIANTS),
+        default=None,
+        help="print the variant's settings as shell `export` lines (for eval) and exit",
+    )
     parser.add_argument("--variants", default=",".join(VARIANTS), help="for --sweep")
     parser.add_argument(
         "--methods",
@@ -142,6 +152,16 @@ def variant_env(base: Mapping[str, str], name: str) -> dict[str, str]:
     env.update(extra)
     env["TRANSFER_PROBE_VARIANT"] = name
     return env
+
+
+def shell_exports(env: Mapping[str, str], base: Mapping[str, str]) -> str:
+    """`export K=V` lines (shell-quoted) for the variables of `env` that differ from `base`.
+
+    >>> shell_exports({"A": "1", "B": "x y"}, {"A": "1"})
+    "export B='x y'"
+    """
+    changed = sorted(k for k, v in env.items() if base.get(k) != v)
+    return "\n".join(f"export {k}={shlex.quote(env[k])}" for k in changed)
 
 
 def format_table(rows: Sequence[Mapping], failures: Mapping[str, str]) -> str:

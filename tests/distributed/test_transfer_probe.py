@@ -61,3 +61,19 @@ def test_format_table_rows_and_failures(probe):
 def test_unknown_variant_is_named(probe):
     with pytest.raises(SystemExit, match="unknown variant 'nope'; valid: baseline"):
         probe.main(["--sweep", "--variants", "nope"])
+
+
+def test_print_variant_env_round_trips_through_the_shell(probe):
+    """pipeline_gpu_run.sh `eval`s these lines for `dist` runs named METHOD@VARIANT."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "XLA_FLAGS": "--xla_foo=1"}
+    script = f'eval "$({sys.executable} {PROBE} --print-variant-env tfrt+nccl-async)" && env'
+    out = subprocess.run(
+        ["bash", "-c", script], env=env, capture_output=True, text=True, check=True
+    )
+    lines = dict(line.split("=", 1) for line in out.stdout.splitlines() if "=" in line)
+    assert lines["XLA_FLAGS"] == f"--xla_foo=1 {probe.NCCL_ASYNC_FLAGS}"
+    assert lines["XLA_PYTHON_CLIENT_USE_TFRT_GPU_CLIENT"] == "1"
