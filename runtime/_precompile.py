@@ -10,13 +10,21 @@ in parallel, one thread per rank (XLA releases the GIL while it compiles, and ea
 rank's programs autotune on that rank's own device).
 
 `JAXPP_PRECOMPILE=0` turns it off.
+
+A caller that wants to see a precompile while it runs (the benchmark prints its progress)
+wraps the step in `watch(callback)`: `compile_programs` hands the callback a live
+`Progress` when it starts and again when it ends, so the watcher can poll it from its own
+thread (a single program may compile for minutes) without this module knowing who asks.
 """
 
 import concurrent.futures
+import contextlib
+import contextvars
 import dataclasses
 import os
+import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -36,6 +44,25 @@ class Program:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class RankStats:
+    """What compiling ahead did (or has done so far) on one rank.
+
+    Attributes:
+        rank: the rank.
+        programs: its programs compiled so far.
+        total: its programs to compile.
+        failed: its programs whose compile raised.
+        seconds: time its thread has spent compiling them.
+    """
+
+    rank: int
+    programs: int
+    total: int
+    failed: int = 0
+    seconds: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class PrecompileStats:
     """What compiling ahead did.
 
@@ -44,12 +71,108 @@ class PrecompileStats:
         failed: programs whose ahead-of-time compile raised (left to compile lazily).
         seconds: wall time of the whole precompile.
         threads: threads it used.
+        ranks: per rank, sorted by rank.
+        slowest: the slowest program so far, "task@rank" ("" before the first one).
+        slowest_seconds: its compile time.
     """
 
     programs: int
     failed: int
     seconds: float
     threads: int
+    ranks: tuple[RankStats, ...] = ()
+    slowest: str = ""
+    slowest_seconds: float = 0.0
+
+    @property
+    def total(self) -> int:
+        """Programs to compile (compiled, failed, and not reached yet)."""
+        return sum(r.total for r in self.ranks)
+
+
+class Progress:
+    """The live state of one running `compile_programs`, safe to read from any thread.
+
+    Example:
+        >>> progress = Progress({0: 2, 1: 1}, threads=2)
+        >>> progress.finish_program(0, "F0", 1.5, ok=True)
+        >>> stats = progress.stats()
+        >>> stats.programs, stats.total, stats.slowest, progress.finished
+        (1, 3, 'F0@0', False)
+    """
+
+    def __init__(self, totals: Mapping[int, int], *, threads: int) -> None:
+        self._lock = threading.Lock()
+        self._started = time.perf_counter()
+        self._ended: float | None = None
+        self._threads = threads
+        self._ranks = {r: RankStats(r, 0, n) for r, n in sorted(totals.items())}
+        self._slowest = ("", 0.0)
+
+    @property
+    def finished(self) -> bool:
+        """Whether every program was compiled (or failed)."""
+        return self._ended is not None
+
+    def finish_program(self, rank: int, name: str, seconds: float, *, ok: bool) -> None:
+        """Counts one program of `rank` that took `seconds` (compiled if `ok`)."""
+        with self._lock:
+            r = self._ranks[rank]
+            self._ranks[rank] = dataclasses.replace(
+                r,
+                programs=r.programs + ok,
+                failed=r.failed + (not ok),
+                seconds=r.seconds + seconds,
+            )
+            if seconds > self._slowest[1]:
+                self._slowest = (f"{name}@{rank}", seconds)
+
+    def end(self) -> None:
+        """Marks the precompile finished (its wall time stops)."""
+        with self._lock:
+            self._ended = time.perf_counter()
+
+    def stats(self) -> PrecompileStats:
+        """A snapshot: counts so far, wall time so far (or in all, once finished)."""
+        with self._lock:
+            ranks = tuple(self._ranks.values())
+            ended = self._ended if self._ended is not None else time.perf_counter()
+            return PrecompileStats(
+                programs=sum(r.programs for r in ranks),
+                failed=sum(r.failed for r in ranks),
+                seconds=ended - self._started,
+                threads=self._threads,
+                ranks=ranks,
+                slowest=self._slowest[0],
+                slowest_seconds=self._slowest[1],
+            )
+
+
+# Who watches the precompiles of the current context (`watch`); None: nobody.
+_WATCHER: contextvars.ContextVar[Callable[[Progress], None] | None] = contextvars.ContextVar(
+    "jaxpp_precompile_watcher", default=None
+)
+
+
+@contextlib.contextmanager
+def watch(callback: Callable[[Progress], None]) -> Iterator[None]:
+    """Calls `callback(progress)` when a precompile in this context starts and ends.
+
+    The callback runs in the thread that runs the step, and gets the same live `Progress`
+    both times (`progress.finished` tells which); it may poll it from another thread.
+
+    Example:
+        >>> seen = []
+        >>> with watch(lambda progress: seen.append(progress.finished)):
+        ...     _, stats = compile_programs([], lambda task, rank: None)
+        >>> seen, stats.programs
+        ([False, True], 0)
+    """
+    token = _WATCHER.set(callback)
+    try:
+        yield
+    finally:
+        _WATCHER.reset(token)
 
 
 def enabled(rank_meshes: Sequence[Mesh]) -> bool:
@@ -123,33 +246,37 @@ def compile_programs(
     `make_jit(task, rank)` gives the `jax.jit` the executor would call. A program whose
     compile raises is left out (the step compiles it lazily and raises there if it must).
     """
-    started = time.perf_counter()
     by_rank: dict[int, list[Program]] = {}
     for p in programs:
         by_rank.setdefault(p.rank, []).append(p)
+    threads = max(1, min(len(by_rank), os.cpu_count() or 1))
+    progress = Progress({r: len(mine) for r, mine in by_rank.items()}, threads=threads)
+    watcher = _WATCHER.get()
+    if watcher is not None:
+        watcher(progress)
 
     def compile_rank(mine: list[Program]) -> list[tuple[tuple[str, int], object]]:
         done = []
         for p in mine:
+            started = time.perf_counter()
             try:
                 compiled = make_jit(p.task, p.rank).lower(*p.args).compile()
             except Exception:  # noqa: BLE001  (the lazy path reports it with its context)
-                continue
-            done.append(((p.task.name, p.rank), compiled))
+                compiled = None
+            seconds = time.perf_counter() - started
+            progress.finish_program(p.rank, p.task.name, seconds, ok=compiled is not None)
+            if compiled is not None:
+                done.append(((p.task.name, p.rank), compiled))
         return done
 
-    threads = max(1, min(len(by_rank), os.cpu_count() or 1))
     compiled: dict[tuple[str, int], object] = {}
     with concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="jaxpp-compile") as pool:
         for done in pool.map(compile_rank, by_rank.values()):
             compiled.update(done)
-    stats = PrecompileStats(
-        programs=len(compiled),
-        failed=len(programs) - len(compiled),
-        seconds=time.perf_counter() - started,
-        threads=threads,
-    )
-    return compiled, stats
+    progress.end()
+    if watcher is not None:
+        watcher(progress)
+    return compiled, progress.stats()
 
 
 def _abstract(x) -> jax.ShapeDtypeStruct:
