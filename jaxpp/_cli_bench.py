@@ -91,6 +91,7 @@ Example:
 
 import argparse
 import dataclasses
+import faulthandler
 import os
 import pathlib
 import queue
@@ -103,6 +104,8 @@ import time
 
 _REMAT = {"on": (True,), "off": (False,), "off,on": (False, True), "on,off": (False, True)}
 CACHE_ENV = "JAXPP_BENCH_CACHE_DIR"
+DUMP_SIGNAL = signal.SIGUSR1  # makes an --isolate child print every thread's stack
+DUMP_SECONDS = 3.0  # how long the parent waits for that dump before ending the child
 # The preset fields the reference loss depends on (not the sweep's microbatch counts).
 _REFERENCE_FIELDS = (
     "num_layers", "d_model", "num_heads", "num_kv_heads", "d_ff", "vocab_size", "seq_len",
@@ -205,6 +208,8 @@ def run(args: argparse.Namespace) -> int:
     """Runs `jaxpp bench pipeline` with parsed arguments; returns the exit code."""
     from jaxpp._bench import _configs
 
+    dump_stacks_on_signal()
+
     try:
         configs = _select(args, _configs)
     except ValueError as e:
@@ -234,6 +239,24 @@ def run(args: argparse.Namespace) -> int:
 
     _cli_train.configure_devices(max(8, args.devices or 0))
     return _run_here(args, configs, out)
+
+
+def dump_stacks_on_signal(environ: dict[str, str] | None = None) -> bool:
+    """In an `--isolate` child (`SPAWNED_ENV` set): `DUMP_SIGNAL` prints every thread's
+    stack to stderr, which the parent relays, so a configuration it stops comes with where
+    it was. Returns whether it registered (False outside a child).
+
+    Example:
+        >>> dump_stacks_on_signal({})
+        False
+    """
+    from jaxpp._bench import _phases
+
+    environ = os.environ if environ is None else environ
+    if not environ.get(_phases.SPAWNED_ENV):
+        return False
+    faulthandler.register(DUMP_SIGNAL, all_threads=True)
+    return True
 
 
 def _list(args: argparse.Namespace, configs: tuple) -> None:
@@ -422,14 +445,15 @@ class _Stopped(Exception):
 @dataclasses.dataclass(frozen=True, slots=True)
 class _Child:
     returncode: int
-    phase: str  # the phase it was in last ("after X" between phases)
+    phase: str  # the phase it was in last ("after X" between phases, "A > B" nested)
     phase_seconds: dict
     stopped_in: str | None  # the phase it was in when ended by a timeout or SIGTERM
+    precompile: str | None = None  # its last "precompile: ..." line (progress or summary)
 
 
 def _child_row(config, status: str, phase: str | None, child, error: str) -> dict:
     """The result row of a child that did not finish: `status`, the phase it was in."""
-    return {
+    row = {
         "name": config.name,
         "kind": config.kind,
         "status": status,
@@ -437,13 +461,57 @@ def _child_row(config, status: str, phase: str | None, child, error: str) -> dic
         "phase_seconds": child.phase_seconds,
         "error": error,
     }
+    if child.precompile is not None:
+        row["precompile_progress"] = child.precompile
+    return row
+
+
+class _PhaseTracker:
+    """The phase a child is in, from its phase lines; a phase started while another of
+    the same label is open is nested in it ("compile+first step > precompile").
+
+    Example:
+        >>> from jaxpp._bench import _phases
+        >>> tracker = _PhaseTracker()
+        >>> for text in ("c: compile+first step ...", "c: precompile ...", "c: precompile 2 s"):
+        ...     tracker.see(_phases.parse_line(f"[+1.0s] {text}"))
+        >>> tracker.phase, tracker.seconds
+        ('compile+first step > after precompile', {'precompile': 2.0})
+    """
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._open: list[tuple[str, str]] = []  # (label, phase), outermost first
+        self._done: str | None = None  # the last phase that ended inside the open ones
+
+    @property
+    def phase(self) -> str:
+        names = [p for _, p in self._open]
+        if self._done is not None:
+            names.append(f"after {self._done}")
+        return " > ".join(names) or "startup"
+
+    def see(self, found) -> None:
+        """Takes one parsed phase line (`_phases.PhaseLine`)."""
+        if found.seconds is None:  # a start
+            if self._open and self._open[-1][0] != found.label:
+                self._open = []
+            self._open.append((found.label, found.phase))
+            self._done = None
+            return
+        self.seconds[found.phase] = found.seconds
+        key = (found.label, found.phase)
+        if key in self._open:
+            del self._open[self._open.index(key) :]
+        self._done = found.phase
 
 
 def _run_child(
     command: list[str], *, env: dict, cwd: str, timeout: float | None, stop: _StopOnSignal
 ) -> _Child:
     """Runs `command`, relaying its output as it comes; ends it (its whole process group)
-    after `timeout` seconds or on `_Stopped`."""
+    after `timeout` seconds or on `_Stopped`, after asking it for its threads' stacks
+    (`DUMP_SIGNAL`) and relaying them."""
     from jaxpp._bench import _phases
 
     env = {**env, _phases.SPAWNED_ENV: repr(time.time())}
@@ -455,7 +523,7 @@ def _run_child(
     reader = threading.Thread(target=_pump, args=(process.stdout, lines), daemon=True)
     reader.start()
     deadline = None if timeout is None else time.monotonic() + timeout
-    phase, seconds, stopped_in = "startup", {}, None
+    tracker, stopped_in, precompile, ended = _PhaseTracker(), None, None, False
     try:
         while True:
             wait = None if deadline is None else deadline - time.monotonic()
@@ -466,22 +534,23 @@ def _run_child(
             except queue.Empty:
                 raise TimeoutError from None
             if line is None:
+                ended = True
                 break
             sys.stdout.write(line)
             sys.stdout.flush()
             found = _phases.parse_line(line)
             if found is not None:
-                if found.seconds is None:
-                    phase = found.phase
-                else:
-                    phase, seconds[found.phase] = f"after {found.phase}", found.seconds
+                tracker.see(found)
+            precompile = _phases.precompile_text(line) or precompile
         returncode = process.wait()
     except (TimeoutError, _Stopped):
-        stopped_in = phase
-        returncode = _end(process)
+        stopped_in = tracker.phase
+        returncode, ended = _stop_child(process, lines)
+    if not ended:
+        _relay(lines, until=time.monotonic() + 5)
     reader.join(timeout=5)
     process.stdout.close()
-    return _Child(returncode, phase, seconds, stopped_in)
+    return _Child(returncode, tracker.phase, tracker.seconds, stopped_in, precompile)
 
 
 def _pump(stream, lines: queue.Queue) -> None:
@@ -490,9 +559,46 @@ def _pump(stream, lines: queue.Queue) -> None:
     lines.put(None)
 
 
+def _relay(lines: queue.Queue, *, until: float, quiet: float | None = None) -> bool:
+    """Relays `lines` until the time `until`, their end (returns True), or, with `quiet`,
+    `quiet` seconds without a line once one came."""
+    seen = False
+    while (left := until - time.monotonic()) > 0:
+        try:
+            line = lines.get(timeout=min(left, quiet) if seen and quiet else left)
+        except queue.Empty:
+            if seen and quiet:
+                return False
+            continue
+        if line is None:
+            return True
+        seen = True
+        sys.stdout.write(line)
+        sys.stdout.flush()
+    return False
+
+
+def _stop_child(process: subprocess.Popen, lines: queue.Queue) -> tuple[int, bool]:
+    """Asks the child for its threads' stacks and relays them (up to `DUMP_SECONDS`), then
+    ends it (`_end`); returns its exit status and whether its output ended. A SIGTERM to
+    this process meanwhile (at most one `_Stopped`) does not cut it short."""
+    ended = False
+    try:
+        os.kill(process.pid, DUMP_SIGNAL)
+        ended = _relay(lines, until=time.monotonic() + DUMP_SECONDS, quiet=0.5)
+    except ProcessLookupError:
+        pass
+    except _Stopped:
+        pass
+    try:
+        return _end(process), ended
+    except _Stopped:
+        return _end(process), ended
+
+
 def _end(process: subprocess.Popen) -> int:
-    """Ends `process` and its children: SIGTERM, then SIGKILL after 5 s (before the
-    `timeout --kill-after=10` of the GPU driver ends this process)."""
+    """Ends `process` and its children: SIGTERM, then SIGKILL after 5 s (with the stack
+    dump before it, within the `timeout --kill-after=10` of the GPU driver)."""
     for sig, grace in ((signal.SIGTERM, 5), (signal.SIGKILL, 30)):
         try:
             os.killpg(process.pid, sig)
@@ -695,6 +801,7 @@ def _run_here(args: argparse.Namespace, configs: tuple, out: str) -> int:
             row["error"] = f"{type(e).__name__}: {e}"
         if row["status"] != "ok":
             row["phase"] = clock.current
+            row.update(clock.details)  # e.g. how far the compile-ahead got
         # This process's shared setup (start-up, backend, reference) goes with its first row.
         row["phase_seconds"] = {**setup.seconds, **clock.seconds}
         setup.seconds.clear()

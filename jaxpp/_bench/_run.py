@@ -8,6 +8,7 @@ The step (`make_step`) takes the batch already split into microbatches,
 so its first-step loss must equal the single-device reference before its speed counts.
 """
 
+import contextlib
 import dataclasses
 import datetime
 import functools
@@ -314,7 +315,9 @@ def run_config(
 
     `clock` times and prints the phases (init, compile or trace, first step, warm-up,
     steps, profile); the row's `phase_seconds` holds them. jaxpp compiles its task
-    programs during the first step, so there that phase is "compile+first step".
+    programs during the first step, so there that phase is "compile+first step"; with
+    one-device ranks it begins with the compile-ahead, phase "precompile", whose numbers
+    (per rank, slowest program) go to the row's `precompile`.
 
     Raises:
         CorrectnessError: if its first-step loss differs from `reference`.
@@ -356,7 +359,14 @@ def run_config(
         with clock.phase("trace"):
             step.compile(state, batch)
         first = "compile+first step"
-    with clock.phase(first):
+    # jaxpp compiles its task programs ahead at the start of its first step: a phase of
+    # its own inside it, with progress lines (`_phases.PrecompileReport`).
+    watching = (
+        _phases.PrecompileReport(clock).watching()
+        if config.kind == _configs.JAXPP
+        else contextlib.nullcontext()
+    )
+    with clock.phase(first), watching:
         state, loss = step(state, batch)
         first_loss = float(loss)
     compile_seconds = sum(clock.seconds.get(p, 0.0) for p in ("compile", "trace", first))
@@ -418,6 +428,7 @@ def run_config(
             trace_path.write_text(json.dumps(profile.chrome_trace()))
             row["trace"] = str(trace_path)
     row["phase_seconds"] = dict(clock.seconds)
+    row.update(clock.details)  # "precompile": what compiling ahead did, per rank
     return row
 
 

@@ -92,3 +92,24 @@ def test_report_merge_replaces_same_name_and_table_orders_by_speed():
     assert lines[2].startswith("| b |") and lines[3].startswith("| a |")
     assert lines[4].startswith("| c | wrong: x")
     assert _report.best(merged, "jaxpp")["name"] == "b"
+
+
+def test_bench_cli_tiny_jaxpp_one_device_ranks_reports_precompile(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    name = "jaxpp/1f1b/pp2/mb4/noremat"
+    argv = ["bench", "pipeline", "--model", "tiny", "--devices", "2", "--configs", name]
+    argv += ["--steps", "1", "--warmup", "1", "--attention", "xla", "--out", str(out)]
+    assert cli.main(argv) == 0
+    (row,) = json.loads(out.read_text())["results"]
+    assert row["status"] == "ok"
+    ahead = row["precompile"]
+    assert ahead["programs"] == ahead["total"] > 0 and ahead["failed"] == 0
+    assert [r["rank"] for r in ahead["ranks"]] == [0, 1]
+    assert sum(r["programs"] for r in ahead["ranks"]) == ahead["programs"]
+    assert ahead["slowest"] and 0 < ahead["slowest_seconds"] <= ahead["seconds"]
+    # A phase inside "compile+first step".
+    assert 0 < row["phase_seconds"]["precompile"] <= row["phase_seconds"]["compile+first step"]
+    printed = capsys.readouterr().out
+    assert f"{name}: precompile ..." in printed
+    assert f"{name}: precompile: {ahead['programs']} programs, " in printed
+    assert "per rank: r0 " in printed

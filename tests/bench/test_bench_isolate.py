@@ -98,6 +98,51 @@ def test_isolate_config_timeout_records_phase_and_goes_on(tmp_path, monkeypatch,
     assert "timeout: stopped by --config-timeout" in out.with_suffix(".md").read_text()
 
 
+_HANGING_CHILD = textwrap.dedent(
+    """
+    import sys, time
+    from jaxpp import _cli_bench
+    assert _cli_bench.dump_stacks_on_signal()  # as every real child does first
+    name = sys.argv[1]
+
+    def hang_in_first_step():
+        time.sleep(60)
+
+    print(f"[+0.1s] {name}: compile+first step ...", flush=True)
+    print(f"[+0.1s] {name}: precompile ...", flush=True)
+    print(f"[+0.2s] {name}: precompile: 1/4 programs after 30 s; r0 1/2, r1 0/2", flush=True)
+    hang_in_first_step()
+    """
+)
+
+
+def test_isolate_timeout_relays_every_thread_stack_of_the_child(tmp_path, monkeypatch, capsys):
+    script = tmp_path / "hang.py"
+    script.write_text(_HANGING_CHILD)
+    monkeypatch.setattr(
+        _cli_bench, "command_for", lambda common, name: [sys.executable, str(script), name]
+    )
+    out = tmp_path / "bench.json"
+    name = "jaxpp/1f1b/pp2/mb4/noremat"
+    argv = ["bench", "pipeline", "--model", "tiny", "--devices", "2", "--isolate"]
+    argv += ["--configs", name, "--out", str(out), "--config-timeout", "3"]
+    argv += ["--reference-loss", "4.2", "--ceilings", "1,1", "--cache-dir", "off"]
+    assert cli.main(argv) == 1
+    printed = capsys.readouterr().out
+    # faulthandler's dump, relayed before the child was ended: threads, files, functions.
+    assert "Current thread" in printed or "Thread 0x" in printed
+    assert 'File "' in printed and "in hang_in_first_step" in printed
+    (row,) = _report.load_rows(out, preset="tiny")
+    assert row["status"] == "timeout"
+    assert row["phase"] == "compile+first step > precompile"
+    assert "in phase compile+first step > precompile" in row["error"]
+    assert row["precompile_progress"].startswith("precompile: 1/4 programs after 30 s")
+
+
+def test_dump_stacks_on_signal_only_in_a_child():
+    assert not _cli_bench.dump_stacks_on_signal({"PATH": "/bin"})
+
+
 def test_isolate_real_child_streams_phases_and_fills_the_cache(tmp_path, monkeypatch, capfd):
     monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
     out, cache = tmp_path / "bench.json", tmp_path / "cache"
