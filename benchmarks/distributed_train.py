@@ -46,14 +46,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=pathlib.Path, default=None, help="JSON results (process 0)")
     parser.add_argument(
         "--transfers",
-        choices=("async", "inline", "device_put"),
-        default="inline",
-        help="DistributedExecutor: permute transfers in line (default) or on a transfer "
-        "thread, or (experimental, GPUs) cross-process jax.device_put",
+        choices=("auto", "async", "inline", "device_put"),
+        default="auto",
+        help="DistributedExecutor: the default (auto: device_put on GPUs, permute on CPUs), "
+        "permute transfers in line or on a transfer thread, or cross-process jax.device_put",
     )
     args = parser.parse_args(argv)
     os.environ["JAXPP_ASYNC_TRANSFERS"] = "1" if args.transfers == "async" else "0"
-    os.environ["JAXPP_TRANSFER"] = "device_put" if args.transfers == "device_put" else "permute"
+    method = {"auto": "auto", "device_put": "device_put"}.get(args.transfers, "permute")
+    os.environ["JAXPP_TRANSFER"] = method
 
     runtime.initialize()
     import jaxpp

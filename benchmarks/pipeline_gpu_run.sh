@@ -65,13 +65,19 @@ for part in "$@"; do
             -- python3 "$REPO"/benchmarks/distributed_train.py --stages "$n" $DIST_MODEL \
             --transfers "$transfers" --out "$OUT/distributed_$tag.json" )
         done
-        # Transfers are copies: every transfer method must give bit-identical losses.
-        python3 - "$OUT"/distributed_${n}gpu_${n}proc_*_b${DIST_BATCH:-32}.json <<'PY'
+        # Transfers are copies: every method's losses must equal the one-process run's. The
+        # first step is bit-identical; later steps move by ~1e-6 relative between any two
+        # GPU runs (XLA's GPU reductions are not bit-reproducible from run to run), so
+        # equal means: step 1 exactly, every step within 1e-4 relative.
+        python3 - "$OUT"/distributed_${n}gpu_1proc_b${DIST_BATCH:-32}.json \
+          "$OUT"/distributed_${n}gpu_${n}proc_*_b${DIST_BATCH:-32}.json <<'PY'
 import json, sys
 runs = {p: json.load(open(p))["losses"] for p in sys.argv[1:]}
-first = next(iter(runs.values()), None)
+first = runs[sys.argv[1]]
 for p, losses in runs.items():
-    print(f"losses {'equal' if losses == first else 'DIFFER'}: {p}")
+    worst = max(abs(a - b) / abs(b) for a, b in zip(losses, first, strict=True))
+    same = losses[0] == first[0] and worst <= 1e-4
+    print(f"losses {'equal' if same else 'DIFFER'} (max rel. diff {worst:.1e}): {p}")
 PY
       done
       ;;
