@@ -23,7 +23,19 @@ call began), and rows keep them in `phase_seconds`:
 Phases: setup (startup = Python and imports of a child, backend, ceilings, reference),
 then per configuration init (state and batch placed), compile (SPMD) or trace (the jaxpp
 compiler; XLA compiles its task programs during "compile+first step"), first step,
-warm-up, steps, profile. `--isolate` relays its children's lines as they come.
+warm-up, steps, profile. `--isolate` relays its children's lines as they come. With
+one-device ranks "compile+first step" begins with phase "precompile" (every task program
+compiled ahead, one thread per rank): a progress line every 30 s (programs done per
+rank), then a summary line (per rank seconds/programs, the slowest program), kept in the
+row's `precompile` (a `timeout` row keeps the last such line in `precompile_progress`):
+
+    [+71.0s] jaxpp/zb-h1/pp4/mb32/noremat: precompile: 9/24 programs after 30 s; r0 3/6, ...
+    [+112.5s] jaxpp/zb-h1/pp4/mb32/noremat: precompile: 24 programs, 71.4 s wall, 4 threads;
+        slowest 1W@1 20.3 s; per rank: r0 52.0 s/6, r1 71.2 s/6, ...
+
+A child stopped by `--config-timeout` or SIGTERM first gets SIGUSR1 and prints every
+thread's stack (faulthandler, up to 3 s, relayed into the log), so a `timeout` row (phase
+e.g. "compile+first step > precompile") comes with where each thread was.
 
 Fixed costs: `--isolate` children share a JAX persistent compilation cache (`--cache-dir`,
 default /tmp/jaxpp-bench-cache; jax puts XLA:GPU's per-fusion autotune cache in its
@@ -38,29 +50,45 @@ attention); `--reference-loss` and `--ceilings` give them for a fresh file.
 it was in; SIGTERM to the parent (the driver's `timeout`) does the same for the running one.
 
 On the GPU machine: the device tool allows 10 minutes per command and about 30 minutes
-per session. On that machine `jaxpp` is not installed: `source benchmarks/gpu_env.sh` in
-the repository root, then run `python3 -m jaxpp.cli bench ...` from outside it (`cd
-/tmp`: the root's bare `./jaxpp` would shadow the package tree; `--isolate` children
-already run in an empty folder). `benchmarks/pipeline_gpu_run.sh bench` does all that,
-keeps results and cache in /tmp across calls on the same warm machine, and copies the
-results to $OUT. The plan for the next session, nvidia-h200-x4, the ~8B model, three
-calls of <= 9.5 min (predicted GiB per device in brackets; limit 126 GiB). With one-device
-ranks the pipeline compiles its task programs ahead, one thread per rank (`JAXPP_PRECOMPILE`,
-README "Compiling ahead"), inside "compile+first step". The reference
-(11.2175) and ceilings (807.1 TFLOP/s, 4287 GB/s) were measured on 4x H200 last session,
-so call 1 passes them and every second goes to configurations:
+per session, and a machine left idle goes cold (its /tmp, with the cache, is lost). On
+that machine `jaxpp` is not installed: `source benchmarks/gpu_env.sh` in the repository
+root, then run `python3 -m jaxpp.cli bench ...` from outside it (`cd /tmp`: the root's bare
+`./jaxpp` would shadow the package tree; `--isolate` children already run in an empty
+folder). `benchmarks/pipeline_gpu_run.sh bench` does all that, keeps results and cache in
+/tmp across calls on the same warm machine, copies the results to $OUT, and carries the
+compilation cache across machines: it unpacks `benchmarks/.bench_cache/cache.tgz` (an
+ignored path) into the cache first if present, and packs the cache into
+`$OUT/bench_cache.tgz` at the end (only XLA's autotune subfolder if the whole is over 48
+MiB; `$OUT/bench_cache.log` says which, with sizes and file counts at start and end).
+Between calls the lead copies `$files_at/bench_cache.tgz` to
+`benchmarks/.bench_cache/cache.tgz` and passes `carry=["benchmarks/.bench_cache"]`.
+
+Last session (4x H200) `jaxpp/zb-h1/pp4/mb32/noremat` did not finish "compile+first
+step" in 301 s, before these phase lines existed. The plan for the next session,
+nvidia-h200-x4, the ~8B model, three calls of <= 9.5 min (predicted GiB per device in
+brackets; limit 126 GiB). The reference (11.2175) and ceilings (807.1 TFLOP/s, 4287 GB/s)
+were measured on 4x H200 last session, so call 1 passes them and every second goes to
+configurations. Call 1 is first of all the diagnosis: its log says how long the
+precompile took per rank and which program was slowest, and, if it is stopped, how far
+the precompile got and every thread's stack:
 
     # every call starts with (the device tool carries no environment between calls):
     export BENCH_MODEL=8b BENCH_DEVICES=4 BENCH_LIMIT=560
     export BENCH_ARGS="--steps 10 --warmup 1 --reference-loss 11.2175 --ceilings 807.1,4287.4"
-    # call 1: one SPMD and one jaxpp number, and where the time goes [84, 93]
-    C=spmd/fsdp4/acc4/noremat,jaxpp/1f1b/pp4/mb32/noremat
-    BENCH_CONFIG_TIMEOUT=260 BENCH_CONFIGS=$C bash benchmarks/pipeline_gpu_run.sh bench
-    # call 2 (same warm machine: cache and results reused): zero bubble [93, 96] and
-    # SPMD DP x TP [103]; set the timeout from call 1's phase lines
+    # call 1: one jaxpp and one SPMD number, and where the time goes [93, 84]; nothing
+    # to carry in yet
+    C=jaxpp/1f1b/pp4/mb32/noremat,spmd/fsdp4/acc4/noremat
+    BENCH_CONFIG_TIMEOUT=300 BENCH_CONFIGS=$C bash benchmarks/pipeline_gpu_run.sh bench
+    # then here: mkdir -p benchmarks/.bench_cache &&
+    #   cp $files_at/bench_cache.tgz benchmarks/.bench_cache/cache.tgz
+    # and every later call: run(..., carry=["benchmarks/.bench_cache"]) (a warm machine
+    # has the cache already; a cold one gets it from there). Read call 1's precompile
+    # summary and stacks before choosing call 2's timeout.
+    # call 2: zero bubble [93, 96] and SPMD DP x TP [103]
     C=jaxpp/zb-h1/pp4/mb32/noremat,spmd/dp2-tp2/acc8/noremat,jaxpp/zbv/pp4/mb32/noremat
-    BENCH_CONFIG_TIMEOUT=180 BENCH_CONFIGS=$C bash benchmarks/pipeline_gpu_run.sh bench
-    # call 3: SPMD TP and FSDP x TP [90, 82], DualPipeV [99]
+    BENCH_CONFIG_TIMEOUT=200 BENCH_CONFIGS=$C bash benchmarks/pipeline_gpu_run.sh bench
+    # call 3 (copy its bench_cache.tgz again first): SPMD TP and FSDP x TP [90, 82],
+    # DualPipeV [99]
     C=spmd/tp4/acc4/noremat,spmd/fsdp2-tp2/acc4/noremat,jaxpp/dualpipev/pp4/mb32/noremat
     BENCH_CONFIG_TIMEOUT=180 BENCH_CONFIGS=$C bash benchmarks/pipeline_gpu_run.sh bench
 
