@@ -55,42 +55,42 @@ that machine `jaxpp` is not installed: `source benchmarks/gpu_env.sh` in the rep
 root, then run `python3 -m jaxpp.cli bench ...` from outside it (`cd /tmp`: the root's bare
 `./jaxpp` would shadow the package tree; `--isolate` children already run in an empty
 folder). `benchmarks/pipeline_gpu_run.sh bench` does all that, keeps results and cache in
-/tmp across calls on the same warm machine, copies the results to $OUT, and carries the
-compilation cache across machines: it unpacks `benchmarks/.bench_cache/cache.tgz` (an
-ignored path) into the cache first if present, and packs the cache into
-`$OUT/bench_cache.tgz` at the end (only XLA's autotune subfolder if the whole is over 48
-MiB; `$OUT/bench_cache.log` says which, with sizes and file counts at start and end).
-Between calls the lead copies `$files_at/bench_cache.tgz` to
-`benchmarks/.bench_cache/cache.tgz` and passes `carry=["benchmarks/.bench_cache"]`.
+/tmp across calls on the same warm machine, copies the results to $OUT (the traces as one
+traces.tgz), and carries the compilation cache across machines: it unpacks
+`benchmarks/.bench_cache/bench_cache.tgz.*` (an ignored path; 15 MiB parts, since the
+device tool returns files of at most 16 MiB) into the cache first if present, copies
+`benchmarks/.bench_cache/results/*.json` (earlier calls' rows) into its results, and
+packs the cache into `$OUT/bench_cache.tgz.00, .01, ...` at the end (only XLA's autotune
+subfolder if the whole is over 45 MiB). Between calls the lead copies
+`$files_at/bench_cache.tgz.*` and `$files_at/bench_*xgpu.json` (into `results/`) to
+`benchmarks/.bench_cache/` and passes `carry=["benchmarks/.bench_cache"]`.
 
-Last session (4x H200) `jaxpp/zb-h1/pp4/mb32/noremat` did not finish "compile+first
-step" in 301 s, before these phase lines existed. The plan for the next session,
-nvidia-h200-x4, the ~8B model, three calls of <= 9.5 min (predicted GiB per device in
-brackets; limit 126 GiB). The reference (11.2175) and ceilings (807.1 TFLOP/s, 4287 GB/s)
-were measured on 4x H200 last session, so call 1 passes them and every second goes to
-configurations. Call 1 is first of all the diagnosis: its log says how long the
-precompile took per rank and which program was slowest, and, if it is stopped, how far
-the precompile got and every thread's stack:
+Measured so far (session 4, 4x H200, `benchmarks/results/pipeline_2026-11-21_s4/`): the 8B
+jaxpp/zb-h1/pp4/mb32 32,217 tokens/s, jaxpp/1f1b/pp4/mb32 30,872, spmd/fsdp4/acc4
+23,489. Costs per configuration: SPMD init 15 s + compile 160 s + steps 30 s; jaxpp init 17
+s + trace 9 s + precompile 73-93 s (4 threads) + 74-100 s more in the first step (why is
+not known yet: the first step now prints where its thread is every 20 s, `still in ...`
+lines, and the row records `precompile_misses`) + steps and profile 40 s. So about 210-260
+s each, two per call. The plan for the next session, the remaining layouts, three calls
+of <= 9.5 min on nvidia-h200-x4 (predicted GiB per device in brackets; limit 126 GiB):
 
     # every call starts with (the device tool carries no environment between calls):
-    export BENCH_MODEL=8b BENCH_DEVICES=4 BENCH_LIMIT=560
+    export BENCH_MODEL=8b BENCH_DEVICES=4 BENCH_LIMIT=540 BENCH_CONFIG_TIMEOUT=300
     export BENCH_ARGS="--steps 10 --warmup 1 --reference-loss 11.2175 --ceilings 807.1,4287.4"
-    # call 1: one jaxpp and one SPMD number, and where the time goes [93, 84]; nothing
-    # to carry in yet
-    C=jaxpp/1f1b/pp4/mb32/noremat,spmd/fsdp4/acc4/noremat
-    BENCH_CONFIG_TIMEOUT=300 BENCH_CONFIGS=$C bash benchmarks/pipeline_gpu_run.sh bench
-    # then here: mkdir -p benchmarks/.bench_cache &&
-    #   cp $files_at/bench_cache.tgz benchmarks/.bench_cache/cache.tgz
-    # and every later call: run(..., carry=["benchmarks/.bench_cache"]) (a warm machine
-    # has the cache already; a cold one gets it from there). Read call 1's precompile
-    # summary and stacks before choosing call 2's timeout.
-    # call 2: zero bubble [93, 96] and SPMD DP x TP [103]
-    C=jaxpp/zb-h1/pp4/mb32/noremat,spmd/dp2-tp2/acc8/noremat,jaxpp/zbv/pp4/mb32/noremat
-    BENCH_CONFIG_TIMEOUT=200 BENCH_CONFIGS=$C bash benchmarks/pipeline_gpu_run.sh bench
-    # call 3 (copy its bench_cache.tgz again first): SPMD TP and FSDP x TP [90, 82],
-    # DualPipeV [99]
-    C=spmd/tp4/acc4/noremat,spmd/fsdp2-tp2/acc4/noremat,jaxpp/dualpipev/pp4/mb32/noremat
-    BENCH_CONFIG_TIMEOUT=180 BENCH_CONFIGS=$C bash benchmarks/pipeline_gpu_run.sh bench
+    # before call A: mkdir -p benchmarks/.bench_cache/results && cp
+    #   benchmarks/results/pipeline_2026-11-21_s4/call3_4xh200/bench_8b_4xgpu.json
+    #   benchmarks/.bench_cache/results/   (so the table holds all rows)
+    # call A: SPMD tensor parallel and FSDP x TP [90, 82]
+    C=spmd/tp4/acc4/noremat,spmd/fsdp2-tp2/acc4/noremat
+    BENCH_CONFIGS=$C bash benchmarks/pipeline_gpu_run.sh bench
+    # after each call: cp $files_at/bench_cache.tgz.* $files_at/bench_8b_4xgpu.json into
+    # benchmarks/.bench_cache/ (the JSON into results/), carry=["benchmarks/.bench_cache"]
+    # call B: SPMD DP x TP [103] and ZBV [96]
+    C=spmd/dp2-tp2/acc8/noremat,jaxpp/zbv/pp4/mb32/noremat
+    BENCH_CONFIGS=$C bash benchmarks/pipeline_gpu_run.sh bench
+    # call C: FSDP with less accumulation [114] and DualPipeV [99]
+    C=spmd/fsdp4/acc2/noremat,jaxpp/dualpipev/pp4/mb32/noremat
+    BENCH_CONFIGS=$C bash benchmarks/pipeline_gpu_run.sh bench
 
 Later (more device time): spmd/fsdp4/acc2/noremat [114], spmd/fsdp4/acc1/remat [45],
 jaxpp/interleaved-1f1b/pp4/mb32/noremat [102], jaxpp/1f1b/pp4/mb16/noremat [118 (tight)];

@@ -244,3 +244,55 @@ def stats_dict(stats: _precompile.PrecompileStats) -> dict[str, object]:
         "slowest_seconds": round(stats.slowest_seconds, 3),
         "ranks": [{**dataclasses.asdict(r), "seconds": round(r.seconds, 3)} for r in stats.ranks],
     }
+
+
+def where(thread_id: int, *, depth: int = 5) -> str:
+    """The innermost `depth` frames of a thread, innermost first: "file:line function".
+
+    Example:
+        >>> "where" in where(threading.get_ident())
+        True
+    """
+    frame = sys._current_frames().get(thread_id)
+    frames = []
+    while frame is not None and len(frames) < depth:
+        code = frame.f_code
+        name = os.path.basename(code.co_filename)
+        frames.append(f"{name}:{frame.f_lineno} {code.co_name}")
+        frame = frame.f_back
+    return " <- ".join(frames) or "(thread gone)"
+
+
+@contextlib.contextmanager
+def sampling(clock: PhaseClock, *, interval: float = 20.0, depth: int = 5) -> Iterator[None]:
+    """While the body runs longer than `interval`, prints where its thread is every
+    `interval` seconds (a first step that takes minutes shows what it waits for):
+
+        [+140.0s] cfg: still in compile+first step after 20 s: _local.py:250 _call_task <- ...
+
+    Example:
+        >>> import io
+        >>> stream = io.StringIO()
+        >>> clock = PhaseClock("cfg", origin=time.time(), stream=stream)
+        >>> with sampling(clock, interval=0.05):
+        ...     time.sleep(0.12)
+        >>> "still in" in stream.getvalue() and "sleep" not in stream.getvalue()
+        True
+    """
+    target = threading.get_ident()
+    stop = threading.Event()
+    started = time.perf_counter()
+
+    def sample() -> None:
+        while not stop.wait(interval):
+            at = where(target, depth=depth)
+            phase = clock.current or "the step"
+            clock.say(f"still in {phase} after {time.perf_counter() - started:.0f} s: {at}")
+
+    sampler = threading.Thread(target=sample, name="jaxpp-bench-sampler", daemon=True)
+    sampler.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        sampler.join()

@@ -344,7 +344,7 @@ def run_config(
     devices = jax.devices()[: config.num_devices]
     xla_memory = None
     if config.kind == _configs.SPMD:  # compile once, read XLA's estimate before running
-        with clock.phase("compile"):
+        with clock.phase("compile"), _phases.sampling(clock):
             step = step.lower(state, batch).compile()
         xla_memory = compiled_memory(step)
         total = None if xla_memory is None else xla_memory["total_bytes"]
@@ -366,9 +366,13 @@ def run_config(
         if config.kind == _configs.JAXPP
         else contextlib.nullcontext()
     )
-    with clock.phase(first), watching:
+    with clock.phase(first), watching, _phases.sampling(clock):
         state, loss = step(state, batch)
         first_loss = float(loss)
+    if config.kind == _configs.JAXPP:  # programs compiled ahead that the step did not use
+        misses = getattr(step.last_compiled.executor, "precompile_misses", None)
+        clock.details["precompile_misses"] = misses
+        clock.say(f"precompile misses: {misses}")
     compile_seconds = sum(clock.seconds.get(p, 0.0) for p in ("compile", "trace", first))
     peak_first_step = peak_memory(devices)
     tolerance = 1e-4 if preset.dtype == "float32" else 2e-2
