@@ -79,8 +79,12 @@ def cluster_costs(results: Mapping[str, Any], name: str) -> dict[str, Any]:
         )
     layers = preset.num_layers / stages
     forward = _mean(per_stage, ("F",)) / layers * config.model
-    backward = _mean(per_stage, ("B",), ("I", "W")) / layers * config.model
-    weight = _mean(per_stage, ("W",)) / layers * config.model if _has(per_stage, "W") else None
+    # A zero-bubble first stage has no input gradient to compute: its W is its whole
+    # backward. So the backward is B, or I + W, or that W alone; the weight-gradient time
+    # comes from the stages that split their backward into I and W.
+    backward = _mean(per_stage, ("B",), ("I", "W"), ("W",)) / layers * config.model
+    split = {s: kinds for s, kinds in per_stage.items() if "I" in kinds and "W" in kinds}
+    weight = _mean(split, ("W",)) / layers * config.model if split else None
     microbatch = preset.global_batch // config.microbatches // config.data
     tokens = microbatch * preset.seq_len
     layer_bytes = COMPUTE_BYTES * _memory.layer_params(preset)
@@ -173,11 +177,22 @@ def _has(per_stage: Mapping[str, Mapping[str, float]], kind: str) -> bool:
 
 
 def _mean(per_stage: Mapping[str, Mapping[str, float]], *alternatives: tuple[str, ...]) -> float:
-    for kinds in alternatives:
-        if all(all(k in times for k in kinds) for times in per_stage.values()):
-            values = [sum(times[k] for k in kinds) for times in per_stage.values()]
-            return sum(values) / len(values)
-    raise ValueError(f"measured costs {dict(per_stage)} lack the kinds {alternatives}.")
+    """The mean over stages of each stage's first complete alternative (summed kinds).
+
+    Example:
+        >>> _mean({"0": {"F": 1.0, "W": 4.0}, "1": {"F": 1.0, "I": 2.0, "W": 2.0}},
+        ...       ("B",), ("I", "W"), ("W",))
+        4.0
+    """
+    values = []
+    for times in per_stage.values():
+        for kinds in alternatives:
+            if all(k in times for k in kinds):
+                values.append(sum(times[k] for k in kinds))
+                break
+        else:
+            raise ValueError(f"measured costs {dict(per_stage)} lack the kinds {alternatives}.")
+    return sum(values) / len(values)
 
 
 def _fullest_rank_bytes(config: _configs.BenchConfig, stage_bytes: float, embedding: float):
