@@ -32,7 +32,6 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 LOG2E = math.log2(math.e)
-LAZY_RESCALE_LOG2 = 8.0  # P entries stay <= 2**8 with a stale max: safe in bf16 and f32
 _NEG_INF = float("-inf")
 
 
@@ -68,10 +67,10 @@ class ForwardConfig:
             O += P V of step j and run the softmax of j + 1 while P V still runs (FA3
             intra-warpgroup pipelining); O lives in a wgmma accumulator. GPU only
             (interpret mode runs the plain loop).
-        lazy_rescale: with lookahead, keep the running max unless some row of the
-            warpgroup's tile grew by more than `LAZY_RESCALE_LOG2` (base 2); only then
-            update it and rescale O (a warpgroup-uniform branch), so most steps skip
-            the O multiply. Exact: P and l use the same stale max, O / l is unchanged.
+        lazy_rescale: disabled (setting it raises). The thresholded O rescale gave NaN
+            and a hang on the H100 (run 4): its warpgroup-wide flag was a cross-warp
+            `jnp.max`, whose SMEM scratch Mosaic GPU places at one fixed offset that
+            both consumer warpgroups share (NOTES.md "Run 4").
     """
 
     block_q: int = 64
@@ -85,11 +84,13 @@ class ForwardConfig:
 
     def __post_init__(self) -> None:
         _check_tiles(self, blocks=("block_q", "block_kv"), positive=("num_stages", "compute_wgs"))
-        if self.lazy_rescale and not self.lookahead:
+        if self.lazy_rescale:
             raise ValueError(
-                "ForwardConfig(lazy_rescale=True) needs lookahead=True (the skipped rescale "
-                "is of the O accumulator that the lookahead loop keeps in a wgmma "
-                "accumulator). Fix: ForwardConfig(lookahead=True, lazy_rescale=True)."
+                "ForwardConfig(lazy_rescale=True) is disabled: on the H100 (run 4) it gave "
+                "NaN (b4 s4096 d128 non-causal, growing-logits test) and hung (b1 s16384 "
+                "d128 non-causal). Cause: its warpgroup-wide flag is a cross-warp jnp.max "
+                "whose SMEM scratch both consumer warpgroups share (kernels/attention/"
+                'NOTES.md, "Run 4"). Fix: leave lazy_rescale=False (the default).'
             )
 
 
@@ -366,7 +367,7 @@ def forward(
                     sched_sync if pingpong else None,
                     q_base=q_base, full_steps=full_steps, my_steps=my_steps,
                     cta_steps=cta_steps, stages=stages, bkv=bkv, c=c, causal=causal,
-                    kv_len=kv_len, dtype=dtype, lazy=config.lazy_rescale,
+                    kv_len=kv_len, dtype=dtype,
                 )  # fmt: skip
             else:
                 carry = (_zeros((bq, head_dim)), _row_vector(_NEG_INF, bq), _row_vector(0.0, bq))
@@ -460,7 +461,6 @@ def _lookahead_loop(
     causal: bool,
     kv_len: int,
     dtype: Any,
-    lazy: bool = False,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """One forward consumer's kv loop with S of step j issued beside P V of step j - 1.
 
@@ -502,16 +502,9 @@ def _lookahead_loop(
                 logits = jnp.where(keep, logits, _NEG_INF)
             m_blk = logits.max(axis=1)
             m_new = jnp.maximum(m, m_blk)
-            need = None
-            if lazy:  # one flag for the warpgroup: does any row's max grow by > threshold?
-                need = jnp.max(m_blk - m) > LAZY_RESCALE_LOG2
-                need_rows = plgpu.layout_cast(
-                    lax.broadcast_in_dim(need, (bq,), ()), plgpu.Layout.WGMMA.reduce(1)
-                )
-                m_new = jnp.where(need_rows, m_new, m)
             alpha = jnp.exp2(m - m_new)
             p = jnp.exp2(logits - lax.broadcast_in_dim(m_new, (bq, bkv), (0,)))
-            return p.astype(dtype), m_new, alpha, denom * alpha + p.sum(axis=1), need
+            return p.astype(dtype), m_new, alpha, denom * alpha + p.sum(axis=1)
 
         def step(s, carry, *, masked: bool):
             p_prev, m, denom = carry
@@ -521,17 +514,11 @@ def _lookahead_loop(
                 sched_sync()
             logits = plgpu.wgmma_accumulator_load(acc_s, wait_n=1)  # S_j; P V may run on
             plgpu.barrier_arrive(k_free.at[lax.rem(s, stages)])
-            p, m, alpha, denom, need = softmax(s, logits, m, denom, masked=masked)
+            p, m, alpha, denom = softmax(s, logits, m, denom, masked=masked)
             plgpu.wgmma_wait(0)
             plgpu.barrier_arrive(v_free.at[lax.rem(s - 1, stages)])
 
-            def rescale() -> None:
-                acc_o[...] = acc_o[...] * lax.broadcast_in_dim(alpha, (bq, head_dim), (0,))
-
-            if need is None:
-                rescale()
-            else:
-                pl.when(need)(rescale)
+            acc_o[...] = acc_o[...] * lax.broadcast_in_dim(alpha, (bq, head_dim), (0,))
             return p, m, denom
 
         def skip(s, _):
@@ -550,7 +537,7 @@ def _lookahead_loop(
         logits = plgpu.wgmma_accumulator_load(acc_s, wait_n=0)
         plgpu.barrier_arrive(k_free.at[0])
         m0, d0 = _row_vector(_NEG_INF, bq), _row_vector(0.0, bq)
-        p, m, _, denom, _ = softmax(0, logits, m0, d0, masked=True)
+        p, m, _, denom = softmax(0, logits, m0, d0, masked=True)
         carry = (p, m, denom)
         start = jnp.maximum(full_steps, 1)
         carry = lax.fori_loop(1, start, lambda s, cr: step(s, cr, masked=False), carry)

@@ -95,31 +95,30 @@ def _configs(head_dim, forward, backward):
 # (`TEST_K=variant benchmarks/attention_gpu_run.sh` runs only these).
 _FUSED = {"fused": True}
 _LOOKAHEAD = {"pingpong": True, "lookahead": True}
-_NEXT = {"pingpong": True, "lookahead": True, "lazy_rescale": True}  # candidate default
+# (lazy_rescale is disabled: NaN and a hang in run 4, NOTES.md "Run 4")
 
 
 @pytest.mark.parametrize("head_dim", (64, 128, 256))
 @pytest.mark.parametrize("causal", (False, True))
-def test_variant_next_real_size_matches_reference(head_dim, causal):
-    # lookahead + lazy rescale forward; fused backward (head dim 256: its default
-    # split_dkv makes it a fused dK + dQ kernel and the dV pass)
+def test_variant_lookahead_fused_real_size_matches_reference(head_dim, causal):
+    # lookahead forward; fused backward (head dim 256: its default split_dkv makes it a
+    # fused dK + dQ kernel and the dV pass)
     heads = 2048 // head_dim // 2
-    _check(2048, 2048, heads, heads, head_dim, causal, forward=_NEXT, backward=_FUSED)
+    _check(2048, 2048, heads, heads, head_dim, causal, forward=_LOOKAHEAD, backward=_FUSED)
 
 
 @pytest.mark.parametrize("causal", (False, True))
-def test_variant_next_ragged_gqa_matches_reference(causal):
-    _check(1000, 1000, 8, 2, 128, causal, forward=_NEXT, backward=_FUSED)
+def test_variant_lookahead_fused_ragged_gqa_matches_reference(causal):
+    _check(1000, 1000, 8, 2, 128, causal, forward=_LOOKAHEAD, backward=_FUSED)
 
 
-def test_variant_lookahead_without_lazy_ragged_matches_reference():
+def test_variant_lookahead_ragged_d64_matches_reference():
     _check(1000, 1000, 8, 2, 64, True, forward=_LOOKAHEAD, backward=_FUSED)
 
 
-def test_variant_lazy_rescale_with_growing_logits_matches_reference():
-    # keys scaled up along the sequence: the running max grows by more than the
-    # threshold many times, so the rescale branch runs (and is skipped) on real data
-    _check(1024, 1024, 4, 4, 128, False, forward=_NEXT, growing=True)
+def test_variant_lookahead_with_growing_logits_matches_reference():
+    # keys scaled up along the sequence: the running max jumps block to block
+    _check(1024, 1024, 4, 4, 128, False, forward=_LOOKAHEAD, growing=True)
 
 
 def test_variant_fused_cross_lengths_matches_reference():
@@ -178,6 +177,8 @@ def test_mosaic_attention_repeatable_backward_is_deterministic():
     _assert_deterministic()
 
 
+# jax 0.11 deprecates Pallas Triton: a warning at lowering (errors under pytest.ini)
+@pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated:DeprecationWarning")
 @pytest.mark.parametrize("causal", (False, True))
 def test_triton_attention_ragged_gqa_matches_reference(causal):
     _check(1000, 1000, 8, 2, 128, causal, implementation="triton")
