@@ -63,6 +63,9 @@ VARIANTS = {
 # Variants that only support some head dims (others are skipped, not recorded as errors).
 VARIANT_MAX_HEAD_DIM: dict[str, int] = {}
 XLA_MAX_SEQ = 4096  # the XLA baseline materialises [B, N, T, S] logits
+# A child still running this long after --budget is killed (its finished rows are kept,
+# the rest recorded as skipped), so the JSON and the summary are written in time.
+BUDGET_GRACE_S = 30.0
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -491,7 +494,13 @@ def main(argv: list[str] | None = None) -> int:
         help="child processes with per-row timeouts (default: on unless --interpret)",
     )
     parser.add_argument("--row-timeout", type=float, default=90.0, help="seconds per row")
-    parser.add_argument("--budget", type=float, default=None, help="seconds; no new row after")
+    parser.add_argument(
+        "--budget",
+        type=float,
+        default=None,
+        help=f"seconds; no new shape after, and a child still running {BUDGET_GRACE_S:.0f} s "
+        "after it is stopped",
+    )
     parser.add_argument("--child-rows", help=argparse.SUPPRESS)  # JSON [[shape, mode, impl]]
     parser.add_argument("--ceilings-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -639,6 +648,10 @@ def _run_isolated(
             todo = [(sh, m, n) for sh, m, n in todo_now if (sh.name, m, n) not in finished]
             if not todo:
                 break
+            if status == "budget":  # stopped by the parent: nothing to blame
+                for t in todo:
+                    record(*t, "skipped", "the run's --budget was spent (child stopped)")
+                break
             # the child stopped early: blame the row it had started, if it had one
             culprit = next(
                 (t for t in todo if started and _row_label(*t).strip() == started), todo[0]
@@ -667,9 +680,10 @@ def _run_child(
 ) -> tuple[str, str | None]:
     """Runs a child, echoing its output; kills it when a row makes no progress in time.
 
-    Returns (status, label of the row it had started last): status is "ok", "timeout"
-    or "exit <code>".
+    Returns (status, label of the row it had started last): status is "ok", "timeout",
+    "budget" (still running `BUDGET_GRACE_S` after `budget_end`: killed) or "exit <code>".
     """
+    hard_end = math.inf if budget_end is None else budget_end + BUDGET_GRACE_S
     proc = subprocess.Popen(
         cmd,
         stdout=subprocess.PIPE,
@@ -691,9 +705,16 @@ def _run_child(
     started: str | None = None
     deadline = time.time() + row_timeout + 60.0  # startup: imports, first compile
     while True:
+        if time.time() >= hard_end:
+            print(f"... --budget spent {BUDGET_GRACE_S:.0f} s ago: killing the child", flush=True)
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return "budget", started
         try:
-            line = lines.get(timeout=max(0.1, deadline - time.time()))
+            line = lines.get(timeout=max(0.1, min(deadline, hard_end) - time.time()))
         except queue.Empty:
+            if time.time() < deadline:
+                continue  # hard_end: handled above
             print(f"... no progress for {row_timeout:.0f} s: killing the child", flush=True)
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()

@@ -5,7 +5,8 @@
 # attention_bench.json.
 # Env: SKIP_TESTS=1, SKIP_BENCH=1, TEST_K=<pytest -k expression>,
 #   TEST_TIMEOUT (seconds for all tests), TEST_EACH_TIMEOUT (seconds per test),
-#   BENCH_TIMEOUT (seconds for the whole bench; its rows have --row-timeout of their own).
+#   BENCH_TIMEOUT (seconds for the whole bench, --budget = BENCH_TIMEOUT - 45; its rows have
+#   --row-timeout of their own).
 # Hang-proof: every test runs in its own pytest process under `timeout -s KILL` (a hung GPU
 # kernel blocks in C, where no in-process timeout can interrupt it); a test still running
 # 10 s before its limit dumps its Python stacks (faulthandler). Output is unbuffered.
@@ -48,7 +49,9 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
     "$(grep -c '^TIMEOUT' "$summary") timed out, $(grep -c '^SKIPPED' "$summary") skipped"
 fi
 if [ "${SKIP_BENCH:-0}" != 1 ]; then
-  budget=$(( ${BENCH_TIMEOUT:-300} - 20 ))
+  # no new shape after the budget; a child still running 30 s after it is killed
+  # (attention_bench.BUDGET_GRACE_S), which leaves 15 s to write the JSON and the summary
+  budget=$(( ${BENCH_TIMEOUT:-300} - 45 ))
   timeout -s KILL "${BENCH_TIMEOUT:-300}" python3 -X faulthandler benchmarks/attention_bench.py \
     --out "$OUT/attention_bench.json" --budget "$budget" "$@" \
     2>&1 | tee "$OUT/attention_bench.log" | grep --line-buffered -v "^  "
