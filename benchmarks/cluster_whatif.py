@@ -11,8 +11,9 @@ layout, and every assumption.
 The shipped example JSON is NOT a measurement; it is an illustrative GPT-8B-like input.
 Measured inputs come from a `jaxpp bench pipeline` results file: `--from-bench FILE
 --config NAME` takes that jaxpp row's per-stage task times and optimizer time, first
-predicts the measured run itself (model vs measurement, the issue's 10% check), then
-sweeps the cluster:
+predicts every measured row of the file (the issue's 10% check: jaxpp rows from their own
+costs, SPMD rows in their exact layout from NAME's per-layer costs; a table of measured,
+predicted, error and each prediction's terms), then sweeps the cluster:
 
     python benchmarks/cluster_whatif.py --from-bench \
         benchmarks/results/pipeline_2026-11-21/bench_2b_2xh200_partial.json \
@@ -56,7 +57,13 @@ def main(argv: list[str] | None = None) -> int:
         from jaxpp._bench import _whatif
 
         results = json.loads(args.from_bench.read_text())
-        print(_whatif.validate(results, args.config).describe())
+        checks = _whatif.validate_all(results, costs_from=args.config, overlap=args.overlap)
+        print(
+            f"measured rows vs the model (DP overlap {args.overlap:g}, one node of each "
+            "row's GPUs):"
+        )
+        print(_whatif.format_validations(checks))
+        print()
         costs = costs_from_dict(_whatif.cluster_costs(results, args.config))
         args.costs = args.from_bench
     else:

@@ -1,6 +1,7 @@
 """The cluster what-if model against the measured 2B 1F1B run on 2x H200 (2026-11-21)."""
 
 import dataclasses
+import importlib.util
 import json
 import pathlib
 
@@ -48,3 +49,107 @@ def test_cluster_costs_of_a_missing_or_spmd_row_raise(results):
     spmd = {**results, "results": [{"name": "spmd/tp2/acc1/noremat", "kind": "spmd"}]}
     with pytest.raises(ValueError, match="not a successful jaxpp row"):
         _whatif.cluster_costs(spmd, "spmd/tp2/acc1/noremat")
+
+
+RESULTS_8B = pathlib.Path(
+    "benchmarks/results/pipeline_2026-11-21_s4/call3_4xh200/bench_8b_4xgpu.json"
+)
+ZB = "jaxpp/zb-h1/pp4/mb32/noremat"
+FSDP = "spmd/fsdp4/acc4/noremat"
+
+
+@pytest.fixture(scope="module")
+def results_8b():
+    return json.loads(RESULTS_8B.read_text())
+
+
+def test_validate_all_on_the_8b_file_predicts_every_measured_row(results_8b):
+    checks = {c.name: c for c in _whatif.validate_all(results_8b, costs_from=ZB, overlap=0.5)}
+    assert list(checks) == ["jaxpp/1f1b/pp4/mb32/noremat", FSDP, ZB]
+    # Real data (4x H200, 2026-11-21): the numbers are computed, not required to be within 10%.
+    assert checks[ZB].measured_s == pytest.approx(2.0342, abs=1e-4)
+    assert checks[ZB].predicted_s == pytest.approx(2.1485, abs=1e-3)
+    assert 100 * checks[ZB].error == pytest.approx(5.6, abs=0.05)
+    spmd = checks[FSDP]
+    assert spmd.measured_s == pytest.approx(2.7900, abs=1e-4)
+    assert spmd.costs_from == ZB and spmd.prediction.layout.describe() == "fsdp4 mb2"
+    assert spmd.prediction.microbatches == 4
+    assert spmd.error == pytest.approx(spmd.predicted_s / spmd.measured_s - 1)
+    table = _whatif.format_validations(tuple(checks.values()))
+    assert f"{FSDP}  " in table and f"{100 * spmd.error:+5.1f}%" in table
+    assert "compute" in spmd.describe() and "exposed comm" in spmd.describe()
+
+
+def test_validate_spmd_uses_the_rows_exact_layout_and_the_costs_rows_layer_times(results_8b):
+    check = _whatif.validate_spmd(results_8b, FSDP, costs_from=ZB)
+    costs = schedules.costs_from_dict(_whatif.cluster_costs(results_8b, ZB))
+    m, per_gpu = 4, 32 // (4 * 4)  # acc4 microbatches of 2 sequences per GPU
+    layers = costs.num_layers * (costs.forward_s + costs.backward_s) * per_gpu
+    assert check.prediction.compute_s == pytest.approx(m * layers)
+    # Without overlap all FSDP traffic is exposed: 2 gathers + 1 reduce-scatter of the
+    # bf16 params per microbatch, ring over 4 GPUs at 450 GB/s.
+    link = schedules.Cluster(1, 4).intra
+    ring = 3 / 4 * costs.total_param_bytes / link.bandwidth + 3 * link.latency
+    assert check.prediction.exposed_comm_s == pytest.approx(m * 3 * ring)
+    with_overlap = _whatif.validate_spmd(results_8b, FSDP, costs_from=ZB, overlap=0.5)
+    assert with_overlap.predicted_s < check.predicted_s
+
+
+def test_validate_spmd_with_remat_adds_one_forward_to_the_backward(results_8b):
+    remat = FSDP.replace("noremat", "remat")
+    row = next(r for r in results_8b["results"] if r["name"] == FSDP)
+    renamed = {**results_8b, "results": [{**row, "name": remat, "config": None}]}
+    base = _whatif.validate_spmd(results_8b, FSDP, costs_from=ZB)
+    both = {**renamed, "results": [*renamed["results"], *results_8b["results"]]}
+    check = _whatif.validate_spmd(both, remat, costs_from=ZB)
+    costs = schedules.costs_from_dict(_whatif.cluster_costs(results_8b, ZB))
+    extra = 4 * 2 * costs.num_layers * costs.forward_s  # m x sequences x layers x F
+    assert check.prediction.compute_s - base.prediction.compute_s == pytest.approx(extra)
+    assert check.prediction.memory_bytes < base.prediction.memory_bytes
+
+
+def test_validate_spmd_of_a_jaxpp_or_failed_row_raises(results_8b):
+    with pytest.raises(ValueError, match="not a successful SPMD row.*Fix: one of: spmd/fsdp4"):
+        _whatif.validate_spmd(results_8b, ZB, costs_from=ZB)
+    failed = {**results_8b, "results": [{"name": FSDP, "kind": "spmd", "status": "timeout"}]}
+    with pytest.raises(ValueError, match="status 'timeout'"):
+        _whatif.validate_spmd(failed, FSDP, costs_from=ZB)
+
+
+def test_mean_takes_a_zero_bubble_first_stage_whose_w_is_its_whole_backward():
+    # ZB-H1's first stage has no input gradient: F and W only; the others split I and W.
+    per_stage = {
+        "0": {"F": 1.0, "W": 3.5},
+        "1": {"F": 1.5, "I": 2.0, "W": 1.0},
+        "2": {"F": 2.0, "I": 2.5, "W": 1.5},
+    }
+    backward = _whatif._mean(per_stage, ("B",), ("I", "W"), ("W",))
+    assert backward == pytest.approx((3.5 + 3.0 + 4.0) / 3)
+    assert _whatif._mean(per_stage, ("F",)) == pytest.approx(1.5)
+    # A full B wins over the later alternatives; a stage with none of them raises.
+    assert _whatif._mean({"0": {"B": 5.0, "W": 1.0}}, ("B",), ("I", "W"), ("W",)) == 5.0
+    with pytest.raises(ValueError, match="lack the kinds"):
+        _whatif._mean({"0": {"F": 1.0, "I": 2.0}}, ("B",), ("I", "W"), ("W",))
+
+
+def test_cluster_costs_of_the_8b_zb_h1_row_take_w_from_the_split_stages_only(results_8b):
+    costs = _whatif.cluster_costs(results_8b, ZB)
+    per_stage = next(r for r in results_8b["results"] if r["name"] == ZB)["costs"]["per_stage"]
+    split = [per_stage[s]["W"] for s in ("1", "2", "3")]
+    assert costs["layer"]["weight_grad_s"] == pytest.approx(sum(split) / 3 / 10)
+    backward = [per_stage["0"]["W"]] + [per_stage[s]["I"] + per_stage[s]["W"] for s in "123"]
+    assert costs["layer"]["backward_s"] == pytest.approx(sum(backward) / 4 / 10)
+
+
+def test_cluster_whatif_cli_from_bench_prints_every_row_then_the_sweep(capsys):
+    spec = importlib.util.spec_from_file_location("cluster_whatif", "benchmarks/cluster_whatif.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    argv = ["--from-bench", str(RESULTS_8B), "--config", ZB, "--gpus", "4"]
+    assert cli.main([*argv, "--cluster", "nodes=1,gpus_per_node=4", "--schedules", "zb-h1"]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert lines[1].startswith("configuration") and "error" in lines[1]
+    assert lines[2].startswith("jaxpp/1f1b/pp4/mb32/noremat")
+    assert lines[3].startswith(FSDP) and lines[4].startswith(ZB) and "+5.6%" in lines[4]
+    assert "crossover:" in out and "assumptions:" in out
