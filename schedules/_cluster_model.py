@@ -28,7 +28,11 @@ ASSUMPTIONS = (
     "inter-node bandwidth is per GPU (one NIC per GPU); links are full duplex, contention-free",
     "DP gradient all-reduce: exposed = comm - min(overlap x comm, one microbatch's backward)",
     "FSDP (ZeRO-3) per microbatch: all-gather params forward and backward, reduce-scatter "
-    "grads; exposed = comm - overlap x min(comm, compute)",
+    "grads, in the compute dtype; exposed = comm - overlap x min(comm, compute)",
+    "SPMD layouts shard every op over the batch, the attention kernel included (a Pallas "
+    "kernel under plain jax.jit without shard_map or custom_partitioning is not sharded: "
+    "XLA gathers its inputs and runs it on the whole batch on every GPU; the measured 8B "
+    "spmd/fsdp4/acc4 row of 2026-11-21 does, so the model under-predicts it)",
     "PP: layers split evenly over stages; a stage-boundary send costs latency + "
     "(boundary bytes / tp) / bandwidth of the two ranks' link; DP all-reduce of each "
     "pipeline rank's params after the last backward",
