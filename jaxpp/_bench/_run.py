@@ -252,6 +252,11 @@ def build(
     key = jax.random.key(problem.seed)
     if config.kind == _configs.SPMD:
         mesh = _spmd.make_mesh(layout, devices)
+        # The attention kernel runs per shard (a Pallas call is opaque to XLA's SPMD
+        # partitioner, which would otherwise gather the batch onto every device).
+        model_config = dataclasses.replace(
+            model_config, attention_sharding=_spmd.attention_sharding(layout, mesh)
+        )
         state_sharding = _spmd.state_shardings(problem.shapes(), layout, mesh)
         batch_sharding = {"tokens": NamedSharding(mesh, _spmd.batch_spec(layout))}
         state = problem.init(key, state_sharding)

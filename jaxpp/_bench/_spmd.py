@@ -17,6 +17,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jaxpp.models import gpt
+
 DATA = "data"
 MODEL = "model"
 _FSDP, _TP = "fsdp", "tp"
@@ -166,6 +168,18 @@ def state_shardings(state: Any, layout: Layout, mesh: Mesh) -> Any:
         P()
     """
     return jax.tree.map(lambda s: NamedSharding(mesh, s), state_specs(state, layout))
+
+
+def attention_sharding(layout: Layout, mesh: Mesh) -> gpt.AttentionSharding:
+    """How the attention kernel runs per device: batch over "data", heads over "model".
+
+    Example:
+        >>> layout = Layout(data=2, model=2)
+        >>> attention_sharding(layout, make_mesh(layout)).spec
+        P('data', None, 'model', None)
+    """
+    batch = (DATA,) if layout.data > 1 else ()
+    return gpt.AttentionSharding(mesh, batch, MODEL if layout.model > 1 else None)
 
 
 def batch_spec(layout: Layout) -> P:

@@ -41,6 +41,10 @@ class GPTConfig:
         norm: "rms" (RMSNorm) or "layer" (LayerNorm).
         attention: the `jaxpp.kernels.attention` implementation ("auto", "mosaic",
             "triton" or "xla").
+        attention_sharding: under SPMD `jax.jit` with batch- or head-sharded activations,
+            how to run the attention kernel per shard (`AttentionSharding`). A Pallas
+            kernel is a custom call that XLA cannot partition: without this, every device
+            gathers q, k, v and computes the whole batch's attention.
 
     Example:
         >>> GPTConfig(num_layers=2, d_model=32, num_heads=4).head_dim
@@ -61,6 +65,7 @@ class GPTConfig:
     remat: bool = False
     norm: str = "rms"
     attention: str = "auto"
+    attention_sharding: "AttentionSharding | None" = None
 
     def __post_init__(self) -> None:
         if self.num_kv_heads is None:
@@ -90,13 +95,48 @@ class GPTConfig:
         return self.d_model // self.num_heads
 
 
-def _attention(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str) -> jax.Array:
-    """Causal attention, BTNH; the jaxpp kernel when importable, else XLA's."""
-    try:
-        from jaxpp.kernels.attention import dot_product_attention
-    except ImportError:  # the kernels package is written in parallel; XLA until it lands
-        return jax.nn.dot_product_attention(q, k, v, is_causal=True)
-    return dot_product_attention(q, k, v, causal=True, implementation=implementation)
+@dataclasses.dataclass(frozen=True, slots=True)
+class AttentionSharding:
+    """Runs the attention kernel on each device's shard: batch over `batch_axes`, heads
+    over `head_axis` of `mesh` (`jax.shard_map`); sequence and head width stay whole.
+
+    Example:
+        >>> import numpy as np
+        >>> mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
+        >>> AttentionSharding(mesh, batch_axes=("data",)).spec
+        P('data', None, None, None)
+    """
+
+    mesh: jax.sharding.Mesh
+    batch_axes: tuple[str, ...] = ()
+    head_axis: str | None = None
+
+    @property
+    def spec(self) -> jax.sharding.PartitionSpec:
+        """The BTNH partition spec of q, k, v and the output."""
+        batch = self.batch_axes or None
+        return jax.sharding.PartitionSpec(batch, None, self.head_axis, None)
+
+
+def _attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    implementation: str,
+    sharding: AttentionSharding | None = None,
+) -> jax.Array:
+    """Causal attention, BTNH; the jaxpp kernel, per shard under `sharding`."""
+    from jaxpp.kernels.attention import dot_product_attention
+
+    def attend(q, k, v):
+        return dot_product_attention(q, k, v, causal=True, implementation=implementation)
+
+    if sharding is None:
+        return attend(q, k, v)
+    spec = sharding.spec
+    return jax.shard_map(
+        attend, mesh=sharding.mesh, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False
+    )(q, k, v)
 
 
 def _norm(config: GPTConfig, name: str | None = None) -> nn.Module:
@@ -169,7 +209,8 @@ class Block(nn.Module):
         q = self.q(x).reshape(batch, seq_len, cfg.num_heads, cfg.head_dim)
         k = self.k(x).reshape(batch, seq_len, cfg.num_kv_heads, cfg.head_dim)
         v = self.v(x).reshape(batch, seq_len, cfg.num_kv_heads, cfg.head_dim)
-        attn = _attention(q, k, v, cfg.attention).reshape(batch, seq_len, cfg.d_model)
+        attn = _attention(q, k, v, cfg.attention, cfg.attention_sharding)
+        attn = attn.reshape(batch, seq_len, cfg.d_model)
         h = h + self.out(attn)
         x = nn.gelu(self.up(self.mlp_norm(h)))
         return h + self.down(x)

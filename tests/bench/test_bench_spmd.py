@@ -141,3 +141,27 @@ def test_sharding_rules_fit_every_gpu_layout_of_the_presets(preset, num_devices)
     for layout in layouts:
         specs = jax.tree.leaves(_spmd.state_specs(shapes, layout))
         assert len(specs) == len(jax.tree.leaves(shapes))
+
+
+def test_spmd_attention_kernel_sees_only_its_shard(monkeypatch):
+    """A Pallas kernel is opaque to XLA's partitioner: the SPMD step must hand it each
+    device's batch and head shard (`attention_sharding`), not a gathered whole batch."""
+    import jaxpp.kernels.attention as attention
+    from jaxpp.models import gpt
+
+    seen = []
+
+    def recording(q, k, v, **kwargs):
+        seen.append((q.shape, k.shape, v.shape))
+        return jax.nn.dot_product_attention(q, k, v, is_causal=kwargs["causal"])
+
+    monkeypatch.setattr(attention, "dot_product_attention", recording)
+    layout = _spmd.Layout(data=2, model=2)
+    mesh = _spmd.make_mesh(layout)
+    sharding = _spmd.attention_sharding(layout, mesh)
+    keys = jax.random.split(jax.random.key(3), 3)
+    q, k, v = (jax.random.normal(key, (4, 16, 4, 8)) for key in keys)
+    got = jax.jit(lambda q, k, v: gpt._attention(q, k, v, "xla", sharding))(q, k, v)
+    assert seen == [((2, 16, 2, 8),) * 3]  # batch 4 / data 2, heads 4 / model 2
+    want = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
