@@ -66,8 +66,9 @@ subfolder if the whole is over 45 MiB). Between calls the lead copies
 `benchmarks/.bench_cache/` and passes `carry=["benchmarks/.bench_cache"]`.
 
 Measured so far (session 4, 4x H200, `benchmarks/results/pipeline_2026-11-21_s4/`): the 8B
-jaxpp/zb-h1/pp4/mb32 32,217 tokens/s, jaxpp/1f1b/pp4/mb32 30,872, spmd/fsdp4/acc4
-23,489. Costs per configuration: SPMD init 15 s + compile 160 s + steps 30 s; jaxpp init 17
+jaxpp/zb-h1/pp4/mb32 32,217 tokens/s, jaxpp/1f1b/pp4/mb32 30,872; spmd/fsdp4/acc4 23,489
+is withdrawn (its attention ran unsharded on every GPU, fixed in 80fac55: re-measure it
+first). Costs per configuration: SPMD init 15 s + compile 160 s + steps 30 s; jaxpp init 17
 s + trace 9 s + precompile 73-93 s (4 threads) + 74-100 s more in the first step (why is
 not known yet: the first step now prints where its thread is every 20 s, `still in ...`
 lines, and the row records `precompile_misses`) + steps and profile 40 s. So about 210-260
@@ -80,16 +81,16 @@ of <= 9.5 min on nvidia-h200-x4 (predicted GiB per device in brackets; limit 126
     # before call A: mkdir -p benchmarks/.bench_cache/results && cp
     #   benchmarks/results/pipeline_2026-11-21_s4/call3_4xh200/bench_8b_4xgpu.json
     #   benchmarks/.bench_cache/results/   (so the table holds all rows)
-    # call A: SPMD tensor parallel and FSDP x TP [90, 82]
-    C=spmd/tp4/acc4/noremat,spmd/fsdp2-tp2/acc4/noremat
+    # call A: FSDP again (attention now sharded) and SPMD tensor parallel [84, 90]
+    C=spmd/fsdp4/acc4/noremat,spmd/tp4/acc4/noremat
     BENCH_CONFIGS=$C bash benchmarks/pipeline_gpu_run.sh bench
     # after each call: cp $files_at/bench_cache.tgz.* $files_at/bench_8b_4xgpu.json into
     # benchmarks/.bench_cache/ (the JSON into results/), carry=["benchmarks/.bench_cache"]
-    # call B: SPMD DP x TP [103] and ZBV [96]
-    C=spmd/dp2-tp2/acc8/noremat,jaxpp/zbv/pp4/mb32/noremat
+    # call B: SPMD FSDP x TP and DP x TP [82, 103]
+    C=spmd/fsdp2-tp2/acc4/noremat,spmd/dp2-tp2/acc8/noremat
     BENCH_CONFIGS=$C bash benchmarks/pipeline_gpu_run.sh bench
-    # call C: FSDP with less accumulation [114] and DualPipeV [99]
-    C=spmd/fsdp4/acc2/noremat,jaxpp/dualpipev/pp4/mb32/noremat
+    # call C: FSDP with less accumulation [114] and ZBV [96] (DualPipeV [99] next)
+    C=spmd/fsdp4/acc2/noremat,jaxpp/zbv/pp4/mb32/noremat
     BENCH_CONFIGS=$C bash benchmarks/pipeline_gpu_run.sh bench
 
 Later (more device time): spmd/fsdp4/acc2/noremat [114], spmd/fsdp4/acc1/remat [45],
