@@ -252,10 +252,10 @@ def build(
     key = jax.random.key(problem.seed)
     if config.kind == _configs.SPMD:
         mesh = _spmd.make_mesh(layout, devices)
-        # The attention kernel runs per shard (a Pallas call is opaque to XLA's SPMD
-        # partitioner, which would otherwise gather the batch onto every device).
+        # Activations pinned to the layout, and the attention kernel run per shard (a
+        # Pallas call is opaque to XLA's partitioner, which would gather the batch).
         model_config = dataclasses.replace(
-            model_config, attention_sharding=_spmd.attention_sharding(layout, mesh)
+            model_config, activation_sharding=_spmd.activation_sharding(layout, mesh)
         )
         state_sharding = _spmd.state_shardings(problem.shapes(), layout, mesh)
         batch_sharding = {"tokens": NamedSharding(mesh, _spmd.batch_spec(layout))}

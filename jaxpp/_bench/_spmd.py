@@ -170,16 +170,17 @@ def state_shardings(state: Any, layout: Layout, mesh: Mesh) -> Any:
     return jax.tree.map(lambda s: NamedSharding(mesh, s), state_specs(state, layout))
 
 
-def attention_sharding(layout: Layout, mesh: Mesh) -> gpt.AttentionSharding:
-    """How the attention kernel runs per device: batch over "data", heads over "model".
+def activation_sharding(layout: Layout, mesh: Mesh) -> gpt.ActivationSharding:
+    """The GPT's activations under `layout`: batch over "data", heads and MLP width over
+    "model" (Megatron), the residual stream whole.
 
     Example:
         >>> layout = Layout(data=2, model=2)
-        >>> attention_sharding(layout, make_mesh(layout)).spec
+        >>> activation_sharding(layout, make_mesh(layout)).heads
         P('data', None, 'model', None)
     """
     batch = (DATA,) if layout.data > 1 else ()
-    return gpt.AttentionSharding(mesh, batch, MODEL if layout.model > 1 else None)
+    return gpt.ActivationSharding(mesh, batch, MODEL if layout.model > 1 else None)
 
 
 def batch_spec(layout: Layout) -> P:

@@ -41,10 +41,12 @@ class GPTConfig:
         norm: "rms" (RMSNorm) or "layer" (LayerNorm).
         attention: the `jaxpp.kernels.attention` implementation ("auto", "mosaic",
             "triton" or "xla").
-        attention_sharding: under SPMD `jax.jit` with batch- or head-sharded activations,
-            how to run the attention kernel per shard (`AttentionSharding`). A Pallas
-            kernel is a custom call that XLA cannot partition: without this, every device
-            gathers q, k, v and computes the whole batch's attention.
+        activation_sharding: under SPMD `jax.jit`, how activations are laid out over the
+            devices (`ActivationSharding`): the layers constrain them to it, and the
+            attention kernel runs on each device's shard. Without it XLA's propagation
+            chooses per op (at 8B widths under FSDP it gathered whole microbatches of
+            activations and all-reduced others), and a Pallas kernel, opaque to XLA's
+            partitioner, runs on the whole batch on every device.
 
     Example:
         >>> GPTConfig(num_layers=2, d_model=32, num_heads=4).head_dim
@@ -65,7 +67,7 @@ class GPTConfig:
     remat: bool = False
     norm: str = "rms"
     attention: str = "auto"
-    attention_sharding: "AttentionSharding | None" = None
+    activation_sharding: "ActivationSharding | None" = None
 
     def __post_init__(self) -> None:
         if self.num_kv_heads is None:
@@ -96,26 +98,43 @@ class GPTConfig:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class AttentionSharding:
-    """Runs the attention kernel on each device's shard: batch over `batch_axes`, heads
-    over `head_axis` of `mesh` (`jax.shard_map`); sequence and head width stay whole.
+class ActivationSharding:
+    """Activations over a mesh: batch over `batch_axes`; under tensor parallelism heads
+    and the MLP's hidden width over `model_axis` (Megatron), the residual stream whole.
 
     Example:
         >>> import numpy as np
         >>> mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
-        >>> AttentionSharding(mesh, batch_axes=("data",)).spec
+        >>> ActivationSharding(mesh, batch_axes=("data",)).heads
         P('data', None, None, None)
     """
 
     mesh: jax.sharding.Mesh
     batch_axes: tuple[str, ...] = ()
-    head_axis: str | None = None
+    model_axis: str | None = None
 
     @property
-    def spec(self) -> jax.sharding.PartitionSpec:
-        """The BTNH partition spec of q, k, v and the output."""
-        batch = self.batch_axes or None
-        return jax.sharding.PartitionSpec(batch, None, self.head_axis, None)
+    def residual(self) -> jax.sharding.PartitionSpec:
+        """[B, T, d_model]: the residual stream, replicated over the model axis."""
+        return jax.sharding.PartitionSpec(self.batch_axes or None, None, None)
+
+    @property
+    def hidden(self) -> jax.sharding.PartitionSpec:
+        """[B, T, width]: a column-parallel projection's output (MLP hidden, logits)."""
+        return jax.sharding.PartitionSpec(self.batch_axes or None, None, self.model_axis)
+
+    @property
+    def heads(self) -> jax.sharding.PartitionSpec:
+        """[B, T, heads, head_dim]: q, k, v and the attention output."""
+        return jax.sharding.PartitionSpec(self.batch_axes or None, None, self.model_axis, None)
+
+    def constrain(self, x: jax.Array, spec: jax.sharding.PartitionSpec) -> jax.Array:
+        """`x` pinned to `spec` on this mesh."""
+        return jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(self.mesh, spec))
+
+
+def _constrain(x: jax.Array, sharding: "ActivationSharding | None", spec: str) -> jax.Array:
+    return x if sharding is None else sharding.constrain(x, getattr(sharding, spec))
 
 
 def _attention(
@@ -123,7 +142,7 @@ def _attention(
     k: jax.Array,
     v: jax.Array,
     implementation: str,
-    sharding: AttentionSharding | None = None,
+    sharding: ActivationSharding | None = None,
 ) -> jax.Array:
     """Causal attention, BTNH; the jaxpp kernel, per shard under `sharding`."""
     from jaxpp.kernels.attention import dot_product_attention
@@ -133,7 +152,7 @@ def _attention(
 
     if sharding is None:
         return attend(q, k, v)
-    spec = sharding.spec
+    spec = sharding.heads
     return jax.shard_map(
         attend, mesh=sharding.mesh, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False
     )(q, k, v)
@@ -168,7 +187,7 @@ class Embed(nn.Module):
                 f"Fix: raise GPTConfig.max_seq_len or shorten the batch."
             )
         h = self.tokens(tokens) + self.positions[:seq_len].astype(self.config.dtype)
-        return h.astype(self.config.dtype)
+        return _constrain(h.astype(self.config.dtype), self.config.activation_sharding, "residual")
 
     def attend(self, h: jax.Array) -> jax.Array:
         """Logits against the token embedding (tied unembedding)."""
@@ -204,16 +223,20 @@ class Block(nn.Module):
 
     def _forward(self, h: jax.Array) -> jax.Array:
         cfg = self.config
+        sharding = cfg.activation_sharding
         batch, seq_len, _ = h.shape
+        h = _constrain(h, sharding, "residual")
         x = self.attn_norm(h)
-        q = self.q(x).reshape(batch, seq_len, cfg.num_heads, cfg.head_dim)
-        k = self.k(x).reshape(batch, seq_len, cfg.num_kv_heads, cfg.head_dim)
-        v = self.v(x).reshape(batch, seq_len, cfg.num_kv_heads, cfg.head_dim)
-        attn = _attention(q, k, v, cfg.attention, cfg.attention_sharding)
+        q, k, v = (
+            _constrain(proj(x).reshape(batch, seq_len, heads, cfg.head_dim), sharding, "heads")
+            for proj, heads in ((self.q, cfg.num_heads), (self.k, cfg.num_kv_heads),
+                                (self.v, cfg.num_kv_heads))
+        )  # fmt: skip
+        attn = _attention(q, k, v, cfg.attention, sharding)
         attn = attn.reshape(batch, seq_len, cfg.d_model)
-        h = h + self.out(attn)
-        x = nn.gelu(self.up(self.mlp_norm(h)))
-        return h + self.down(x)
+        h = _constrain(h + self.out(attn), sharding, "residual")
+        x = _constrain(nn.gelu(self.up(self.mlp_norm(h))), sharding, "hidden")
+        return _constrain(h + self.down(x), sharding, "residual")
 
 
 class _ScanBlock(Block):
@@ -231,7 +254,7 @@ class Head(nn.Module):
     @nn.compact
     def __call__(self, h: jax.Array, embed: Embed | None = None) -> jax.Array:
         cfg = self.config
-        h = _norm(cfg, "norm")(h)
+        h = _norm(cfg, "norm")(_constrain(h, cfg.activation_sharding, "residual"))
         if cfg.tie_embeddings:
             if embed is None:
                 raise ValueError("Head: tie_embeddings=True needs the Embed module as `embed`.")
@@ -241,6 +264,7 @@ class Head(nn.Module):
                 cfg.vocab_size, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                 name="unembed",
             )(h)  # fmt: skip
+        logits = _constrain(logits, cfg.activation_sharding, "hidden")  # vocab-parallel
         return logits.astype(jnp.float32)
 
 

@@ -158,7 +158,7 @@ def test_spmd_attention_kernel_sees_only_its_shard(monkeypatch):
     monkeypatch.setattr(attention, "dot_product_attention", recording)
     layout = _spmd.Layout(data=2, model=2)
     mesh = _spmd.make_mesh(layout)
-    sharding = _spmd.attention_sharding(layout, mesh)
+    sharding = _spmd.activation_sharding(layout, mesh)
     keys = jax.random.split(jax.random.key(3), 3)
     q, k, v = (jax.random.normal(key, (4, 16, 4, 8)) for key in keys)
     got = jax.jit(lambda q, k, v: gpt._attention(q, k, v, "xla", sharding))(q, k, v)
