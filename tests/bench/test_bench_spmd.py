@@ -165,3 +165,26 @@ def test_spmd_attention_kernel_sees_only_its_shard(monkeypatch):
     assert seen == [((2, 16, 2, 8),) * 3]  # batch 4 / data 2, heads 4 / model 2
     want = jax.nn.dot_product_attention(q, k, v, is_causal=True)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_fsdp_gathers_weights_not_activations():
+    """Under FSDP every device keeps its own batch shard: XLA gathers weights, never a
+    whole microbatch of activations (which it did without `activation_sharding`)."""
+    import re
+
+    preset = dataclasses.replace(_configs.PRESETS["tiny"], dtype="bfloat16", num_layers=2)
+    problem = _run.Problem(preset=preset)
+    config = _configs.parse_config("spmd/fsdp4/acc2/noremat")
+    step, state, batch = _run.build(config, problem, attention="xla", accumulate="scan")
+    hlo = step.lower(state, batch).compile().as_text()
+    microbatch = preset.global_batch // config.accumulation
+    shapes = re.findall(r"\[([0-9,]+)\]\{[0-9,]*\} all-gather\(", hlo)
+    assert shapes, "no all-gather at all: FSDP should gather its weights"
+    # Whole-microbatch activations: [batch, seq, width] or [batch, seq, heads, head_dim]
+    # (a [batch, seq, 1] of per-token loss terms is left to XLA: it is tiny).
+    whole = [
+        s
+        for s in shapes
+        if s.startswith(f"{microbatch},{preset.seq_len},") and not s.endswith(",1")
+    ]
+    assert not whole, f"activations gathered over the batch: {whole}"
