@@ -57,7 +57,7 @@ for part in "$@"; do
           --out "$OUT/distributed_${n}gpu_1proc_b${DIST_BATCH:-32}.json"
         # A method may name a transfer_probe.py variant after "@" (inline@nccl-async): its
         # XLA_FLAGS / client setting apply to that run only.
-        for spec in ${DIST_TRANSFERS:-async inline}; do
+        for spec in ${DIST_TRANSFERS:-auto inline}; do
           transfers=${spec%%@*} variant=${spec#*@}
           [ "$variant" = "$spec" ] && variant=baseline
           tag="${n}gpu_${n}proc_${spec/@/-}_b${DIST_BATCH:-32}"
