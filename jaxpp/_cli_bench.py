@@ -81,18 +81,21 @@ of <= 9.5 min on nvidia-h200-x4 (predicted GiB per device in brackets; limit 126
     # before call A: mkdir -p benchmarks/.bench_cache/results && cp
     #   benchmarks/results/pipeline_2026-11-21_s4/call3_4xh200/bench_8b_4xgpu.json
     #   benchmarks/.bench_cache/results/   (so the table holds all rows)
-    # call A: FSDP again (attention now sharded) and SPMD tensor parallel [84, 90]
-    C=spmd/fsdp4/acc4/noremat,spmd/tp4/acc4/noremat
+    # call A: FSDP again (attention and activations now sharded), with XLA's defaults and
+    # with the collective-overlap flag preset (`@overlap`, _configs.XLA_PRESETS) [84, 84]
+    C=spmd/fsdp4/acc4/noremat,spmd/fsdp4/acc4/noremat@overlap
     BENCH_CONFIGS=$C bash benchmarks/pipeline_gpu_run.sh bench
     # after each call: cp $files_at/bench_cache.tgz.* $files_at/bench_8b_4xgpu.json into
     # benchmarks/.bench_cache/ (the JSON into results/), carry=["benchmarks/.bench_cache"]
-    # call B: SPMD FSDP x TP and DP x TP [82, 103]
-    C=spmd/fsdp2-tp2/acc4/noremat,spmd/dp2-tp2/acc8/noremat
+    # call B: SPMD tensor parallel and FSDP x TP [90, 82] (with the better flag setting of
+    # call A: add @overlap if it won)
+    C=spmd/tp4/acc4/noremat,spmd/fsdp2-tp2/acc4/noremat
     BENCH_CONFIGS=$C bash benchmarks/pipeline_gpu_run.sh bench
-    # call C: FSDP with less accumulation [114] and ZBV [96] (DualPipeV [99] next)
-    C=spmd/fsdp4/acc2/noremat,jaxpp/zbv/pp4/mb32/noremat
+    # call C: jaxpp's best with the same preset, and FSDP with less accumulation [93, 114]
+    C=jaxpp/zb-h1/pp4/mb32/noremat@overlap,spmd/fsdp4/acc2/noremat
     BENCH_CONFIGS=$C bash benchmarks/pipeline_gpu_run.sh bench
 
+Then spmd/dp2-tp2/acc8/noremat [103], jaxpp ZBV [96], DualPipeV [99], interleaved [102].
 Later (more device time): spmd/fsdp4/acc2/noremat [114], spmd/fsdp4/acc1/remat [45],
 jaxpp/interleaved-1f1b/pp4/mb32/noremat [102], jaxpp/1f1b/pp4/mb16/noremat [118 (tight)];
 the ~2B model on nvidia-h200-x2 (BENCH_MODEL=2b BENCH_DEVICES=2): SPMD
@@ -264,6 +267,13 @@ def run(args: argparse.Namespace) -> int:
         args.parser.error("no configuration fits the flags. Fix: check --list and relax them.")
     if args.isolate:
         return _run_isolated(args, configs, out)
+    for config in configs:  # (the reference and ceilings alone need no preset)
+        if missing_xla_flags(config) and not args.prepare_only:
+            args.parser.error(
+                f"{config.name} runs with the XLA flag preset {config.xla!r}, which this process "
+                f"was started without (XLA reads its flags once per process). Fix: add --isolate "
+                f"(each configuration in its own process, with its flags)."
+            )
     from jaxpp import _cli_train
 
     _cli_train.configure_devices(max(8, args.devices or 0))
@@ -419,8 +429,8 @@ def _run_isolated(args: argparse.Namespace, configs: tuple, out: str) -> int:
                     break
                 command = command_for(common, config.name)
                 started = time.perf_counter()
-                child = _run_child(command, env=env, cwd=cwd, timeout=args.config_timeout,
-                                   stop=stop)  # fmt: skip
+                child = _run_child(command, env=with_xla_flags(env, config.xla_flags), cwd=cwd,
+                                   timeout=args.config_timeout, stop=stop)  # fmt: skip
                 elapsed = time.perf_counter() - started
                 clock.say(f"{config.name} exit {child.returncode} after {elapsed:.1f} s; "
                           f"{_cache_size(cache)}")  # fmt: skip
@@ -719,6 +729,34 @@ def child_environment(environ: dict | None = None) -> dict[str, str]:
     return env
 
 
+def with_xla_flags(env: dict[str, str], flags: tuple[str, ...]) -> dict[str, str]:
+    """`env` with `flags` appended to its XLA_FLAGS (a child runs a configuration's preset).
+
+    Example:
+        >>> with_xla_flags({"XLA_FLAGS": "--a=1"}, ("--b=2",))["XLA_FLAGS"]
+        '--a=1 --b=2'
+        >>> with_xla_flags({}, ()) == {}
+        True
+    """
+    if not flags:
+        return env
+    return {**env, "XLA_FLAGS": " ".join(filter(None, (env.get("XLA_FLAGS", ""), *flags)))}
+
+
+def missing_xla_flags(config, environ: dict[str, str] | None = None) -> tuple[str, ...]:
+    """The flags of `config`'s preset that this process's XLA_FLAGS lack.
+
+    Example:
+        >>> from jaxpp._bench import _configs
+        >>> config = _configs.parse_config("spmd/dp2/acc1/noremat@overlap")
+        >>> len(missing_xla_flags(config, {})) > 0, missing_xla_flags(config, {
+        ...     "XLA_FLAGS": " ".join(config.xla_flags)})
+        (True, ())
+    """
+    given = set((os.environ if environ is None else environ).get("XLA_FLAGS", "").split())
+    return tuple(f for f in config.xla_flags if f not in given)
+
+
 def _run_here(args: argparse.Namespace, configs: tuple, out: str) -> int:
     from jaxpp._bench import _phases
 
@@ -828,6 +866,8 @@ def _run_here(args: argparse.Namespace, configs: tuple, out: str) -> int:
         except Exception as e:  # noqa: BLE001 (an OOM or lowering failure fails this row only)
             row, failed = {"name": config.name, "kind": config.kind, "status": "failed"}, failed + 1
             row["error"] = f"{type(e).__name__}: {e}"
+        if config.xla:
+            row["xla_flags"] = list(config.xla_flags)
         if row["status"] != "ok":
             row["phase"] = clock.current
             row.update(clock.details)  # e.g. how far the compile-ahead got

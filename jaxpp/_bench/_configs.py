@@ -99,13 +99,36 @@ PRESETS: types.MappingProxyType[str, ModelPreset] = types.MappingProxyType(
 )
 
 
+# XLA flag presets a configuration may name after "@" (spmd/fsdp4/acc4/noremat@overlap).
+# "overlap": the collective-overlap settings commonly recommended for JAX training on
+# GPUs (latency-hiding scheduler, collectives pipelined across loop iterations, double-
+# buffered loops, large combine thresholds). Every flag is known to jax 0.11.2's XLA.
+XLA_PRESETS: dict[str, tuple[str, ...]] = {
+    "overlap": (
+        "--xla_gpu_enable_latency_hiding_scheduler=true",
+        "--xla_gpu_enable_pipelined_all_gather=true",
+        "--xla_gpu_enable_pipelined_reduce_scatter=true",
+        "--xla_gpu_enable_pipelined_all_reduce=true",
+        "--xla_gpu_enable_while_loop_double_buffering=true",
+        "--xla_gpu_all_gather_combine_threshold_bytes=134217728",
+        "--xla_gpu_reduce_scatter_combine_threshold_bytes=134217728",
+        "--xla_gpu_all_reduce_combine_threshold_bytes=134217728",
+    ),
+}
+
+
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class BenchConfig:
     """One measured configuration; `name` round-trips through `parse_config`.
 
+    `xla` names an XLA flag preset (`XLA_PRESETS`) the configuration runs with ("" for
+    XLA's defaults); it needs `--isolate`, since XLA reads its flags once per process.
+
     Example:
         >>> parse_config("jaxpp/zbv/pp2-tp2/mb16/remat").name
         'jaxpp/zbv/pp2-tp2/mb16/remat'
+        >>> parse_config("spmd/fsdp4/acc4/noremat@overlap").xla
+        'overlap'
     """
 
     kind: str
@@ -118,6 +141,12 @@ class BenchConfig:
     ranks: int = 1
     microbatches: int = 1
     remat: bool = False
+    xla: str = ""
+
+    @property
+    def xla_flags(self) -> tuple[str, ...]:
+        """The XLA flags of its preset (none for XLA's defaults)."""
+        return XLA_PRESETS[self.xla] if self.xla else ()
 
     @property
     def num_devices(self) -> int:
@@ -135,9 +164,10 @@ class BenchConfig:
     def name(self) -> str:
         """The configuration's name, as `--configs` takes it."""
         remat = "remat" if self.remat else "noremat"
+        preset = f"@{self.xla}" if self.xla else ""
         if self.kind == SPMD:
-            return f"{SPMD}/{self.layout}/acc{self.accumulation}/{remat}"
-        return f"{JAXPP}/{self.schedule}/{self.layout}/mb{self.microbatches}/{remat}"
+            return f"{SPMD}/{self.layout}/acc{self.accumulation}/{remat}{preset}"
+        return f"{JAXPP}/{self.schedule}/{self.layout}/mb{self.microbatches}/{remat}{preset}"
 
 
 _SPMD_LAYOUT = re.compile(r"^(?:(dp|fsdp)(\d+))?(?:-?tp(\d+))?$")
@@ -145,7 +175,8 @@ _JAXPP_LAYOUT = re.compile(r"^pp(\d+)(?:-dp(\d+))?(?:-tp(\d+))?$")
 _REMAT = ("remat", "noremat")
 _FORMS = (
     "spmd/<dpD|fsdpD|tpM|dpD-tpM|fsdpD-tpM>/acc<A>/<remat|noremat> or "
-    "jaxpp/<schedule>/pp<R>[-dp<D>][-tp<M>]/mb<K>/<remat|noremat>"
+    "jaxpp/<schedule>/pp<R>[-dp<D>][-tp<M>]/mb<K>/<remat|noremat>, either with an optional "
+    "@<XLA flag preset>"
 )
 
 
@@ -159,7 +190,13 @@ def parse_config(name: str) -> BenchConfig:
         >>> parse_config("spmd/fsdp2-tp2/acc4/remat").num_devices
         4
     """
-    parts = name.strip().split("/")
+    name, _, xla = name.strip().partition("@")
+    if xla and xla not in XLA_PRESETS:
+        raise ValueError(
+            f"configuration {name}@{xla}: unknown XLA flag preset {xla!r}. Fix: use one of "
+            f"{', '.join(XLA_PRESETS)}, or no @ suffix for XLA's defaults."
+        )
+    parts = name.split("/")
     fix = f"Fix: write {_FORMS}, e.g. spmd/fsdp4/acc1/noremat or jaxpp/1f1b/pp4/mb8/remat."
     sizes = {SPMD: 4, JAXPP: 5}
     if parts[0] not in sizes or len(parts) != sizes[parts[0]] or parts[-1] not in _REMAT:
@@ -193,7 +230,7 @@ def parse_config(name: str) -> BenchConfig:
     counts = (config.data, config.model, config.ranks, config.accumulation, config.microbatches)
     if min(counts) < 1:
         raise ValueError(f"configuration {name!r}: every count must be >= 1. {fix}")
-    return config
+    return dataclasses.replace(config, xla=xla)
 
 
 def spmd_layouts(num_devices: int) -> tuple[str, ...]:

@@ -48,6 +48,7 @@ def test_presets_have_the_sizes_the_issue_asks_for():
         ("jaxpp/zb/pp4/mb8/remat", "unknown schedule 'zb'"),
         ("jaxpp/1f1b/pp4/mb0/remat", "must be >= 1"),
         ("gspmd/dp4/acc1/remat", "malformed"),
+        ("spmd/dp4/acc1/remat@fast", "unknown XLA flag preset 'fast'"),
     ],
 )
 def test_parse_config_bad_name_raises(name, message):
@@ -58,3 +59,10 @@ def test_parse_config_bad_name_raises(name, message):
 def test_sweep_bad_only_raises():
     with pytest.raises(ValueError, match="only='pp'"):
         _configs.sweep(_configs.PRESETS["tiny"], 4, only="pp")
+
+
+def test_xla_preset_round_trips_and_names_its_flags():
+    config = _configs.parse_config("jaxpp/zb-h1/pp4/mb32/noremat@overlap")
+    assert config.name == "jaxpp/zb-h1/pp4/mb32/noremat@overlap"
+    assert config.xla_flags == _configs.XLA_PRESETS["overlap"]
+    assert _configs.parse_config("spmd/fsdp4/acc4/noremat").xla_flags == ()

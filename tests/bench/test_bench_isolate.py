@@ -214,3 +214,24 @@ def test_isolate_flags_bad_values_raise_clear_errors(flags, message, capsys):
     with pytest.raises(SystemExit):
         cli.main(["bench", "pipeline", "--model", "tiny", "--devices", "2", *flags])
     assert message in capsys.readouterr().err
+
+
+def test_isolate_child_runs_with_its_xla_preset(tmp_path, capfd):
+    """The child checks that its XLA_FLAGS hold the preset (it refuses to run otherwise),
+    so a row with status ok proves the parent passed them."""
+    out = tmp_path / "bench.json"
+    argv = ["bench", "pipeline", "--model", "tiny", "--devices", "2", "--isolate"]
+    argv += ["--configs", "spmd/dp2/acc1/noremat@overlap", "--out", str(out), "--steps", "1"]
+    argv += ["--warmup", "1", "--attention", "xla", "--cache-dir", "off"]
+    assert cli.main(argv) == 0
+    (row,) = json.loads(out.read_text())["results"]
+    assert row["name"] == "spmd/dp2/acc1/noremat@overlap" and row["status"] == "ok"
+    assert row["xla_flags"] == list(_configs.XLA_PRESETS["overlap"])
+
+
+def test_xla_preset_without_isolate_is_refused(monkeypatch, capsys):
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "pipeline", "--model", "tiny", "--devices", "2",
+                  "--configs", "spmd/dp2/acc1/noremat@overlap"])  # fmt: skip
+    assert "add --isolate" in capsys.readouterr().err
