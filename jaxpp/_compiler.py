@@ -21,7 +21,7 @@ from jax import lax
 from jax.extend import core as jex_core
 
 from jaxpp import _markers, _treduce
-from jaxpp.runtime import _taskgraph
+from jaxpp.runtime import _rank_mesh, _taskgraph
 from jaxpp.schedules import Kind
 
 Var = jex_core.Var
@@ -151,7 +151,8 @@ def _eval_equations(eqns: Sequence, env: dict) -> None:
         return a.val if isinstance(a, Literal) else env[a]
 
     for eqn in eqns:
-        params = eqn.primitive.get_bind_params(eqn.params)
+        # Template meshes of sharding annotations become the traced rank's mesh.
+        params = eqn.primitive.get_bind_params(_rank_mesh.rank_params(eqn))
         with eqn.ctx.manager:
             out = eqn.primitive.bind(*map(read, eqn.invars), **params)
         if eqn.primitive.multiple_results:

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jaxpp.runtime import _plan, _precompile, _taskgraph
+from jaxpp.runtime import _plan, _precompile, _rank_mesh, _taskgraph
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -126,9 +126,11 @@ class LocalExecutor:
         return jax.device_put(x, target)
 
     def _make_jit(self, task: _taskgraph.Task, rank: int):
+        # Sharding annotations written against a template mesh land on this rank's devices.
+        fn = _rank_mesh.on_rank(task.fn, rank, self.rank_meshes[rank])
         if task.inputs:
-            return jax.jit(task.fn, donate_argnums=task.donate)
-        return jax.jit(task.fn, out_shardings=self._replicated(rank))
+            return jax.jit(fn, donate_argnums=task.donate)
+        return jax.jit(fn, out_shardings=self._replicated(rank))
 
     def _compiled_task(self, task: _taskgraph.Task, rank: int):
         key = (task.name, rank)

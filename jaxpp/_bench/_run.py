@@ -279,9 +279,15 @@ def build(
     grid = np.array(devices[: config.num_devices]).reshape(config.ranks, config.data, config.model)
     mesh = _mpmd.MpmdMesh(jax.sharding.Mesh(grid, ("stages", "data", "model")), "stages")
     builder = schedules.get_builder(config.schedule, config.num_stages, ranks=config.ranks)
+    inner = _spmd.Layout(data=config.data, model=config.model)
+    if config.data > 1 or config.model > 1:
+        # As under SPMD, inside each stage: written against rank 0's mesh, the annotations
+        # run on every rank's own devices (jaxpp moves them when it traces the rank's tasks).
+        model_config = dataclasses.replace(
+            model_config, activation_sharding=_spmd.activation_sharding(inner, mesh.rank_mesh(0))
+        )
     model = _pipeline.pipeline(gpt.GPT(model_config), num_stages=config.num_stages)
     shapes = problem.shapes()
-    inner = _spmd.Layout(data=config.data, model=config.model)
     specs = (_spmd.state_specs(shapes, inner), {"tokens": _spmd.batch_spec(inner)})
     flat = _spmd.Layout(data=config.num_devices, fsdp=True)  # init spread over all devices
     flat_mesh = _spmd.make_mesh(flat, devices)
