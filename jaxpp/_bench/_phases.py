@@ -247,20 +247,33 @@ def stats_dict(stats: _precompile.PrecompileStats) -> dict[str, object]:
 
 
 def where(thread_id: int, *, depth: int = 5) -> str:
-    """The innermost `depth` frames of a thread, innermost first: "file:line function".
+    """The innermost `depth` frames of a thread, innermost first: "file:line function";
+    then, if none of those is jaxpp's own code, the innermost frame that is (" ... "
+    before it), so a thread deep inside jax still says which jaxpp step it is in.
 
     Example:
         >>> "where" in where(threading.get_ident())
         True
     """
     frame = sys._current_frames().get(thread_id)
-    frames = []
-    while frame is not None and len(frames) < depth:
+    frames, seen_ours = [], False
+    while frame is not None:
         code = frame.f_code
-        name = os.path.basename(code.co_filename)
-        frames.append(f"{name}:{frame.f_lineno} {code.co_name}")
+        text = f"{os.path.basename(code.co_filename)}:{frame.f_lineno} {code.co_name}"
+        ours = _is_jaxpp(frame.f_globals.get("__name__", ""))
+        if len(frames) < depth:
+            frames.append(text)
+            seen_ours |= ours
+        elif ours and not seen_ours:
+            frames += ["...", text]
+            break
         frame = frame.f_back
     return " <- ".join(frames) or "(thread gone)"
+
+
+def _is_jaxpp(module: str) -> bool:
+    """Whether `module` is jaxpp's own code (not the benchmark's)."""
+    return module.startswith("jaxpp.") and not module.startswith("jaxpp._bench")
 
 
 @contextlib.contextmanager

@@ -99,3 +99,19 @@ def test_precompile_without_watcher_prints_nothing_and_keeps_stats():
         [_program("F", 0)], lambda task, rank: _SlowProgram(0.0)
     )
     assert list(compiled) == [("F", 0)] and stats.programs == 1 and stats.threads == 1
+
+
+def test_where_names_the_innermost_jaxpp_frame_below_deep_library_code():
+    import sys
+    import threading
+
+    def deep(n):
+        if n == 0:
+            return _phases.where(threading.get_ident(), depth=3)
+        return deep(n - 1)
+
+    module = type(sys)("jaxpp.fake_runtime")  # stands for a runtime module calling into jax
+    exec("def run_step(callback):\n    return callback(6)\n", module.__dict__)
+    text = module.run_step(deep)
+    assert text.startswith("_phases.py:") and text.endswith("... <- <string>:2 run_step")
+    assert text.count(" deep") == 2  # depth 3: where, deep, deep; then the jaxpp frame
