@@ -306,10 +306,6 @@ def _preset(results: Mapping[str, Any]) -> _configs.ModelPreset:
     return dataclasses.replace(preset, **{k: v for k, v in recorded.items() if k in fields})
 
 
-def _has(per_stage: Mapping[str, Mapping[str, float]], kind: str) -> bool:
-    return all(kind in kinds for kinds in per_stage.values())
-
-
 def _mean(per_stage: Mapping[str, Mapping[str, float]], *alternatives: tuple[str, ...]) -> float:
     """The mean over stages of each stage's first complete alternative (summed kinds).
 

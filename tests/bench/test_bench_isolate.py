@@ -75,18 +75,25 @@ _SLOW_CHILD = textwrap.dedent(
 )
 
 
-def test_isolate_config_timeout_records_phase_and_goes_on(tmp_path, monkeypatch, capsys):
-    script = tmp_path / "slow.py"
-    script.write_text(_SLOW_CHILD)
+def _run_fake_children(tmp_path, monkeypatch, child: str, names: str, timeout: str):
+    """Runs the --isolate bench with `child` (a script) in place of every configuration's
+    process, reference and ceilings given (no prepare child); returns (exit code, --out)."""
+    script = tmp_path / "child.py"
+    script.write_text(child)
     monkeypatch.setattr(
         _cli_bench, "command_for", lambda common, name: [sys.executable, str(script), name]
     )
     out = tmp_path / "bench.json"
-    names = "spmd/dp2/acc1/noremat,jaxpp/1f1b/pp2/mb4/noremat"
     argv = ["bench", "pipeline", "--model", "tiny", "--devices", "2", "--isolate"]
-    argv += ["--configs", names, "--out", str(out), "--config-timeout", "1.5"]
+    argv += ["--configs", names, "--out", str(out), "--config-timeout", timeout]
     argv += ["--reference-loss", "4.2", "--ceilings", "1,1", "--cache-dir", "off"]
-    assert cli.main(argv) == 1  # no prepare child: both given
+    return cli.main(argv), out
+
+
+def test_isolate_config_timeout_records_phase_and_goes_on(tmp_path, monkeypatch, capsys):
+    names = "spmd/dp2/acc1/noremat,jaxpp/1f1b/pp2/mb4/noremat"
+    code, out = _run_fake_children(tmp_path, monkeypatch, _SLOW_CHILD, names, "1.5")
+    assert code == 1
     printed = capsys.readouterr().out
     assert "spmd/dp2/acc1/noremat: init 0.1 s" in printed  # relayed from the child
     rows = {r["name"]: r for r in _report.load_rows(out, preset="tiny")}
@@ -117,17 +124,9 @@ _HANGING_CHILD = textwrap.dedent(
 
 
 def test_isolate_timeout_relays_every_thread_stack_of_the_child(tmp_path, monkeypatch, capsys):
-    script = tmp_path / "hang.py"
-    script.write_text(_HANGING_CHILD)
-    monkeypatch.setattr(
-        _cli_bench, "command_for", lambda common, name: [sys.executable, str(script), name]
-    )
-    out = tmp_path / "bench.json"
     name = "jaxpp/1f1b/pp2/mb4/noremat"
-    argv = ["bench", "pipeline", "--model", "tiny", "--devices", "2", "--isolate"]
-    argv += ["--configs", name, "--out", str(out), "--config-timeout", "3"]
-    argv += ["--reference-loss", "4.2", "--ceilings", "1,1", "--cache-dir", "off"]
-    assert cli.main(argv) == 1
+    code, out = _run_fake_children(tmp_path, monkeypatch, _HANGING_CHILD, name, "3")
+    assert code == 1
     printed = capsys.readouterr().out
     # faulthandler's dump, relayed before the child was ended: threads, files, functions.
     assert "Current thread" in printed or "Thread 0x" in printed

@@ -5,8 +5,8 @@ import dataclasses
 import jax
 import numpy as np
 import pytest
+from bench_checks import assert_step_matches, record_attention, single_device_step
 
-from jaxpp import schedules
 from jaxpp._bench import _configs, _run, _spmd
 from jaxpp.models import gpt
 
@@ -24,22 +24,10 @@ def reference_steps():
 
     def get(num_microbatches: int):
         if num_microbatches not in cache:
-            cache[num_microbatches] = _single_device_step(PROBLEM, num_microbatches)
+            cache[num_microbatches] = single_device_step(PROBLEM, num_microbatches)
         return cache[num_microbatches]
 
     return get
-
-
-def _single_device_step(problem: _run.Problem, num_microbatches: int):
-    device = jax.devices()[0]
-    one = jax.sharding.SingleDeviceSharding(device)
-    state = problem.init(
-        jax.random.key(problem.seed), jax.tree.map(lambda _: one, problem.shapes())
-    )
-    batch = jax.device_put({"tokens": problem.tokens(num_microbatches)}, device)
-    model = gpt.GPT(problem.model_config(attention="xla"))
-    step = _run.make_step(model, problem.optimizer(), schedule=schedules.Std1F1B(1))
-    return jax.jit(step)(state, batch)
 
 
 @pytest.mark.parametrize(
@@ -62,21 +50,7 @@ def test_spmd_layout_step_matches_single_device_jit(name, accumulate, reference_
     kernel = new_state.params["layers_0"]["up"]["kernel"]
     expected = _spmd.param_spec(("layers_0", "up", "kernel"), kernel.shape, _layout(config))
     assert kernel.sharding.spec == expected
-    np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-5)
-    for got, want, before in zip(
-        jax.tree.leaves(new_state.params),
-        jax.tree.leaves(ref_state.params),
-        jax.tree.leaves(params_in),
-        strict=True,
-    ):
-        # Adam moves each weight by ~lr * sign(g): weights with |g| near eps may differ
-        # by a fraction of lr; the gradients themselves are checked tightly below.
-        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
-        assert not np.array_equal(np.asarray(want), before)  # the step moved every parameter
-    mu = jax.tree.leaves(new_state.opt_state[0].mu)  # 0.1 * gradient: the gradients agree
-    ref_mu = jax.tree.leaves(ref_state.opt_state[0].mu)
-    for got, want in zip(mu, ref_mu, strict=True):
-        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-4, atol=1e-8)
+    assert_step_matches(new_state, loss, ref_state, ref_loss, params_in)
 
 
 def _layout(config: _configs.BenchConfig) -> _spmd.Layout:
@@ -146,16 +120,7 @@ def test_sharding_rules_fit_every_gpu_layout_of_the_presets(preset, num_devices)
 def test_spmd_attention_kernel_sees_only_its_shard(monkeypatch):
     """A Pallas kernel is opaque to XLA's partitioner: the SPMD step must hand it each
     device's batch and head shard (`attention_sharding`), not a gathered whole batch."""
-    import jaxpp.kernels.attention as attention
-    from jaxpp.models import gpt
-
-    seen = []
-
-    def recording(q, k, v, **kwargs):
-        seen.append((q.shape, k.shape, v.shape))
-        return jax.nn.dot_product_attention(q, k, v, is_causal=kwargs["causal"])
-
-    monkeypatch.setattr(attention, "dot_product_attention", recording)
+    seen = record_attention(monkeypatch)
     layout = _spmd.Layout(data=2, model=2)
     mesh = _spmd.make_mesh(layout)
     sharding = _spmd.activation_sharding(layout, mesh)
