@@ -14,6 +14,7 @@ Module state, per process like `jax.distributed` itself: the watchdog (set by
 `initialize`, an entry point) and a counter that numbers executors in creation order.
 """
 
+import atexit
 import dataclasses
 import itertools
 import json
@@ -281,6 +282,8 @@ class _Watchdog:
         self._seen: dict[int, tuple[str, float]] = {}
         self._last_ok = time.monotonic()
         self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._threads: list[threading.Thread] = []
 
     def start(self) -> None:
         client = _client()
@@ -291,19 +294,40 @@ class _Watchdog:
             self.peers[p] = ProcessInfo(**json.loads(text))
         now = time.monotonic()
         self._seen = {p: ("", now) for p in range(self.count) if p != self.me}
-        threading.Thread(target=self._beat, name="jaxpp-heartbeat", daemon=True).start()
-        threading.Thread(target=self._judge, name="jaxpp-watchdog", daemon=True).start()
+        self._threads = [
+            threading.Thread(target=self._beat, name="jaxpp-heartbeat", daemon=True),
+            threading.Thread(target=self._judge, name="jaxpp-watchdog", daemon=True),
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def stop(self) -> None:
+        """Stops both threads and waits for them (at exit, before JAX's own shutdown).
+
+        A daemon thread still inside a client call when the interpreter finalizes is
+        ended by `pthread_exit` in C++ frames that swallow the unwind: the process then
+        aborts ("FATAL: exception not rethrown") after the program has finished.
+        """
+        self._stopping.set()
+        for thread in self._threads:
+            thread.join(timeout=10 * self.interval + 5)
+            if thread.is_alive():
+                sys.stderr.write(
+                    f"jaxpp: the {thread.name} thread did not stop within "
+                    f"{10 * self.interval + 5:g} s at exit (a coordination-service call "
+                    f"hangs); the process may abort as it ends.\n"
+                )
 
     def _beat(self) -> None:
         client = _client()
         beat = 0
-        while True:
+        while not self._stopping.is_set():
             beat += 1
             try:
                 client.key_value_set(f"jaxpp/alive/{self.me}", str(beat), True)
                 entries = client.key_value_dir_get("jaxpp/alive/")
             except Exception:  # the coordinator is gone or stuck; the judge decides
-                time.sleep(self.interval)
+                self._stopping.wait(self.interval)
                 continue
             now = time.monotonic()
             with self._lock:
@@ -312,12 +336,11 @@ class _Watchdog:
                     p = int(key.rsplit("/", 1)[1])
                     if p != self.me and self._seen.get(p, ("", now))[0] != value:
                         self._seen[p] = (value, now)
-            time.sleep(self.interval)
+            self._stopping.wait(self.interval)
 
     def _judge(self) -> None:
         launcher = os.environ.get("JAXPP_LAUNCHER_PID")
-        while True:
-            time.sleep(self.interval)
+        while not self._stopping.wait(self.interval):
             if launcher and str(os.getppid()) != launcher:
                 self._exit(f"the launcher (pid {launcher}) is gone")
             now = time.monotonic()
@@ -368,6 +391,8 @@ def _start_watchdog(timeout_s: float) -> None:
     watchdog = _Watchdog(timeout_s)
     watchdog.start()
     _WATCHDOG = watchdog
+    # Registered after jax.distributed.initialize's own shutdown, so it runs before it.
+    atexit.register(watchdog.stop)
     previous = sys.excepthook
 
     def excepthook(kind, value, traceback) -> None:

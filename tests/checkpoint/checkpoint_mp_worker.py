@@ -11,6 +11,7 @@ saves and restores a layout whose ranks span both processes. Every process
 prints "PASS <phase> (process <p>)"; a failure exits non-zero.
 """
 
+import faulthandler
 import functools
 import pathlib
 import sys
@@ -135,6 +136,8 @@ def cross_step():
 
 
 if __name__ == "__main__":
+    # The test kills a launch at 90 s; if one hangs, its output says where each process was.
+    faulthandler.dump_traceback_later(75, exit=False)
     runtime.initialize()
     phase, where = sys.argv[1], pathlib.Path(sys.argv[2])
     assert jax.process_count() == 2, jax.process_count()

@@ -170,7 +170,18 @@ def slowpeer():
     print(f"PASS slowpeer (process {jax.process_index()})", flush=True)
 
 
-CASES = {f.__name__: f for f in (schedules4, spanning4, mixed2, kill, stall, slowpeer)}
+def busyexit():
+    """Exits while the heartbeat thread is (almost surely) inside a coordination call."""
+    from jaxpp.runtime import _coordination
+
+    _coordination._WATCHDOG.interval = 0.0002  # back-to-back client calls
+    time.sleep(0.5)
+    print(f"PASS busyexit (process {jax.process_index()})", flush=True)
+
+
+CASES = {
+    f.__name__: f for f in (schedules4, spanning4, mixed2, kill, stall, slowpeer, busyexit)
+}
 
 if __name__ == "__main__":
     import faulthandler

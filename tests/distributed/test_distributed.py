@@ -150,6 +150,17 @@ def test_distributed_stopped_process_is_named_and_killed():
             os.kill(pid, 0)
 
 
+def test_distributed_exit_while_heartbeat_is_in_a_client_call_is_clean():
+    # A daemon thread inside a C++ client call at interpreter exit is ended by
+    # pthread_exit, which aborted the process ("FATAL: exception not rethrown", SIGABRT)
+    # in every such run before the watchdog stopped its threads at exit.
+    for _ in range(2):
+        code, out, _ = _launch(["busyexit"], processes=2, hard_timeout_s=90)
+        assert code == 0, _tail(out)
+        assert "exception not rethrown" not in out, _tail(out)
+        assert "PASS busyexit (process 0)" in out and "PASS busyexit (process 1)" in out
+
+
 def test_launch_counts_only_visible_gpus(tmp_path):
     from jaxpp.runtime import _launch
 
