@@ -179,9 +179,7 @@ def busyexit():
     print(f"PASS busyexit (process {jax.process_index()})", flush=True)
 
 
-CASES = {
-    f.__name__: f for f in (schedules4, spanning4, mixed2, kill, stall, slowpeer, busyexit)
-}
+CASES = {f.__name__: f for f in (schedules4, spanning4, mixed2, kill, stall, slowpeer, busyexit)}
 
 if __name__ == "__main__":
     import faulthandler
