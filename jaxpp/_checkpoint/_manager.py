@@ -360,5 +360,12 @@ def _rng_from_json(data: Mapping | None) -> jax.Array | None:
 
 
 def _first_line(error: BaseException) -> str:
-    text = str(error).split("See full TensorStore details")[0].strip()
-    return text.splitlines()[0][:300] if text else "(no message)"
+    """The first line of `error`, and of its root cause (which names the file) if another."""
+    lines = []
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        text = str(error).split("See full TensorStore details")[0].strip()
+        lines.append(text.splitlines()[0][:300] if text else "(no message)")
+        error = error.__cause__ or error.__context__
+    return lines[0] if len(lines) == 1 else f"{lines[0]} (cause: {lines[-1]})"
