@@ -10,6 +10,7 @@ temporary directory and renames it when complete, so a step is complete or absen
 """
 
 import dataclasses
+import gc
 import json
 import pathlib
 from collections.abc import Mapping
@@ -232,6 +233,7 @@ class CheckpointManager:
         target_leaves, treedef = jax.tree.flatten(target)
         _leaves.check_compatible(records, paths, target_leaves, where=where)
         abstract = jax.tree.unflatten(treedef, [_stored_leaf(x) for x in target_leaves])
+        failure = None
         try:
             if meta.get("storage", _STATE) == _SHARDS:
                 targets = _shards.ShardsRestore(tuple(jax.tree.leaves(abstract)))
@@ -244,11 +246,15 @@ class CheckpointManager:
                     step, args=ocp.args.Composite(**{_STATE: ocp.args.StandardRestore(abstract)})
                 )[_STATE]
         except Exception as error:  # orbax and tensorstore raise many types for bad files
-            raise _leaves.CheckpointError(
-                f"checkpoint {where} cannot be read: {type(error).__name__}: "
-                f"{_first_line(error)}\nFix: the files are missing or damaged; restore "
+            failure = error
+        if failure is not None:
+            message = (
+                f"checkpoint {where} cannot be read: {type(failure).__name__}: "
+                f"{_first_line(failure)}\nFix: the files are missing or damaged; restore "
                 f"another step (available: {list(steps)}) with restore(..., step=N)."
-            ) from error
+            )
+            _release_failed_reads(failure)
+            raise _leaves.CheckpointError(message) from failure
         by_path = {r.path: r for r in records}
         restored = jax.tree.unflatten(
             treedef,
@@ -357,6 +363,22 @@ def _rng_from_json(data: Mapping | None) -> jax.Array | None:
     if data["typed"]:
         return jax.random.wrap_key_data(raw, impl=data["impl"])
     return jax.numpy.asarray(raw)
+
+
+def _release_failed_reads(error: BaseException) -> None:
+    """Finalizes the reads orbax left pending when one failed, now rather than later.
+
+    The tracebacks of a failed orbax read hold its event loop's other read coroutines;
+    freed at some later garbage collection, they report "Exception ignored in
+    <coroutine _read_array_index_and_device_put>" in whatever code runs then. Dropping
+    the tracebacks (the messages stay) and collecting here reports them at the failure.
+    """
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        error.__traceback__ = None
+        error = error.__cause__ or error.__context__
+    gc.collect()
 
 
 def _first_line(error: BaseException) -> str:
