@@ -302,7 +302,7 @@ class _Watchdog:
             thread.start()
 
     def stop(self) -> None:
-        """Stops both threads and waits for them (at exit, before JAX's own shutdown).
+        """Stops both threads and waits for them (at exit, after JAX's shutdown).
 
         A daemon thread still inside a client call when the interpreter finalizes is
         ended by `pthread_exit` in C++ frames that swallow the unwind: the process then
@@ -391,18 +391,27 @@ def _start_watchdog(timeout_s: float) -> None:
     watchdog = _Watchdog(timeout_s)
     watchdog.start()
     _WATCHDOG = watchdog
-    # Registered after jax.distributed.initialize's own shutdown, so it runs before it.
-    atexit.register(watchdog.stop)
+    # Registered after jax.distributed.initialize's, so it runs first.
+    atexit.register(_shut_down, watchdog)
     previous = sys.excepthook
 
     def excepthook(kind, value, traceback) -> None:
         # A collective that failed because a peer died: let the watchdog name the
         # peer before JAX's own shutdown (which would wait for that peer) runs.
         previous(kind, value, traceback)
-        if isinstance(value, jax.errors.JaxRuntimeError):
+        if failed_collective(value):
             wait_for_verdict(value)
 
     sys.excepthook = excepthook
+
+
+def _shut_down(watchdog: _Watchdog) -> None:
+    """At exit: JAX's shutdown (a barrier of every process) while the watchdog still
+    names a peer lost on the way, then the watchdog's threads stopped (`_Watchdog.stop`)."""
+    try:
+        jax.distributed.shutdown()
+    finally:
+        watchdog.stop()
 
 
 def describe_ranks(processes_of_rank: tuple[frozenset[int], ...]) -> None:
@@ -415,6 +424,24 @@ def describe_ranks(processes_of_rank: tuple[frozenset[int], ...]) -> None:
             ranks.setdefault(p, []).append(r)
     with _WATCHDOG._lock:
         _WATCHDOG.ranks = {p: tuple(v) for p, v in ranks.items()}
+
+
+def failed_collective(error: BaseException) -> bool:
+    """Whether `error` may come from a collective whose peer went away.
+
+    XLA raises a runtime error, or (when the collective ran while it was being
+    dispatched) a ValueError carrying the same text.
+
+    Example:
+        >>> failed_collective(ValueError("UNKNOWN: Gloo collective permute failed"))
+        True
+        >>> failed_collective(ValueError("bad shape"))
+        False
+    """
+    if isinstance(error, jax.errors.JaxRuntimeError):
+        return True
+    text = str(error).lower()
+    return any(word in text for word in ("collective", "gloo", "nccl", "connection closed"))
 
 
 def wait_for_verdict(error: BaseException) -> None:

@@ -169,7 +169,7 @@ class DistributedExecutor(_local.LocalExecutor):
         try:
             outputs = super().run(inputs, record_timing=record_timing)
         except (jax.errors.JaxRuntimeError, ValueError, RuntimeError) as error:
-            if _failed_collective(error):
+            if _coordination.failed_collective(error):
                 _coordination.wait_for_verdict(error)
             raise
         self._runs += 1
@@ -463,11 +463,23 @@ class DistributedExecutor(_local.LocalExecutor):
         self._pairs[key] = pair
         return pair
 
+    def _call_task(self, task: _taskgraph.Task, rank: int, args: list):
+        if not (self._sync_transfers and not self._only_mine[rank]):
+            return super()._call_task(task, rank, args)
+        # A rank spread over processes on CPUs: its task holds gloo collectives. Run
+        # it on this thread, in plan order, like the transfers (`_transfer`): queued
+        # on XLA's thread pool, collectives waiting for the peer process could take
+        # every thread and starve the ones it waits on (a hang seen once in CI).
+        jax.block_until_ready(args)
+        return jax.block_until_ready(super()._call_task(task, rank, args))
+
     def _reshard(self, x: jax.Array, target: NamedSharding) -> jax.Array:
         fn = self._reshard_fns.get(target)
         if fn is None:
             fn = jax.jit(lambda a: a, out_shardings=target)
             self._reshard_fns[target] = fn
+        if self._sync_transfers and len({d.process_index for d in target.device_set}) > 1:
+            return jax.block_until_ready(fn(jax.block_until_ready(x)))  # as in _call_task
         return fn(x)
 
     def _microbatch_index(self, rank: int, mb: int) -> jax.Array:
@@ -594,24 +606,6 @@ class _TransferThread:
                 future.set_result(fn(*args))
             except BaseException as error:  # handed to whoever waits for it
                 future.set_exception(error)
-
-
-def _failed_collective(error: BaseException) -> bool:
-    """Whether `error` may come from a collective whose peer went away.
-
-    XLA raises a runtime error, or (when the collective ran while it was being
-    dispatched) a ValueError carrying the same text.
-
-    Example:
-        >>> _failed_collective(ValueError("UNKNOWN: Gloo collective permute failed"))
-        True
-        >>> _failed_collective(ValueError("bad shape"))
-        False
-    """
-    if isinstance(error, jax.errors.JaxRuntimeError):
-        return True
-    text = str(error).lower()
-    return any(word in text for word in ("collective", "gloo", "nccl", "connection closed"))
 
 
 def _plan_id(plan: _plan.Plan, meshes: Sequence[Mesh]) -> str:
