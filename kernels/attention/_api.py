@@ -155,7 +155,7 @@ class _Static:
     forward: _mosaic.ForwardConfig
     backward: _mosaic.BackwardConfig
     triton: _triton.TritonConfig
-    interpret: bool
+    interpret: bool  # or plgpu.InterpretGPUParams (private hook: tests/attention/)
 
     def padded_lengths(self) -> tuple[int, int]:
         if self.implementation == "triton":

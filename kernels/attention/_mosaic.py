@@ -184,6 +184,17 @@ def _mma_acc(acc: jax.Array, a: jax.Array, b_ref: Any, a_smem: Any, interpret: b
     return pl.run_state(body)(plgpu.ACC.init(acc))
 
 
+def interpret_params(interpret: Any) -> plgpu.InterpretGPUParams | None:
+    """The kernels' `interpret` argument as Pallas expects it.
+
+    `interpret` is a bool, or (private hook, tests) the `plgpu.InterpretGPUParams`
+    to run with, e.g. `InterpretGPUParams(detect_races=True)` (tests/attention/).
+    """
+    if isinstance(interpret, plgpu.InterpretGPUParams):
+        return interpret
+    return plgpu.InterpretGPUParams() if interpret else None
+
+
 def _zeros(shape: tuple[int, ...]) -> jax.Array:
     return plgpu.layout_cast(jnp.zeros(shape, jnp.float32), plgpu.Layout.WGMMA)
 
@@ -437,7 +448,7 @@ def forward(
         num_threads=wgs + 1,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
-        interpret=plgpu.InterpretGPUParams() if interpret else None,
+        interpret=interpret_params(interpret),
     )(q, k, v)
 
 
@@ -700,7 +711,7 @@ def backward_dq(
         num_threads=wgs + 1,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
-        interpret=plgpu.InterpretGPUParams() if interpret else None,
+        interpret=interpret_params(interpret),
     )(q, k, v, do, lse, delta)
 
 
@@ -801,6 +812,11 @@ def backward_dkv(
                     delta = plgpu.load(delta_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
                     ds_t = p_t * (dp_t - lax.broadcast_in_dim(delta, (bkv, bq), (1,)))
                     dk = _mma_acc(dk, ds_t.astype(dtype), q_smem.at[slot], my_a, interpret)
+                # lse and delta were read through the generic proxy; the producer's next
+                # TMA into this slot writes through the async proxy. Pallas orders the two
+                # only through commit_smem (fence.proxy.async) before the free: the race
+                # detector reports the slot's reuse as a race without it (NOTES.md).
+                plgpu.commit_smem()
                 plgpu.barrier_arrive(do_free.at[slot])
                 plgpu.barrier_arrive(q_free.at[slot])
                 return dk, dv
@@ -878,5 +894,5 @@ def backward_dkv(
         num_threads=wgs + 1,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
-        interpret=plgpu.InterpretGPUParams() if interpret else None,
+        interpret=interpret_params(interpret),
     )(q, k, v, do, lse, delta)

@@ -321,5 +321,5 @@ def backward_fused(
         num_threads=wgs + 2,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
-        interpret=plgpu.InterpretGPUParams() if interpret else None,
+        interpret=_mosaic.interpret_params(interpret),
     )(q, k, v, do, lse, delta)
