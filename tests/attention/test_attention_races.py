@@ -138,3 +138,40 @@ def test_fused_backward_two_kv_tiles_races_only_on_the_cross_tile_dq_adds(verdic
         assert all(space == "0" for _, space in accesses), report  # GMEM, not SMEM
         assert report.count("_dq_writer") == 2 and "_add" in report, report
     _check_matches_reference(got, q, k, v, do, False)
+
+
+@pytest.mark.parametrize("per_consumer", (False, True))
+def test_detector_sees_the_lazy_rescale_scratch_pattern(per_consumer):
+    # A model, not the lazy kernel (its code is gone; the interpreter evaluates jnp.max
+    # on whole arrays and never sees Mosaic's reduction scratch): the cross-warp
+    # reduction of the old lazy-rescale flag lowers to partials stored at one static
+    # SMEM offset indexed by the warp within its warpgroup only, with a warpgroup-local
+    # barrier, so both consumers use the same words. Written out at the Pallas level
+    # that is `red.at[0]` below, which the detector reports; a slot per consumer
+    # (`red.at[wg]`, the fix NOTES.md proposes) is clean.
+    def kernel(x_ref, o_ref, x_smem, red, o_smem, bar):
+        wg = jax.lax.axis_index("wg")
+        plgpu.copy_gmem_to_smem(x_ref.at[wg], x_smem.at[wg], bar.at[wg])
+        plgpu.barrier_wait(bar.at[wg])
+        slot = red.at[wg] if per_consumer else red.at[0]
+        slot[...] = x_smem.at[wg][...]  # this consumer's partials
+        plgpu.commit_smem()  # the warpgroup barrier of the lowering
+        o_smem.at[wg][...] = slot[...] * 2.0
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(o_smem.at[wg], o_ref.at[wg])
+        plgpu.wait_smem_to_gmem(0)
+
+    smem = plgpu.SMEM((2, 128), jnp.float32)
+    run = plgpu.kernel(
+        kernel,
+        out_type=jax.ShapeDtypeStruct((2, 128), jnp.float32),
+        scratch_types=(smem, smem, smem, plgpu.Barrier(num_barriers=2)),
+        num_threads=2,
+        thread_name="wg",
+        interpret=_DETECT,
+    )
+    x = jax.random.normal(jax.random.key(3), (2, 128), jnp.float32)
+    y = jax.block_until_ready(run(x))
+    assert gpu_callbacks.get_races().races_found == (not per_consumer)
+    if per_consumer:
+        assert jnp.array_equal(y, 2.0 * x)
