@@ -174,13 +174,22 @@ def activation_sharding(layout: Layout, mesh: Mesh) -> gpt.ActivationSharding:
     """The GPT's activations under `layout`: batch over "data", heads and MLP width over
     "model" (Megatron), the residual stream whole.
 
+    Both mesh axes are named even where one has size 1 (`dp4`'s "model", `tp4`'s "data"):
+    splitting over one device is free, but an axis the attention's `shard_map` leaves out
+    gets a `psum` of q, k and v's cotangents in the backward pass (a collective per layer
+    per microbatch, over one device).
+
     Example:
-        >>> layout = Layout(data=2, model=2)
+        >>> layout = Layout(data=4)
         >>> activation_sharding(layout, make_mesh(layout)).heads
         P('data', None, 'model', None)
     """
-    batch = (DATA,) if layout.data > 1 else ()
-    return gpt.ActivationSharding(mesh, batch, MODEL if layout.model > 1 else None)
+    if dict(mesh.shape) != {DATA: layout.data, MODEL: layout.model}:
+        raise ValueError(
+            f"mesh {dict(mesh.shape)} does not match layout {layout}. "
+            f"Fix: build the mesh with make_mesh(layout)."
+        )
+    return gpt.ActivationSharding(mesh, (DATA,), MODEL)
 
 
 def batch_spec(layout: Layout) -> P:

@@ -128,6 +128,15 @@ class ActivationSharding:
         """[B, T, heads, head_dim]: q, k, v and the attention output."""
         return jax.sharding.PartitionSpec(self.batch_axes or None, None, self.model_axis, None)
 
+    @property
+    def vocab(self) -> jax.sharding.PartitionSpec:
+        """[vocab, d_model]: the token embedding where the lookup reads it, vocab over the
+        model axis (Megatron's vocab-parallel embedding), whole over the batch axes: under
+        FSDP the table is gathered like every other weight, so the looked-up activations
+        stay batch-sharded (left to itself, XLA gathered every microbatch's token ids, and
+        under FSDP x TP the embedding's whole-microbatch output gradient)."""
+        return jax.sharding.PartitionSpec(self.model_axis, None)
+
     def constrain(self, x: jax.Array, spec: jax.sharding.PartitionSpec) -> jax.Array:
         """`x` pinned to `spec` on this mesh."""
         return jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(self.mesh, spec))
@@ -186,8 +195,11 @@ class Embed(nn.Module):
                 f"sequence length {seq_len} exceeds max_seq_len={self.config.max_seq_len}. "
                 f"Fix: raise GPTConfig.max_seq_len or shorten the batch."
             )
-        h = self.tokens(tokens) + self.positions[:seq_len].astype(self.config.dtype)
-        return _constrain(h.astype(self.config.dtype), self.config.activation_sharding, "residual")
+        sharding = self.config.activation_sharding
+        # nn.Embed's lookup, on the table laid out for it (`ActivationSharding.vocab`).
+        table = _constrain(self.tokens.embedding.astype(self.config.dtype), sharding, "vocab")
+        h = jnp.take(table, tokens, axis=0) + self.positions[:seq_len].astype(self.config.dtype)
+        return _constrain(h.astype(self.config.dtype), sharding, "residual")
 
     def attend(self, h: jax.Array) -> jax.Array:
         """Logits against the token embedding (tied unembedding)."""
