@@ -28,7 +28,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxpp import _mpmd, schedules
-from jaxpp._bench import _configs, _phases, _spmd
+from jaxpp._bench import _configs, _hlo, _phases, _spmd
 from jaxpp._flax import _pipeline
 from jaxpp._trainer import TrainState
 from jaxpp._treduce import Add, Concat, treduce
@@ -314,9 +314,11 @@ def run_config(
     """Builds, checks and times one configuration; returns its result row.
 
     SPMD steps are compiled first (`lower().compile()`) and the row records XLA's
-    `memory_analysis()` (`xla_memory`); if that exceeds `memory_limit` bytes the step is
-    not run. Every row records the peak memory after the first step and at the end, and
-    the bytes in use at the end, to calibrate `jaxpp._bench._memory`.
+    `memory_analysis()` (`xla_memory`) and its collectives (`collectives`: count and
+    bytes per kind, in or out of the accumulation loop); if the memory exceeds
+    `memory_limit` bytes the step is not run. Every row records the peak memory after
+    the first step and at the end, and the bytes in use at the end, to calibrate
+    `jaxpp._bench._memory`.
 
     SPMD gradient accumulation runs as `accumulate` ("scan" or "treduce"); jaxpp always
     pipelines `treduce`. For jaxpp the row adds the measured bubble, the simulator's
@@ -353,11 +355,12 @@ def run_config(
         jax.block_until_ready((state, batch))
     preset = problem.preset
     devices = jax.devices()[: config.num_devices]
-    xla_memory = None
+    xla_memory = comms = None
     if config.kind == _configs.SPMD:  # compile once, read XLA's estimate before running
         with clock.phase("compile"), _phases.sampling(clock):
             step = step.lower(state, batch).compile()
         xla_memory = compiled_memory(step)
+        comms = _hlo.summary(_hlo.collectives(step.as_text()))
         total = None if xla_memory is None else xla_memory["total_bytes"]
         if memory_limit is not None and total is not None and total > memory_limit:
             raise PredictedOOMError(
@@ -424,6 +427,7 @@ def run_config(
         "peak_memory_after_first_step_bytes": peak_first_step,
         "memory_in_use_bytes": memory_in_use(devices),
         "xla_memory": xla_memory,
+        "collectives": comms,
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "config": dataclasses.asdict(config),
         "accumulate": accumulate if config.kind == _configs.SPMD else "treduce",

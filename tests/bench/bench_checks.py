@@ -1,13 +1,10 @@
 """Checks shared by the benchmark's layout tests (SPMD and jaxpp in-stage layouts)."""
 
-import dataclasses
-import re
-
 import jax
 import numpy as np
 
 from jaxpp import schedules
-from jaxpp._bench import _configs, _run
+from jaxpp._bench import _configs, _hlo, _run
 from jaxpp.models import gpt
 
 
@@ -58,64 +55,8 @@ def record_attention(monkeypatch) -> list:
     return seen
 
 
-COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Collective:
-    """One collective of a compiled HLO module (`compiled.as_text()`)."""
-
-    kind: str
-    shapes: tuple[tuple[int, ...], ...]  # its result, one shape per tuple element
-    in_loop: bool  # inside a while loop's body (the accumulation loop), or called from one
-    op_name: str  # the JAX operation it came from (metadata)
-
-
-def collectives(hlo: str) -> list[Collective]:
-    """Every collective in `hlo`, with where it sits. Dtypes are left out on purpose: the
-    CPU backend computes bf16 in f32, so only shapes compare with a GPU's program."""
-    bodies: dict[str, list[str]] = {}
-    name = None
-    for line in hlo.splitlines():
-        header = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{\s*$", line)
-        if header:
-            name = header.group(1)
-            bodies[name] = []
-        elif name is not None:
-            bodies[name].append(line)
-    callees = re.compile(r"(?:to_apply|calls|body|condition|branch_computations)=\{?%?([\w.\-]+)")
-    in_loop, stack = set(), re.findall(r"body=%?([\w.\-]+)", hlo)
-    while stack:
-        current = stack.pop()
-        if current not in in_loop:
-            in_loop.add(current)
-            stack += callees.findall("\n".join(bodies.get(current, ())))
-    kinds = "|".join(COLLECTIVES)
-    op = re.compile(rf"= (.*?) ({kinds})(?:-start)?\(")
-    found = []
-    for computation, lines in bodies.items():
-        for line in lines:
-            match = op.search(line)
-            if match is None:
-                continue
-            shapes = tuple(
-                tuple(int(d) for d in dims.split(",") if d)
-                for dims in re.findall(r"[a-z0-9]+\[([0-9,]*)\]", match.group(1))
-            )
-            op_name = re.search(r'op_name="([^"]*)"', line)
-            found.append(
-                Collective(
-                    match.group(2),
-                    shapes,
-                    computation in in_loop,
-                    op_name.group(1) if op_name else "",
-                )
-            )
-    return found
-
-
 def compiled_collectives(name: str, problem: _run.Problem, accumulate: str = "scan"):
     """The collectives of configuration `name`'s whole train step, compiled for its devices."""
     config = _configs.parse_config(name)
     step, state, batch = _run.build(config, problem, attention="xla", accumulate=accumulate)
-    return collectives(step.lower(state, batch).compile().as_text())
+    return _hlo.collectives(step.lower(state, batch).compile().as_text())

@@ -29,6 +29,9 @@ def test_bench_cli_tiny_spmd_and_jaxpp_writes_valid_json(tmp_path, capsys):
         assert row["mfu"] is None  # no bf16 ceiling on the CPU
         assert row["predicted_memory"]["total"] > 0
     assert rows["spmd/dp4/acc1/noremat"]["xla_memory"]["argument_bytes"] > 0
+    # DP's gradients: all-reduced, as much as the parameters (CPU: bf16 math runs in f32)
+    reduced = rows["spmd/dp4/acc1/noremat"]["collectives"]["all-reduce"]
+    assert reduced["count"] >= 1 and reduced["bytes"] >= data["model"]["params"] * 2
     jaxpp_row = rows["jaxpp/1f1b/pp2-dp2/mb4/noremat"]
     assert 0 <= jaxpp_row["simulated_bubble"] < 1 and jaxpp_row["predicted_step_s"] > 0
     assert len(jaxpp_row["busy_seconds"]) == 2 and jaxpp_row["costs"]
