@@ -36,7 +36,9 @@ def reference_steps():
         ("spmd/dp4/acc1/noremat", "scan"),
         ("spmd/fsdp4/acc1/noremat", "scan"),
         ("spmd/tp4/acc1/noremat", "scan"),
+        ("spmd/dp4/acc2/noremat", "scan"),  # gradients reduced once, after the loop
         ("spmd/dp2-tp2/acc2/noremat", "treduce"),
+        ("spmd/dp2-tp2/acc2/remat", "scan"),
         ("spmd/fsdp2-tp2/acc2/remat", "scan"),
     ],
 )
@@ -85,6 +87,16 @@ def test_sharding_rules_unknown_parameter_raises():
         _spmd.state_specs(state, _spmd.Layout(model=2))
     with pytest.raises(_spmd.UnknownParameterError, match="layers_0/gate/kernel"):
         _spmd.state_specs(state, _spmd.Layout(model=2))
+
+
+def test_make_step_reduce_once_without_batch_axes_raises():
+    model = gpt.GPT(PROBLEM.model_config(attention="xla"))  # no activation_sharding
+    with pytest.raises(ValueError, match="Fix: pass reduce_once=False"):
+        _run.make_step(
+            model, PROBLEM.optimizer(), schedule=None, accumulate="scan", reduce_once=True
+        )
+    with pytest.raises(ValueError, match="needs accumulate='scan'"):
+        _run.make_step(model, PROBLEM.optimizer(), schedule=None, reduce_once=True)
 
 
 def test_sharding_rules_indivisible_dimension_raises():
