@@ -96,6 +96,10 @@ of <= 9.5 min on nvidia-h200-x4 (predicted GiB per device in brackets; limit 126
     BENCH_CONFIGS=$C bash benchmarks/pipeline_gpu_run.sh bench
 
 Then spmd/dp2-tp2/acc8/noremat [103], jaxpp ZBV [96], DualPipeV [99], interleaved [102].
+In every call read each SPMD row's `collectives` (session 5: DP layouts reduce gradients
+once per step after the loop, `make_step(reduce_once=True)`; FSDP reduce-scatters in the
+loop, ZeRO-3; TP only activation all-reduces, a [b, T, d] largest shape) and each jaxpp
+row's `precompile_misses` and `still in` lines.
 Later (more device time): spmd/fsdp4/acc2/noremat [114], spmd/fsdp4/acc1/remat [45],
 jaxpp/interleaved-1f1b/pp4/mb32/noremat [102], jaxpp/1f1b/pp4/mb16/noremat [118 (tight)];
 the ~2B model on nvidia-h200-x2 (BENCH_MODEL=2b BENCH_DEVICES=2): SPMD
