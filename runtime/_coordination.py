@@ -309,12 +309,13 @@ class _Watchdog:
         aborts ("FATAL: exception not rethrown") after the program has finished.
         """
         self._stopping.set()
+        limit_s = 10 * self.interval + 5
         for thread in self._threads:
-            thread.join(timeout=10 * self.interval + 5)
+            thread.join(timeout=limit_s)
             if thread.is_alive():
                 sys.stderr.write(
                     f"jaxpp: the {thread.name} thread did not stop within "
-                    f"{10 * self.interval + 5:g} s at exit (a coordination-service call "
+                    f"{limit_s:g} s at exit (a coordination-service call "
                     f"hangs); the process may abort as it ends.\n"
                 )
 

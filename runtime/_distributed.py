@@ -34,6 +34,7 @@ that own the rank holding them. `fetch` brings a value to every process or to on
 
 import concurrent.futures
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -138,6 +139,10 @@ class DistributedExecutor(_local.LocalExecutor):
         self._runs = 0
         self._sync_transfers = all(
             d.platform == "cpu" for m in self.rank_meshes for d in m.devices.flat
+        )
+        # On CPUs a rank spread over processes runs in line (`_in_line`).
+        self._spans_cpu_processes = tuple(
+            self._sync_transfers and not only for only in self._only_mine
         )
         self.transfer_method = _resolve_transfer_method(
             transfer_method_default(), cpu=self._sync_transfers
@@ -464,22 +469,18 @@ class DistributedExecutor(_local.LocalExecutor):
         return pair
 
     def _call_task(self, task: _taskgraph.Task, rank: int, args: list):
-        if not (self._sync_transfers and not self._only_mine[rank]):
-            return super()._call_task(task, rank, args)
-        # A rank spread over processes on CPUs: its task holds gloo collectives. Run
-        # it on this thread, in plan order, like the transfers (`_transfer`): queued
-        # on XLA's thread pool, collectives waiting for the peer process could take
-        # every thread and starve the ones it waits on (a hang seen once in CI).
-        jax.block_until_ready(args)
-        return jax.block_until_ready(super()._call_task(task, rank, args))
+        call = super()._call_task
+        if self._spans_cpu_processes[rank]:
+            return _in_line(call, task, rank, args)
+        return call(task, rank, args)
 
     def _reshard(self, x: jax.Array, target: NamedSharding) -> jax.Array:
         fn = self._reshard_fns.get(target)
         if fn is None:
             fn = jax.jit(lambda a: a, out_shardings=target)
+            if self._sync_transfers and len({d.process_index for d in target.device_set}) > 1:
+                fn = functools.partial(_in_line, fn)
             self._reshard_fns[target] = fn
-        if self._sync_transfers and len({d.process_index for d in target.device_set}) > 1:
-            return jax.block_until_ready(fn(jax.block_until_ready(x)))  # as in _call_task
         return fn(x)
 
     def _microbatch_index(self, rank: int, mb: int) -> jax.Array:
@@ -606,6 +607,16 @@ class _TransferThread:
                 future.set_result(fn(*args))
             except BaseException as error:  # handed to whoever waits for it
                 future.set_exception(error)
+
+
+def _in_line(fn: Callable, *args):
+    """`fn(*args)` run to completion on this thread: the CPU program of a rank spread over
+    processes, which holds gloo collectives. With its inputs ready XLA's CPU client runs it
+    on the calling thread, in plan order, as the transfers (`_transfer`); queued on the
+    client's thread pool, collectives waiting for the peer process could take every thread
+    and starve the ones they wait on (a hang seen once in CI)."""
+    jax.block_until_ready(args)
+    return jax.block_until_ready(fn(*args))
 
 
 def _plan_id(plan: _plan.Plan, meshes: Sequence[Mesh]) -> str:

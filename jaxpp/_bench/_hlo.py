@@ -97,15 +97,15 @@ def summary(found: list[Collective]) -> dict[str, dict[str, Any]]:
         >>> summary([one, one])
         {'all-reduce in loop': {'count': 2, 'bytes': 256, 'largest': [4, 8]}}
     """
-    rows: dict[str, dict[str, Any]] = {}
+    groups: dict[str, list[Collective]] = {}
     for c in found:
-        key = f"{c.kind} in loop" if c.in_loop else c.kind
-        row = rows.setdefault(key, {"count": 0, "bytes": 0, "largest": [], "_largest": -1})
-        row["count"] += 1
-        row["bytes"] += c.nbytes
-        if c.nbytes > row["_largest"]:
-            row["_largest"] = c.nbytes
-            row["largest"] = list(max(c.shapes, key=math.prod)) if c.shapes else []
-    for row in rows.values():
-        del row["_largest"]
-    return dict(sorted(rows.items()))
+        groups.setdefault(f"{c.kind} in loop" if c.in_loop else c.kind, []).append(c)
+    summaries = {}
+    for key, group in sorted(groups.items()):
+        largest = max(group, key=lambda c: c.nbytes)
+        summaries[key] = {
+            "count": len(group),
+            "bytes": sum(c.nbytes for c in group),
+            "largest": list(max(largest.shapes, key=math.prod)) if largest.shapes else [],
+        }
+    return summaries

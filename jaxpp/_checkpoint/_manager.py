@@ -373,21 +373,24 @@ def _release_failed_reads(error: BaseException) -> None:
     <coroutine _read_array_index_and_device_put>" in whatever code runs then. Dropping
     the tracebacks (the messages stay) and collecting here reports them at the failure.
     """
+    for link in _causes(error):
+        link.__traceback__ = None
+    gc.collect()
+
+
+def _causes(error: BaseException | None):
+    """`error`, then what caused it, down to the root cause."""
     seen = set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))
-        error.__traceback__ = None
+        yield error
         error = error.__cause__ or error.__context__
-    gc.collect()
 
 
 def _first_line(error: BaseException) -> str:
     """The first line of `error`, and of its root cause (which names the file) if another."""
     lines = []
-    seen = set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        text = str(error).split("See full TensorStore details")[0].strip()
+    for link in _causes(error):
+        text = str(link).split("See full TensorStore details")[0].strip()
         lines.append(text.splitlines()[0][:300] if text else "(no message)")
-        error = error.__cause__ or error.__context__
     return lines[0] if len(lines) == 1 else f"{lines[0]} (cause: {lines[-1]})"
