@@ -5,6 +5,7 @@
 # from outside the repository root (there `-m` would import ./jaxpp, which lacks the subpackages).
 export PYTHONUNBUFFERED=1
 if [ -d .whl ]; then
+  rm -rf /tmp/site  # a second install into a kept target fails on a warm machine
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl >/dev/null 2>&1 || echo "gpu_env.sh: wheel install failed" >&2
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
