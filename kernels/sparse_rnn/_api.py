@@ -30,9 +30,9 @@ def sparse_rnn(
     resident_chunks: int = 0,
     max_spins: int = 1 << 20,
     check_timeouts: bool = True,
-    state_dtype: str = "float32",
+    state_dtype: str = "auto",
     prefetch: bool = False,
-    unroll: int = 1,
+    unroll: int | None = None,
 ) -> jax.Array:
     """Runs a recurrence with a pruned recurrent matrix; returns all hidden states.
 
@@ -58,14 +58,18 @@ def sparse_rnn(
         max_spins: bound on each wait of the persistent kernel.
         check_timeouts: raise `SparseRNNTimeoutError` when a wait timed out (needs a CPU
             backend for the host callback; the outputs are NaN after a timeout either way).
-        state_dtype: "float32" (default), or "float16"/"bfloat16": the forward kernel also
-            writes a 16-bit copy of each hidden state and gathers the recurrent product's
-            inputs from it (half the gathered bytes; the products round `h` to that type,
-            the cell math stays float32). Experimental, see kernels/sparse_rnn/NOTES.md.
+        state_dtype: "float32", or "float16"/"bfloat16": the forward kernel also writes a
+            16-bit copy of each hidden state and gathers the recurrent product's inputs from
+            it (half the gathered bytes; the products round `h` to that type, the cell math
+            stays float32). "auto" (default): "float16" for the persistent kernel where its
+            slabs are cache-line aligned (`hidden * padded batch * 2` a multiple of 128
+            bytes; fastest measured on an H100, NOTES.md), "float32" otherwise and for the
+            one-step kernel.
         prefetch: software-pipeline the kernels' chunk loops (loads of the next chunks before
             the products of the current one). Experimental, see NOTES.md.
         unroll: chunks of 32 non-zeros per loop iteration of the kernels (more independent
-            loads in flight). Experimental, see NOTES.md.
+            loads in flight); None (default): 2 with a 16-bit state, 1 with float32 (the
+            measured best of each).
 
     Returns:
         `(batch, steps, hidden)` hidden states in `x_proj`'s dtype.
@@ -163,9 +167,9 @@ def _config(
     num_stages,
     resident_chunks,
     max_spins,
-    state_dtype="float32",
+    state_dtype="auto",
     prefetch=False,
-    unroll=1,
+    unroll=None,
 ):
     blocks, gates, units, slots = weights.values.shape
     if gates * units * slots > _weights.MAX_SLOTS_PER_BLOCK:
@@ -180,34 +184,27 @@ def _config(
             f"hidden={weights.hidden_size} with {gates} gates has more than 65536 gate-rows; the "
             "kernels store indices in 16 bits. Fix: use implementation='reference'."
         )
-    if implementation == "persistent":
+    persistent = implementation == "persistent"
+    if persistent:
         sms = _multiprocessors()
         if sms is not None and blocks > sms:
             raise ValueError(
                 f"the persistent kernel needs all {blocks} blocks co-resident but the device "
                 f"has {sms} multiprocessors (one block each). Fix: pack with num_blocks <= {sms}."
             )
-    batch = int(x_shape[0])
-    padded = 1 << max(0, (batch - 1).bit_length())
-    state_bytes = jnp.dtype(state_dtype).itemsize * weights.hidden_size * padded
-    if implementation == "persistent" and state_dtype != "float32" and state_bytes % 128:
-        # Slab t + 1 must not share a cache line with slab t: a gather of slab t would pull
-        # the not yet written head of slab t + 1 into L1, and a later step could read it stale.
-        raise ValueError(
-            f"state_dtype={state_dtype!r} with hidden={weights.hidden_size} and batch padded to "
-            f"{padded} gives {state_bytes}-byte state slabs, not a multiple of the 128-byte "
-            "cache line. Fix: use state_dtype='float32', or a hidden size (or batch) for which "
-            "hidden * batch * 2 is a multiple of 128."
-        )
+    hidden = weights.hidden_size
+    state_dtype, unroll = _resolve_state(
+        state_dtype, unroll, hidden=hidden, batch=int(x_shape[0]), persistent=persistent
+    )
     return _kernel.KernelConfig(
         cell=cell,
-        hidden=weights.hidden_size,
+        hidden=hidden,
         gates=gates,
         blocks=blocks,
         units=units,
         slots=slots,
         transpose_slots=weights.transpose_rows.shape[2],
-        batch=1 << max(0, (batch - 1).bit_length()),
+        batch=_kernel_batch(hidden, int(x_shape[0]), persistent=persistent),
         steps=int(x_shape[1]),
         num_warps=num_warps,
         num_stages=num_stages,
@@ -219,6 +216,69 @@ def _config(
         prefetch=bool(prefetch),
         unroll=unroll,
     )
+
+
+_LINE_BYTES = 128
+
+
+def _kernel_batch(hidden: int, batch: int, *, persistent: bool) -> int:
+    """The batch the kernels run: a power of two, and for the persistent kernel wide enough
+    that every float32 state slab (`hidden * batch * 4` bytes) fills whole cache lines.
+
+    A consumer reads slab t with ordinary (L1-cached) loads; if slab t + 1 shared a line with
+    slab t, a gather of slab t could pull the not yet written head of slab t + 1 into L1 and a
+    later step read it stale. Padding the batch (extra columns of zeros) keeps the slabs apart;
+    it widens each gather, so it only happens for hidden sizes with few factors of two.
+
+    Example:
+        >>> _kernel_batch(2304, 3, persistent=True), _kernel_batch(24, 1, persistent=True)
+        (4, 4)
+        >>> _kernel_batch(24, 1, persistent=False)
+        1
+    """
+    padded = 1 << max(0, (batch - 1).bit_length())
+    if not persistent:
+        return padded
+    while (hidden * padded * 4) % _LINE_BYTES:
+        padded *= 2
+    return padded
+
+
+def _resolve_state(
+    state_dtype: str, unroll: int | None, *, hidden: int, batch: int, persistent: bool
+) -> tuple[str, int]:
+    """The `(state_dtype, unroll)` a kernel build uses, from `sparse_rnn`'s arguments.
+
+    "auto" is float16 for the persistent kernel when its 16-bit slabs are whole cache lines,
+    else float32 (never an error); an explicit 16-bit `state_dtype` on slabs that are not
+    raises. `unroll=None` is 2 with a 16-bit state and 1 with float32 (the measured best).
+
+    Example:
+        >>> _resolve_state("auto", None, hidden=2304, batch=4, persistent=True)
+        ('float16', 2)
+        >>> _resolve_state("auto", None, hidden=24, batch=1, persistent=True)
+        ('float32', 1)
+    """
+    if state_dtype not in ("auto", *_kernel.STATE_DTYPES):
+        raise ValueError(
+            f"state_dtype={state_dtype!r} is not one of {('auto', *_kernel.STATE_DTYPES)}. "
+            "Fix: pick one."
+        )
+    padded = _kernel_batch(hidden, batch, persistent=persistent)
+    aligned16 = (hidden * padded * 2) % _LINE_BYTES == 0
+    if state_dtype == "auto":
+        state_dtype = "float16" if persistent and aligned16 else "float32"
+    elif persistent and state_dtype != "float32" and not aligned16:
+        # Slab t + 1 must not share a cache line with slab t (see `_kernel_batch`).
+        raise ValueError(
+            f"state_dtype={state_dtype!r} with hidden={hidden} and batch padded to {padded} "
+            f"gives {hidden * padded * 2}-byte state slabs, not a multiple of the 128-byte "
+            "cache line. Fix: use state_dtype='auto' or 'float32', or a hidden size (or "
+            "batch) for which hidden * batch * 2 is a multiple of 128."
+        )
+    if unroll is None:
+        unroll = 1 if state_dtype == "float32" else 2
+    return state_dtype, unroll
 
 
 def _kernel_values(values: jax.Array) -> jax.Array:

@@ -41,7 +41,10 @@ bench 70 f16_pf_nw8
 # (bf16_pf is left out: same bytes as f16_pf, and its 8-bit state is expected to fail the check.)
 # Forward and gradients of every variant against the reference over 300 steps (LSTM H=2304),
 # in the order of tests/gpu's _VARIANTS, as far as the budget goes.
-JAX_PLATFORMS=cuda,cpu slot 170 gpu_tests python3 -m pytest -o addopts="" -q \
-  -p no:cacheprovider tests/gpu/test_sparse_rnn_gpu.py -k "variant and lstm" \
+# From /tmp with the absolute path: at the repository root ./jaxpp would shadow the package tree
+# that gpu_env.sh builds in /tmp/pp.
+repo=$PWD
+JAX_PLATFORMS=cuda,cpu slot 170 bash -c "cd /tmp && python3 -m pytest -o addopts='' -q \
+  -p no:cacheprovider '$repo/tests/gpu/test_sparse_rnn_gpu.py' -k 'variant and lstm'" \
   2>&1 | tail -n 30 | tee "$OUT/gpu_tests.log"
 echo "== done at ${SECONDS}s"

@@ -61,17 +61,20 @@ def test_persistent_long_sequence_matches_reference(cell, hidden, batch, density
         )
         (_, hs), grads = grad(x, h0, c0, weights.values)
         out[impl] = (hs, grads)
-    assert _rel(out["persistent"][0], out["reference"][0]) < 1e-4
+    # The default gathers from a float16 copy of h where its slabs are line-aligned (all four
+    # cases here): h rounded to 2^-11 in the products.
+    assert _rel(out["persistent"][0], out["reference"][0]) < 2e-3
     names = ("dx", "dh0", "dc0", "dvalues")
     for name, a, b in zip(names, out["persistent"][1], out["reference"][1], strict=True):
         if name == "dc0" and cell != "lstm":
             continue
-        assert _rel(a, b) < 2e-3, name  # dvalues: TF32 product on GPU
+        assert _rel(a, b) < 6e-3, name  # dvalues: TF32 product on GPU
 
 
 # Kernel variants (kernels/sparse_rnn/NOTES.md), each against the reference over 300 steps,
 # most promising first (a time-limited run gets through those).
 _VARIANTS = {
+    "f32": dict(state_dtype="float32"),  # the float32-state fallback of the default (v3)
     "f16_pf": dict(state_dtype="float16", prefetch=True),
     "pf": dict(prefetch=True),
     "f16": dict(state_dtype="float16"),

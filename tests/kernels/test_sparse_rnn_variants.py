@@ -143,3 +143,79 @@ def test_state_dtype_with_slabs_not_line_aligned_raises_before_launch(monkeypatc
         sr.sparse_rnn(
             x, h0, weights, cell="tanh", implementation="persistent", state_dtype="float16"
         )
+
+
+def _persistent_config(weights, x, **kw):
+    from jaxpp.kernels.sparse_rnn import _api
+
+    opts = dict(state_dtype="auto", prefetch=False, unroll=None) | kw
+    return _api._config(
+        weights, "tanh", x.shape, "persistent", 16, 1, 0, 1 << 20,
+        opts["state_dtype"], opts["prefetch"], opts["unroll"],
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "hidden,batch,expect",
+    [
+        (256, 4, ("float16", 2, 4)),  # 16-bit slabs of 2 KiB: the measured best (f16_u2)
+        (64, 1, ("float16", 2, 1)),  # 128-byte 16-bit slabs
+        (96, 1, ("float32", 1, 1)),  # 192-byte 16-bit slabs: float32 (384 bytes), no error
+        (24, 1, ("float32", 1, 4)),  # 96-byte float32 slabs: the batch is padded to 4
+    ],
+)
+def test_default_state_persistent_picks_float16_where_line_aligned(hidden, batch, expect):
+    weights, x, _, _, _ = _problem("tanh", hidden, batch, 2, 0.5, seed=2, num_blocks=8)
+    cfg = _persistent_config(weights, x)
+    assert (cfg.state_dtype, cfg.unroll, cfg.batch) == expect
+    assert (cfg.hidden * cfg.batch * 4) % 128 == 0  # float32 slabs never share a line
+    if cfg.state_dtype == "float16":
+        assert (cfg.hidden * cfg.batch * 2) % 128 == 0
+
+
+def test_default_state_step_kernel_stays_float32():
+    from jaxpp.kernels.sparse_rnn import _api
+
+    weights, x, _, _, _ = _problem("tanh", 256, 4, 2, 0.5, seed=2, num_blocks=8)
+    cfg = _api._config(weights, "tanh", x.shape, "step", 16, 1, 0, 1 << 20)
+    assert (cfg.state_dtype, cfg.unroll, cfg.batch) == ("float32", 1, 4)
+
+
+def test_explicit_unroll_and_float32_state_are_kept():
+    weights, x, _, _, _ = _problem("tanh", 256, 4, 2, 0.5, seed=2, num_blocks=8)
+    cfg = _persistent_config(weights, x, state_dtype="float32", unroll=3)
+    assert (cfg.state_dtype, cfg.unroll) == ("float32", 3)
+    cfg = _persistent_config(weights, x, state_dtype="float16")
+    assert (cfg.state_dtype, cfg.unroll) == ("float16", 2)
+
+
+def test_padded_batch_for_line_alignment_matches_reference():
+    # hidden 24, batch 1: the persistent build pads the batch to 4 (96-byte float32 slabs);
+    # the same build through the one-step kernel checks the padded columns change nothing.
+    from jaxpp.kernels.sparse_rnn import _api
+
+    weights, x, h0, c0, ct = _problem("lstm", 24, 1, 3, 0.5, seed=4, num_blocks=3)
+    cfg = _api._config(weights, "lstm", x.shape, "persistent", 16, 1, 0, 1 << 20)
+    assert cfg.batch == 4 and cfg.state_dtype == "float32"
+
+    def kernel_loss(x, h0, c0, values):
+        hs = _api._sparse_rnn_kernel(
+            cfg, False, True, x, h0, c0, values, weights.columns, weights.valid,
+            weights.transpose_rows, weights.transpose_source, weights.transpose_valid,
+        )  # fmt: skip
+        return jnp.sum(hs * ct), hs
+
+    def ref_loss(x, h0, c0, values):
+        hs = sr.sparse_rnn(
+            x, h0, weights.with_values(values), cell="lstm", c0=c0, implementation="reference"
+        )
+        return jnp.sum(hs * ct), hs
+
+    args = (x, h0, c0, weights.values)
+    (_, hs), grads = jax.value_and_grad(kernel_loss, argnums=(0, 1, 2, 3), has_aux=True)(*args)
+    (_, hs_ref), refs = jax.value_and_grad(ref_loss, argnums=(0, 1, 2, 3), has_aux=True)(*args)
+    assert hs.shape == (1, 3, 24)
+    assert _rel(hs, hs_ref) < 1e-5
+    for name, a, b in zip(("dx", "dh0", "dc0"), grads, refs, strict=False):
+        assert _rel(a, b) < 1e-5, name
+    assert _rel(grads[3], refs[3]) < 3e-2  # the kernel reads bf16-rounded values
