@@ -11,6 +11,7 @@ import time
 from collections.abc import Mapping, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -123,6 +124,8 @@ class LocalExecutor:
         # every task's compiled executable valid from the first step on.
         if _same_layout_elsewhere(x, target):
             return _copy_shards(x, target)
+        if _needs_pieces(x, target):
+            return _move_pieces(x, target)
         return jax.device_put(x, target)
 
     def _make_jit(self, task: _taskgraph.Task, rank: int):
@@ -346,6 +349,82 @@ def _copy_shards(x: jax.Array, target: NamedSharding) -> jax.Array:
     """
     devices = target._internal_device_list
     return _BATCHED_COPY([x], [devices], [target], [_REUSE_INPUT])[0]
+
+
+def _needs_pieces(x, target: NamedSharding) -> bool:
+    """Whether `jax.device_put(x, target)` would copy `x` through the host.
+
+    jax copies device to device only when every shard `target` needs is already a whole
+    shard of `x`; otherwise (a model initialized sharded over all devices and then
+    placed on one rank, say) it fetches the whole array to the host first, which took
+    110 s for one stage of an 8B model's state on an H200.
+    """
+    if not isinstance(x, jax.Array) or not x.is_fully_addressable:
+        return False
+    held = {_bounds(i, x.shape) for i in x.sharding.devices_indices_map(x.shape).values()}
+    wanted = target.devices_indices_map(x.shape).values()
+    return any(_bounds(i, x.shape) not in held for i in wanted)
+
+
+def _move_pieces(x: jax.Array, target: NamedSharding) -> jax.Array:
+    """`jax.device_put(x, target)` device to device, for any two shardings.
+
+    Each of `target`'s shards is assembled on its device from the pieces of `x`'s shards
+    that overlap it (one copy of each piece, preferring one already on that device).
+
+    Example:
+        >>> import numpy as np
+        >>> devices = jax.devices()[:3]
+        >>> halves = NamedSharding(Mesh(np.array(devices[:2]), ("d",)), PartitionSpec("d"))
+        >>> x = jax.device_put(np.arange(8.0), halves)
+        >>> there = NamedSharding(Mesh(np.array(devices[2:]), ("m",)), PartitionSpec())
+        >>> y = _move_pieces(x, there)
+        >>> y.sharding == there, np.asarray(y).tolist()
+        (True, [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0])
+    """
+    shards = [(_bounds(s.index, x.shape), s.data) for s in x.addressable_shards]
+    buffers = []
+    for device, index in target.addressable_devices_indices_map(x.shape).items():
+        want = _bounds(index, x.shape)
+        pieces: dict[tuple, jax.Array] = {}
+        for have, data in sorted(shards, key=lambda s: device not in s[1].devices()):
+            piece = _overlap(want, have)
+            if piece is None or piece in pieces:
+                continue
+            if piece != have:  # only part of this shard is wanted: slice it where it is
+                data = data[tuple(slice(lo, hi) for lo, hi in _relative(piece, have))]
+            pieces[piece] = jax.device_put(data, device)
+        if list(pieces) == [want]:
+            buffers.append(pieces[want])
+            continue
+        out = jnp.zeros(tuple(hi - lo for lo, hi in want), x.dtype, device=device)
+        for piece, data in pieces.items():
+            out = _write_piece(out, data, tuple(lo for lo, _ in _relative(piece, want)))
+        buffers.append(out)
+    return jax.make_array_from_single_device_arrays(x.shape, target, buffers)
+
+
+@jax.jit
+def _write_piece(out: jax.Array, piece: jax.Array, starts: tuple) -> jax.Array:
+    return jax.lax.dynamic_update_slice(out, piece, starts)
+
+
+Bounds = tuple[tuple[int, int], ...]  # (start, stop) per dimension
+
+
+def _bounds(index: tuple, shape: tuple[int, ...]) -> Bounds:
+    """A shard's index (slices, as jax gives them) as bounds."""
+    return tuple(s.indices(n)[:2] for s, n in zip(index, shape, strict=True))
+
+
+def _overlap(a: Bounds, b: Bounds) -> Bounds | None:
+    both = tuple((max(a0, b0), min(a1, b1)) for (a0, a1), (b0, b1) in zip(a, b, strict=True))
+    return None if any(lo >= hi for lo, hi in both) else both
+
+
+def _relative(inner: Bounds, outer: Bounds) -> Bounds:
+    """`inner`'s bounds counted from `outer`'s start."""
+    return tuple((lo - o, hi - o) for (lo, hi), (o, _) in zip(inner, outer, strict=True))
 
 
 def _axes_in(axis, mesh: Mesh) -> bool:
