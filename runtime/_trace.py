@@ -23,7 +23,9 @@ class Profile:
         costs: per-stage median task times (seconds) as simulator costs.
         simulation: the schedule simulated with those costs.
         busy_seconds: per rank, the summed time of its loop tasks.
-        outside_loop_seconds: time of the tasks before and after the loop.
+        outside_loop_seconds: time of the tasks before and after the loop (casts,
+            accumulator set-up, the optimizer) on the rank where they take longest: the
+            ranks run theirs side by side, so the step waits for the longest, not the sum.
     """
 
     timings: tuple[_local.TaskTiming, ...]
@@ -73,10 +75,13 @@ def profile_from_timings(
         >>> p = profile_from_timings(ts, GPipe(1).build(1), tasks)
         >>> p.simulation.makespan, p.busy_seconds
         (3.0, (3.0,))
+        >>> ts += [_local.TaskTiming(0, "post/r0", None, 3.0, 3.5)]
+        >>> profile_from_timings(ts, GPipe(1).build(1), tasks).outside_loop_seconds
+        0.5
     """
     durations: dict[tuple[int, schedules.Kind], list[float]] = {}
     busy = [0.0] * schedule.num_ranks
-    outside = 0.0
+    outside = [0.0] * schedule.num_ranks
     for t in timings:
         seconds = t.end - t.start
         if t.name in loop_tasks:
@@ -84,7 +89,7 @@ def profile_from_timings(
             durations.setdefault((stage, schedules.Kind(kind)), []).append(seconds)
             busy[t.rank] += seconds
         else:
-            outside += seconds
+            outside[t.rank] += seconds
     per_stage: dict[int, dict[schedules.Kind, float]] = {}
     for (stage, kind), values in durations.items():
         per_stage.setdefault(stage, {})[kind] = statistics.median(values)
@@ -97,5 +102,5 @@ def profile_from_timings(
         costs=costs,
         simulation=schedules.simulate(schedule, costs),
         busy_seconds=tuple(busy),
-        outside_loop_seconds=outside,
+        outside_loop_seconds=max(outside, default=0.0),
     )

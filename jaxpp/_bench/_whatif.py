@@ -68,7 +68,9 @@ def cluster_costs(results: Mapping[str, Any], name: str) -> dict[str, Any]:
 
     Per-layer times are the mean over stages of each stage's measured task time divided
     by its layers (times TP inside a stage, to give one GPU's time); the optimizer time
-    is `outside_loop_seconds` per parameter byte of the fullest rank.
+    is `outside_loop_seconds` per parameter byte of the fullest rank. (The rows in
+    `benchmarks/results/` up to `pipeline_2026-11-22_s6` hold the sum over all ranks there,
+    not the longest rank's: their optimizer term is about `ranks` times too large.)
 
     Raises:
         ValueError: no such row, not a successful jaxpp row, or no measured costs.
