@@ -5,8 +5,10 @@ A configuration name says everything that varies between runs:
 - `spmd/<layout>/acc<A>/<remat>`: plain `jax.jit` over all devices, e.g.
   `spmd/fsdp2-tp2/acc4/remat` (layouts `dp<D>`, `fsdp<D>`, `tp<M>`, `dp<D>-tp<M>`,
   `fsdp<D>-tp<M>`; `A` gradient-accumulation steps).
-- `jaxpp/<schedule>/pp<R>[-dp<D>][-tp<M>]/mb<K>/<remat>`: `mpmd_jit_with_loop` on `R`
-  pipeline ranks, each a `D x M` sub-mesh, `K` microbatches, e.g. `jaxpp/zbv/pp4/mb16/noremat`.
+- `jaxpp/<schedule>/pp<R>[-dp<D>|-fsdp<D>][-tp<M>]/mb<K>/<remat>`: `mpmd_jit_with_loop` on
+  `R` pipeline ranks, each a `D x M` sub-mesh (`fsdp`: the stage's parameters and AdamW
+  state also sharded over its `D` devices, ZeRO-3), `K` microbatches, e.g.
+  `jaxpp/zbv/pp4/mb16/noremat`, `jaxpp/zb-h1/pp2-fsdp2/mb16/noremat`.
 """
 
 import dataclasses
@@ -129,6 +131,8 @@ class BenchConfig:
         'jaxpp/zbv/pp2-tp2/mb16/remat'
         >>> parse_config("spmd/fsdp4/acc4/noremat@overlap").xla
         'overlap'
+        >>> parse_config("jaxpp/zb-h1/pp2-fsdp2/mb16/noremat").fsdp
+        True
     """
 
     kind: str
@@ -171,12 +175,12 @@ class BenchConfig:
 
 
 _SPMD_LAYOUT = re.compile(r"^(?:(dp|fsdp)(\d+))?(?:-?tp(\d+))?$")
-_JAXPP_LAYOUT = re.compile(r"^pp(\d+)(?:-dp(\d+))?(?:-tp(\d+))?$")
+_JAXPP_LAYOUT = re.compile(r"^pp(\d+)(?:-(dp|fsdp)(\d+))?(?:-tp(\d+))?$")
 _REMAT = ("remat", "noremat")
 _FORMS = (
     "spmd/<dpD|fsdpD|tpM|dpD-tpM|fsdpD-tpM>/acc<A>/<remat|noremat> or "
-    "jaxpp/<schedule>/pp<R>[-dp<D>][-tp<M>]/mb<K>/<remat|noremat>, either with an optional "
-    "@<XLA flag preset>"
+    "jaxpp/<schedule>/pp<R>[-dp<D>|-fsdp<D>][-tp<M>]/mb<K>/<remat|noremat>, either with an "
+    "optional @<XLA flag preset>"
 )
 
 
@@ -221,10 +225,10 @@ def parse_config(name: str) -> BenchConfig:
         match = _JAXPP_LAYOUT.match(layout)
         if not match or not count.startswith("mb") or not count[2:].isdigit():
             raise ValueError(f"configuration {name!r}: bad jaxpp layout or mb count. {fix}")
-        ranks, data, model = match.groups()
+        ranks, mode, data, model = match.groups()
         config = BenchConfig(
             kind=JAXPP, layout=layout, data=int(data or 1), model=int(model or 1),
-            schedule=schedule, ranks=int(ranks), microbatches=int(count[2:]),
+            fsdp=mode == "fsdp", schedule=schedule, ranks=int(ranks), microbatches=int(count[2:]),
             remat=remat == "remat",
         )  # fmt: skip
     counts = (config.data, config.model, config.ranks, config.accumulation, config.microbatches)

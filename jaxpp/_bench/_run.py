@@ -30,7 +30,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxpp import _mpmd, schedules
 from jaxpp._bench import _configs, _hlo, _phases, _spmd
-from jaxpp._flax import _pipeline
+from jaxpp._flax import _linen, _pipeline
 from jaxpp._trainer import TrainState
 from jaxpp._treduce import Add, Concat, treduce
 from jaxpp.models import gpt
@@ -140,12 +140,13 @@ def make_step(
     microbatch_sharding: NamedSharding | None = None,
     accumulate: str = "treduce",
     reduce_once: bool = False,
+    grad_sharding: Any = None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, jax.Array]]:
     """The benchmarked train step: `treduce` of value-and-grad over microbatches, AdamW.
 
-    With `reduce_once` (SPMD data parallelism: parameters replicated over the batch axes,
-    not FSDP), each batch shard accumulates its own gradients and they are summed over
-    the shards once, after the loop: the microbatch [b, ...] is split into
+    With `reduce_once` (data parallelism, under SPMD or inside jaxpp's stages: parameters
+    replicated over the batch axes, not FSDP), each batch shard accumulates its own
+    gradients and they are summed over the shards once, after the loop: the microbatch [b, ...] is split into
     [shards, b / shards, ...] and `value_and_grad` is `vmap`ped over the shards with
     `spmd_axis_name` = the model's batch axes (the vmapped axis carries them; the model
     runs with its `ActivationSharding.batch_axes` off). The accumulator is
@@ -157,7 +158,7 @@ def make_step(
     so the gradient is the shards' sum / shards / microbatches: the same step. Without it
     (FSDP, TP only) the gradients of each microbatch are reduced inside the loop (FSDP:
     reduce-scatters, ZeRO-3); XLA:GPU may sink a DP all-reduce out of the loop, the CPU
-    does not.
+    does not, and under jaxpp it cannot (each microbatch's backward is its own program).
 
     Args:
         model: the GPT, or its stage-marked form for jaxpp.
@@ -169,8 +170,14 @@ def make_step(
             or "scan" (`lax.scan`, for `jax.jit` only: one compiled body, the same sums
             in the same order).
         reduce_once: reduce gradients over the batch shards once per step (above); needs
-            `accumulate="scan"` and a `gpt.GPT` whose `activation_sharding` names the
-            batch axes. With one microbatch it changes nothing (one reduction either way).
+            a `gpt.GPT` whose `activation_sharding` names the batch axes, or its
+            `jaxpp.flax.pipeline` form (jaxpp: the accumulators [shards, *param] are
+            `treduce`'s, on each rank's devices, summed over the shards after the loop).
+            Under `jax.jit` with one microbatch it changes nothing.
+        grad_sharding: under jaxpp, a tree of NamedShardings (on a rank's template
+            mesh) each microbatch's gradients are constrained to: FSDP's parameter
+            shardings, so each is reduced onto its shard and the accumulators stay
+            sharded (left to XLA, they were whole on every device).
 
     Returns:
         `step(state, batch) -> (state, mean loss)` for `batch["tokens"]` [M, b, T + 1].
@@ -190,7 +197,12 @@ def make_step(
     if accumulate not in ACCUMULATE:
         raise ValueError(f"accumulate={accumulate!r}; expected one of {ACCUMULATE}.")
     loss_fn = gpt.make_loss_fn(model)
-    per_shard = _per_shard_grad_fn(model, accumulate) if reduce_once else None
+    per_shard = _per_shard_grad_fn(model, accumulate, schedule) if reduce_once else None
+
+    def pinned(loss: jax.Array, grads: Any) -> tuple[jax.Array, Any]:
+        if grad_sharding is not None:
+            grads = jax.lax.with_sharding_constraint(grads, grad_sharding)
+        return loss, grads
 
     def step(state: TrainState, batch: Batch) -> tuple[TrainState, jax.Array]:
         if microbatch_sharding is not None:
@@ -209,7 +221,7 @@ def make_step(
             grads, losses = jax.lax.scan(body, zeros, batch)
         else:
             losses, grads = treduce(
-                lambda mb: grad_fn(state.params, mb),
+                lambda mb: pinned(*grad_fn(state.params, mb)),
                 batch,
                 schedule=schedule,
                 operation=(Concat(), Add()),
@@ -223,17 +235,22 @@ def make_step(
 
 
 def _per_shard_grad_fn(
-    model: gpt.ApplyModel, accumulate: str
+    model: gpt.ApplyModel, accumulate: str, schedule: schedules.ScheduleBuilder
 ) -> Callable[[Any, Batch], tuple[Any, jax.Array]]:
     """`(params, batch) -> (summed gradients, losses [M, shards])` for `reduce_once`: each
-    batch shard's gradients accumulated in the loop, summed over the shards after it."""
-    sharding = getattr(getattr(model, "config", None), "activation_sharding", None)
-    if accumulate != "scan" or not isinstance(model, gpt.GPT) or sharding is None:
+    batch shard's gradients accumulated in the loop (`lax.scan`, or jaxpp's `treduce` for
+    a pipelined GPT), summed over the shards after it."""
+    pipelined = isinstance(model, _linen.PipelinedModule)
+    wrapped = model.module if pipelined else model
+    sharding = getattr(getattr(wrapped, "config", None), "activation_sharding", None)
+    loop = "treduce" if pipelined else "scan"
+    if accumulate != loop or not isinstance(wrapped, gpt.GPT) or sharding is None:
         raise ValueError(
-            f"reduce_once=True needs accumulate='scan' (got {accumulate!r}) and a gpt.GPT "
-            f"with activation_sharding naming its batch axes (got {type(model).__name__}, "
+            f"reduce_once=True needs accumulate='scan' and a gpt.GPT, or accumulate="
+            f"'treduce' and its jaxpp.flax.pipeline form, with activation_sharding naming "
+            f"its batch axes (got accumulate={accumulate!r}, {type(model).__name__}, "
             f"activation_sharding={sharding}). Fix: pass reduce_once=False, or build the "
-            f"model as jaxpp._bench._run.build does for SPMD layouts."
+            f"model as jaxpp._bench._run.build does."
         )
     axes = sharding.batch_axes
     if not axes:
@@ -245,11 +262,13 @@ def _per_shard_grad_fn(
     shards = math.prod(mesh.shape[a] for a in axes)
     # Inside the vmap the vmapped (shard) axis carries the batch axes: spmd_axis_name
     # adds them in front of every sharding constraint and the attention's shard_map.
-    inner = gpt.GPT(
+    inner: gpt.ApplyModel = gpt.GPT(
         dataclasses.replace(
-            model.config, activation_sharding=dataclasses.replace(sharding, batch_axes=())
+            wrapped.config, activation_sharding=dataclasses.replace(sharding, batch_axes=())
         )
     )
+    if pipelined:  # the same stages, around the per-shard GPT
+        inner = dataclasses.replace(model, module=inner)
     grad_fn = jax.vmap(
         jax.value_and_grad(gpt.make_loss_fn(inner)), in_axes=(None, 0), spmd_axis_name=axes
     )
@@ -258,23 +277,38 @@ def _per_shard_grad_fn(
         spec = P(axes, *(P.UNCONSTRAINED,) * (x.ndim - 1))
         return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
+    def split(x: jax.Array, axis: int) -> jax.Array:
+        # [..., b, ...] -> [..., shards, b / shards, ...], the shards over the batch axes
+        if x.shape[axis] % shards:
+            raise ValueError(
+                f"microbatch of {x.shape[axis]} does not split over the {shards} batch "
+                f"shards of mesh axes {axes}. Fix: a batch divisible by microbatches x "
+                f"{shards}."
+            )
+        x = x.reshape(*x.shape[:axis], shards, x.shape[axis] // shards, *x.shape[axis + 1 :])
+        spec = P(*(None,) * axis, axes)
+        return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
     def run(params: Any, batch: Batch) -> tuple[Any, jax.Array]:
-        def split(x: jax.Array) -> jax.Array:  # [M, b, ...] -> [M, shards, b / shards, ...]
-            if x.shape[1] % shards:
-                raise ValueError(
-                    f"microbatch of {x.shape[1]} does not split over the {shards} batch "
-                    f"shards of mesh axes {axes}. Fix: a batch divisible by accumulation "
-                    f"steps x {shards}."
-                )
-            x = x.reshape(x.shape[0], shards, x.shape[1] // shards, *x.shape[2:])
-            return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(None, axes)))
+        if pipelined:  # jaxpp: accumulators [shards, *param], in its pipeline loop
 
-        def body(total: Any, microbatch: Batch) -> tuple[Any, jax.Array]:
-            losses, grads = grad_fn(params, microbatch)
-            return jax.tree.map(lambda t, g: over_shards(t + g), total, grads), losses
+            def per_microbatch(microbatch: Batch) -> tuple[jax.Array, Any]:
+                losses, grads = grad_fn(params, jax.tree.map(lambda x: split(x, 0), microbatch))
+                return losses, jax.tree.map(over_shards, grads)
 
-        zeros = jax.tree.map(lambda p: over_shards(jnp.zeros((shards, *p.shape), p.dtype)), params)
-        totals, losses = jax.lax.scan(body, zeros, jax.tree.map(split, batch))
+            losses, totals = treduce(
+                per_microbatch, batch, schedule=schedule, operation=(Concat(), Add())
+            )
+        else:
+
+            def body(total: Any, microbatch: Batch) -> tuple[Any, jax.Array]:
+                losses, grads = grad_fn(params, microbatch)
+                return jax.tree.map(lambda t, g: over_shards(t + g), total, grads), losses
+
+            zeros = jax.tree.map(
+                lambda p: over_shards(jnp.zeros((shards, *p.shape), p.dtype)), params
+            )
+            totals, losses = jax.lax.scan(body, zeros, jax.tree.map(lambda x: split(x, 1), batch))
         grads = jax.tree.map(lambda g: jnp.sum(g, axis=0) / shards, totals)  # one reduction
         return grads, losses
 
@@ -367,12 +401,15 @@ def build(
     grid = np.array(devices[: config.num_devices]).reshape(config.ranks, config.data, config.model)
     mesh = _mpmd.MpmdMesh(jax.sharding.Mesh(grid, ("stages", "data", "model")), "stages")
     builder = schedules.get_builder(config.schedule, config.num_stages, ranks=config.ranks)
-    inner = _spmd.Layout(data=config.data, model=config.model)
+    # Inside each rank's stages: DP (parameters replicated over "data") or FSDP (also
+    # sharded over it), and Megatron TP over "model".
+    inner = _spmd.Layout(data=config.data, model=config.model, fsdp=config.fsdp)
+    template = mesh.rank_mesh(0)
     if config.data > 1 or config.model > 1:
         # As under SPMD, inside each stage: written against rank 0's mesh, the annotations
         # run on every rank's own devices (jaxpp moves them when it traces the rank's tasks).
         model_config = dataclasses.replace(
-            model_config, activation_sharding=_spmd.activation_sharding(inner, mesh.rank_mesh(0))
+            model_config, activation_sharding=_spmd.activation_sharding(inner, template)
         )
     model = _pipeline.pipeline(gpt.GPT(model_config), num_stages=config.num_stages)
     shapes = problem.shapes()
@@ -381,7 +418,18 @@ def build(
     flat_mesh = _spmd.make_mesh(flat, devices)
     state = problem.init(key, _spmd.state_shardings(shapes, flat, flat_mesh))
     batch = {"tokens": jnp.asarray(problem.tokens(config.microbatches))}
-    step = make_step(model, optimizer, schedule=builder)
+    grad_sharding = None
+    if config.fsdp and config.data > 1:
+        grad_sharding = _spmd.state_shardings(shapes.params, inner, template)
+    step = make_step(
+        model,
+        optimizer,
+        schedule=builder,
+        # DP: each batch shard accumulates its own gradients, reduced once after the loop.
+        reduce_once=config.data > 1 and not config.fsdp,
+        # FSDP: each microbatch's gradients reduced onto their shard (ZeRO-3).
+        grad_sharding=grad_sharding,
+    )
     return _mpmd.mpmd_jit_with_loop(step, mpmd_mesh=mesh, in_shardings=specs), state, batch
 
 
