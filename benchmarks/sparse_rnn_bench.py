@@ -4,6 +4,7 @@ Run on the GPU machine:
     python3 benchmarks/sparse_rnn_bench.py --mode check,quick --out $OUT
     python3 benchmarks/sparse_rnn_bench.py --mode sweep --out $OUT
     python3 benchmarks/sparse_rnn_bench.py --mode variants --variants f16_pf --out $OUT/f16_pf
+    python3 benchmarks/sparse_rnn_bench.py --mode variants --variants mosaic --out $OUT/mosaic
 (kernels/sparse_rnn/NOTES.md has the exact command of the next run: one process per variant
 under `timeout`, so a variant that hangs or compiles for minutes costs only its own slot.)
 
@@ -354,6 +355,11 @@ VARIANTS = {
     "bf16_pf": _V3 | dict(state_dtype="bfloat16", prefetch=True),
     "f16_u2": _V3 | dict(state_dtype="float16", unroll=2),  # the measured best (16.16 us/step)
     "f16_u4": _V3 | dict(state_dtype="float16", unroll=4),
+    # The Mosaic GPU forward (weights + float16 h in shared memory; the Triton backward). It
+    # cannot hold H=4096 d=10% (240 KiB > 227 KiB of shared memory): that row records the error.
+    "mosaic": dict(implementation="mosaic", bank_aware=False),  # conflict-free slot order
+    "mosaic_packed": dict(implementation="mosaic", bank_aware=False, slot_order="packed"),
+    "mosaic_nw32": dict(implementation="mosaic", bank_aware=False, num_warps=32),
 }
 
 

@@ -8,9 +8,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxpp.kernels.sparse_rnn import _kernel, _reference, _weights
+from jaxpp.kernels.sparse_rnn import _kernel, _mosaic, _reference, _weights
 
-IMPLEMENTATIONS = ("auto", "persistent", "step", "reference")
+IMPLEMENTATIONS = ("auto", "persistent", "mosaic", "step", "reference")
 
 
 class SparseRNNTimeoutError(RuntimeError):
@@ -33,6 +33,7 @@ def sparse_rnn(
     state_dtype: str = "auto",
     prefetch: bool = False,
     unroll: int | None = None,
+    slot_order: str = "conflict_free",
 ) -> jax.Array:
     """Runs a recurrence with a pruned recurrent matrix; returns all hidden states.
 
@@ -49,8 +50,11 @@ def sparse_rnn(
         cell: "lstm" (gates i, f, g, o), "gru" (r, z, n) or "tanh".
         c0: `(batch, hidden)` initial LSTM cell state; zeros if None.
         implementation: "persistent" (one Triton launch for the whole sequence, GPU),
-            "step" (one Pallas launch per step; interpret mode on CPU), "reference" (dense
-            masked `lax.scan`), or "auto" (persistent on GPU, reference elsewhere).
+            "mosaic" (one Pallas Mosaic GPU launch, weights and a float16 `h` in shared
+            memory; forward only in Mosaic, its backward is the persistent one; experimental,
+            Hopper, see NOTES.md), "step" (one Pallas launch per step; interpret mode on
+            CPU), "reference" (dense masked `lax.scan`), or "auto" (persistent on GPU,
+            reference elsewhere).
         num_warps: warps per block of the Triton kernels.
         num_stages: software-pipelining depth of the kernels' chunk loops.
         resident_chunks: chunks of 32 non-zeros per row held in registers across all steps
@@ -70,6 +74,9 @@ def sparse_rnn(
         unroll: chunks of 32 non-zeros per loop iteration of the kernels (more independent
             loads in flight); None (default): 2 with a 16-bit state, 1 with float32 (the
             measured best of each).
+        slot_order: implementation="mosaic" only: "conflict_free" (default; each row's slots
+            permuted so that a wavefront's lanes read distinct shared-memory bank groups where
+            the row allows it) or "packed" (the packing's order).
 
     Returns:
         `(batch, steps, hidden)` hidden states in `x_proj`'s dtype.
@@ -96,9 +103,9 @@ def sparse_rnn(
         )
     if implementation == "auto":
         implementation = "persistent" if jax.default_backend() == "gpu" else "reference"
-    if implementation == "persistent" and jax.default_backend() != "gpu":
+    if implementation in ("persistent", "mosaic") and jax.default_backend() != "gpu":
         raise ValueError(
-            f"implementation='persistent' spins on GPU atomics and cannot run on the "
+            f"implementation={implementation!r} spins on GPU atomics and cannot run on the "
             f"{jax.default_backend()} backend. Fix: use implementation='step' (one launch per "
             f"step, runs in interpret mode) or 'reference'."
         )
@@ -120,9 +127,12 @@ def sparse_rnn(
         prefetch,
         unroll,
     )
+    if implementation == "mosaic":
+        cfg = _mosaic.MosaicConfig(cfg, slot_order)
+        _mosaic.check(cfg)
     hs = _sparse_rnn_kernel(
         cfg,
-        implementation == "persistent",
+        implementation,
         check_timeouts,
         x_proj.astype(jnp.float32),
         h0.astype(jnp.float32),
@@ -184,7 +194,7 @@ def _config(
             f"hidden={weights.hidden_size} with {gates} gates has more than 65536 gate-rows; the "
             "kernels store indices in 16 bits. Fix: use implementation='reference'."
         )
-    persistent = implementation == "persistent"
+    persistent = implementation in ("persistent", "mosaic")
     if persistent:
         sms = _multiprocessors()
         if sms is not None and blocks > sms:
@@ -193,6 +203,8 @@ def _config(
                 f"has {sms} multiprocessors (one block each). Fix: pack with num_blocks <= {sms}."
             )
     hidden = weights.hidden_size
+    if implementation == "mosaic":  # the Triton backward's config: float32 state
+        state_dtype, unroll = "float32", 1 if unroll is None else unroll
     state_dtype, unroll = _resolve_state(
         state_dtype, unroll, hidden=hidden, batch=int(x_shape[0]), persistent=persistent
     )
@@ -342,38 +354,51 @@ def _state_buffer(s0: jax.Array, cfg) -> jax.Array:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _sparse_rnn_kernel(
-    cfg, persistent, check, x, h0, c0, values, columns, valid, t_rows, t_src, t_valid
-):
-    hs, _ = _kernel_fwd(
-        cfg, persistent, check, x, h0, c0, values, columns, valid, t_rows, t_src, t_valid
-    )
+def _sparse_rnn_kernel(cfg, mode, check, x, h0, c0, values, columns, valid, t_rows, t_src, t_valid):
+    """`mode`: "step", "persistent" (Triton) or "mosaic" (`cfg` is then a `MosaicConfig`)."""
+    hs, _ = _kernel_fwd(cfg, mode, check, x, h0, c0, values, columns, valid, t_rows, t_src, t_valid)
     return hs
 
 
-def _kernel_fwd(cfg, persistent, check, x, h0, c0, values, columns, valid, t_rows, t_src, t_valid):
+def _kernel_fwd(cfg, mode, check, x, h0, c0, values, columns, valid, t_rows, t_src, t_valid):
     batch = x.shape[0]
-    xk = _to_kernel(x, cfg.batch)
-    run = _kernel.forward_persistent if persistent else _kernel.forward_steps
-    words = _kernel.pack(_kernel_values(values), columns)
-    hbuf, cbuf, m, timeouts = run(cfg, xk, words, _state_buffer(h0, cfg), _state_buffer(c0, cfg))
-    if persistent:
+    base = cfg.base if mode == "mosaic" else cfg
+    xk = _to_kernel(x, base.batch)
+    h0buf, c0buf = _state_buffer(h0, base), _state_buffer(c0, base)
+    if mode == "mosaic":
+        words = _mosaic.pack_words(
+            values, columns, valid, batch=base.batch, slot_order=cfg.slot_order
+        )
+        first = slice(0, base.hidden)
+        s0 = h0buf[first] if base.cell == "gru" else c0buf[first]
+        h, c, m, timeouts = _mosaic.forward(
+            cfg, xk.reshape(-1), words, h0buf[first].reshape(-1), s0.reshape(-1)
+        )
+        hbuf = jnp.concatenate([h0buf[first], h.reshape(-1, base.batch)])
+        cbuf = jnp.concatenate([c0buf[first], c.reshape(-1, base.batch)])
+        m = m.reshape(-1, base.batch)
+    else:
+        run = _kernel.forward_persistent if mode == "persistent" else _kernel.forward_steps
+        words = _kernel.pack(_kernel_values(values), columns)
+        hbuf, cbuf, m, timeouts = run(cfg, xk, words, h0buf, c0buf)
+    if mode != "step":
         hbuf = _report_timeouts(hbuf, timeouts, check)
-    hs = _from_kernel(hbuf[cfg.hidden :], batch, cfg.steps)
+    hs = _from_kernel(hbuf[base.hidden :], batch, base.steps)
     residuals = (xk, m, hbuf, cbuf, values, columns, valid, t_rows, t_src, t_valid, h0, c0)
     return hs, residuals
 
 
-def _kernel_bwd(cfg, persistent, check, residuals, g):
+def _kernel_bwd(cfg, mode, check, residuals, g):
     xk, m, hbuf, cbuf, values, columns, valid, t_rows, t_src, t_valid, h0, c0 = residuals
+    cfg = cfg.base if mode == "mosaic" else cfg  # the Mosaic forward's backward is Triton's
     batch = h0.shape[0]
     flat = _kernel_values(values).ravel()[t_src]
     t_vals = jnp.where(t_valid, flat, jnp.zeros((), flat.dtype))
     twords = _kernel.pack(t_vals[:, None], t_rows[:, None])
     gk = _to_kernel(g, cfg.batch)
-    run = _kernel.backward_persistent if persistent else _kernel.backward_steps
+    run = _kernel.backward_steps if mode == "step" else _kernel.backward_persistent
     dm, dx, dc0, dd0, timeouts = run(cfg, gk, xk, m, hbuf, cbuf, twords)
-    if persistent:
+    if mode != "step":
         dm = _report_timeouts(dm, timeouts, check)
     gh = cfg.gates * cfg.hidden
     # dh0 = direct part + W^T dm_0, through the transposed layout.

@@ -33,6 +33,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from jaxpp.kernels.sparse_rnn import _mosaic_ir
+
 #: What Mosaic GPU (jax 0.11.2) can express for the design, checked by
 #: `tests/kernels/test_sparse_rnn_mosaic_probe.py` (each "no" with its error).
 FINDINGS = {
@@ -205,85 +207,35 @@ def gather_probe(
     return y.reshape(grid, rows, batch), spins
 
 
-# ---- raw Mosaic GPU IR (per-thread code) -------------------------------------
-
-
-def _ir():
-    from jax._src.lib.mlir import ir
-    from jax._src.lib.mlir.dialects import arith, gpu, llvm, memref, vector
-    from jax.experimental.mosaic.gpu import utils
-
-    return ir, arith, gpu, llvm, memref, vector, utils
+# ---- raw Mosaic GPU IR (per-thread code; the shared pieces are in `_mosaic_ir.py`) ----
 
 
 def _copy_in(ctx, w_gmem, h_gmem, w_smem, h_smem, *, slots, state_len, threads):
     """Every thread copies a strided share of this CTA's words and of the state."""
     del ctx
-    ir, arith, gpu, _, memref, _, utils = _ir()
-    index = ir.IndexType.get()
-    tid = arith.index_cast(index, utils.thread_idx())
-    cta = arith.index_cast(index, utils.block_idx())
-    base = arith.muli(cta, utils.c(slots, index))
-    step = utils.c(threads, index)
-
-    def strided_copy(src, dst, n, offset):
-        @utils.fori(utils.c((n + threads - 1) // threads, index), None)
-        def _(i, carry):
-            j = arith.addi(tid, arith.muli(i, step))
-            with utils.when(arith.cmpi(arith.CmpIPredicate.ult, j, utils.c(n, index))):
-                src_j = j if offset is None else arith.addi(offset, j)
-                memref.store(memref.load(src, [src_j]), dst, [j])
-            return carry
-
-    strided_copy(w_gmem, w_smem, slots, base)
-    strided_copy(h_gmem, h_smem, state_len, None)
-    gpu.barrier()
+    m = _mosaic_ir.mlir()
+    index = m.ir.IndexType.get()
+    cta = m.arith.index_cast(index, m.utils.block_idx())
+    base = m.arith.muli(cta, m.utils.c(slots, index))
+    _mosaic_ir.strided_copy(w_gmem, w_smem, slots, threads=threads, src_offset=base)
+    _mosaic_ir.strided_copy(h_gmem, h_smem, state_len, threads=threads)
+    m.gpu.barrier()
 
 
 def _gather_step(ctx, w_smem, h_smem, y_gmem, *, rows, chunks, threads):
     """One step: warp w takes rows w, w + warps, ...; lane l the slots l, l + 32, ..."""
     del ctx
-    ir, arith, gpu, llvm, memref, vector, utils = _ir()
-    index = ir.IndexType.get()
+    m = _mosaic_ir.mlir()
+    ir, arith, utils = m.ir, m.arith, m.utils
     i32 = ir.IntegerType.get_signless(32)
-    i64 = ir.IntegerType.get_signless(64)
-    f32 = ir.F32Type.get()
-    v4f32 = ir.VectorType.get((4,), f32)
-    v4f16 = ir.VectorType.get((4,), ir.F16Type.get())
-    warps = threads // 32
-    tid = utils.thread_idx()
-    warp = arith.shrui(tid, utils.c(5, i32))
-    lane = arith.andi(tid, utils.c(31, i32))
+    index = ir.IndexType.get()
     cta = utils.block_idx()
-    h_ptr = utils.memref_ptr(h_smem)
-    row_slots = chunks * 32
 
-    @utils.fori(utils.c((rows + warps - 1) // warps, i32), None)
-    def _(r, carry):
-        row = arith.addi(warp, arith.muli(r, utils.c(warps, i32)))
-        with utils.when(arith.cmpi(arith.CmpIPredicate.ult, row, utils.c(rows, i32))):
-            first = arith.addi(arith.muli(row, utils.c(row_slots, i32)), lane)
+    def store(row, lane, total):
+        out = arith.muli(arith.addi(arith.muli(cta, utils.c(rows, i32)), row), utils.c(4, i32))
+        with utils.when(arith.cmpi(arith.CmpIPredicate.eq, lane, utils.c(0, i32))):
+            m.vector.store(total, y_gmem, [arith.index_cast(index, out)])
 
-            @utils.fori(utils.c(chunks, i32), utils.c(0.0, v4f32))
-            def acc(k, acc):
-                slot = arith.addi(first, arith.muli(k, utils.c(32, i32)))
-                word = memref.load(w_smem, [arith.index_cast(index, slot)])
-                col = arith.andi(word, utils.c(0xFFFF, i32))
-                w16 = arith.trunci(
-                    ir.IntegerType.get_signless(16), arith.shrui(word, utils.c(16, i32))
-                )
-                w = arith.extf(f32, arith.bitcast(ir.BF16Type.get(), w16))
-                # h[col, 0:4] as one 8-byte shared-memory load.
-                addr = utils.getelementptr(h_ptr, [col], i64)
-                hv = arith.extf(v4f32, llvm.load(v4f16, addr, alignment=8))
-                return vector.fma(vector.broadcast(v4f32, w), hv, acc)
-
-            total = acc.result
-            for distance in (16, 8, 4, 2, 1):
-                total = arith.addf(total, utils.shfl_bfly(total, distance))
-            out = arith.muli(arith.addi(arith.muli(cta, utils.c(rows, i32)), row), utils.c(4, i32))
-            with utils.when(arith.cmpi(arith.CmpIPredicate.eq, lane, utils.c(0, i32))):
-                vector.store(total, y_gmem, [arith.index_cast(index, out)])
-        return carry
-
-    gpu.barrier()
+    _mosaic_ir.row_products(w_smem, h_smem, store, rows=rows, chunks=chunks, threads=threads,
+                            batch=4)  # fmt: skip
+    m.gpu.barrier()

@@ -200,7 +200,7 @@ def test_padded_batch_for_line_alignment_matches_reference():
 
     def kernel_loss(x, h0, c0, values):
         hs = _api._sparse_rnn_kernel(
-            cfg, False, True, x, h0, c0, values, weights.columns, weights.valid,
+            cfg, "step", True, x, h0, c0, values, weights.columns, weights.valid,
             weights.transpose_rows, weights.transpose_source, weights.transpose_valid,
         )  # fmt: skip
         return jnp.sum(hs * ct), hs
