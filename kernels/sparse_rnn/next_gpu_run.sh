@@ -1,8 +1,10 @@
-# The next H100 run of the sparse RNN kernel variants (kernels/sparse_rnn/NOTES.md), one device
-# call of at most 9 minutes. From the repository root, on the GPU machine:
+# The next H100 run of the sparse RNN kernels (kernels/sparse_rnn/NOTES.md, "The next GPU run"):
+# the Mosaic GPU forward's first compile, check, timing and GPU tests, then the Triton default's
+# ratios against the baselines. One device call of at most 9 minutes. From the repository root,
+# on the GPU machine:
 #     source benchmarks/gpu_env.sh && bash kernels/sparse_rnn/next_gpu_run.sh
 # Every step runs in its own process under `timeout`, capped by what is left of BUDGET_S, so a
-# variant that hangs or compiles for minutes costs only its own slot. Results: $OUT/<name>/
+# step that hangs or compiles for minutes costs only its own slot. Results: $OUT/<name>/
 # (JSON + log per process) and $OUT/gpu_tests.log.
 BUDGET_S=${BUDGET_S:-510}
 OUT=${OUT:-/tmp/sparse_rnn_out}
@@ -29,22 +31,23 @@ bench() {  # bench LIMIT NAME [extra flags]: the bar's three LSTM cases for one 
     --out "$OUT/$name" "$@"
 }
 
-# The baselines and the current kernel first, so every ratio comes from this run.
-bench 100 v3 --baselines dense,cudnn
-# Most promising first (NOTES.md, "Predictions").
-bench 70 f16_pf
-bench 70 pf
-bench 70 f16
-bench 70 f16_u2
-bench 70 f16_u4
-bench 70 f16_pf_nw8
-# (bf16_pf is left out: same bytes as f16_pf, and its 8-bit state is expected to fail the check.)
-# Forward and gradients of every variant against the reference over 300 steps (LSTM H=2304),
-# in the order of tests/gpu's _VARIANTS, as far as the budget goes.
-# From /tmp with the absolute path: at the repository root ./jaxpp would shadow the package tree
-# that gpu_env.sh builds in /tmp/pp.
+# 1. The Mosaic forward (conflict-free slot order): first GPU compile of its raw IR; H=2304 d=30%
+#    forward checked against the float32 reference (2e-3), forward+backward, and H=4096 d=10%
+#    (expected: a ValueError row, 240 KiB of shared memory needed).
+bench 90 mosaic
+# 2. GPU tests, 300 steps, forward and all gradients against the reference: the default's four
+#    long-sequence cases (float16 state + unroll 2 since this session), then the Mosaic ones
+#    (LSTM 2304 both slot orders, tanh 4096, GRU 512, the spin bound). From /tmp with the
+#    absolute path: at the repository root ./jaxpp would shadow the package tree of gpu_env.sh.
 repo=$PWD
-JAX_PLATFORMS=cuda,cpu slot 170 bash -c "cd /tmp && python3 -m pytest -o addopts='' -q \
-  -p no:cacheprovider '$repo/tests/gpu/test_sparse_rnn_gpu.py' -k 'variant and lstm'" \
-  2>&1 | tail -n 30 | tee "$OUT/gpu_tests.log"
+JAX_PLATFORMS=cuda,cpu slot 150 gpu_tests bash -c "cd /tmp && python3 -m pytest -o addopts='' \
+  -q -rA -p no:cacheprovider '$repo/tests/gpu/test_sparse_rnn_gpu.py' \
+  -k '(long_sequence and not variant) or mosaic'" 2>&1 | tail -n 40 | tee "$OUT/gpu_tests.log"
+# 3. The slot order's effect (packed = column order) and 32 warps.
+bench 60 mosaic_packed
+bench 60 mosaic_nw32
+# 4. The Triton default (f16_u2 at these sizes) with the baselines, so every ratio is from this run.
+bench 100 default --baselines dense,cudnn
+# 5. The unexplained float16-state time without unroll (40.22 us last run): once more.
+bench 50 f16
 echo "== done at ${SECONDS}s"
