@@ -41,9 +41,11 @@ class GPTConfig:
         norm: "rms" (RMSNorm) or "layer" (LayerNorm).
         attention: the `jaxpp.kernels.attention` implementation ("auto", "mosaic",
             "triton" or "xla").
-        activation_sharding: under SPMD `jax.jit`, how activations are laid out over the
-            devices (`ActivationSharding`): the layers constrain them to it, and the
-            attention kernel runs on each device's shard. Without it XLA's propagation
+        activation_sharding: under SPMD `jax.jit`, or inside jaxpp pipeline stages
+            (written on a rank's template mesh, `MpmdMesh.rank_mesh(0)`; jaxpp moves it
+            onto each rank's devices), how activations are laid out over the devices
+            (`ActivationSharding`): the layers constrain them to it, and the attention
+            kernel runs on each device's shard (`shard_map`). Without it XLA's propagation
             chooses per op (at 8B widths under FSDP it gathered whole microbatches of
             activations and all-reduced others), and a Pallas kernel, opaque to XLA's
             partitioner, runs on the whole batch on every device.
