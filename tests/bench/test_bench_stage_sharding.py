@@ -169,3 +169,25 @@ def test_stage_fsdp_keeps_gradients_sharded():
             if len(out.shape) == 2:  # a matrix's gradient accumulator
                 local = sharding.shard_shape(out.shape)
                 assert math.prod(local) * 2 == math.prod(out.shape), (program.task, sharding)
+
+
+@pytest.mark.parametrize(
+    "name, num_layers",
+    [(DP, 2), ("jaxpp/zbv/pp2-tp2/mb2/noremat", 4), ("jaxpp/dualpipev/pp2-fsdp2/mb4/remat", 4)],
+)
+def test_stage_layout_state_starts_where_the_pipeline_reads_it(name, num_layers):
+    # Each leaf is made on the rank whose stage reads it, with its in-stage spec: the
+    # first step moves none of it (scalars read by every rank sit on the first stage's).
+    problem = dataclasses.replace(
+        PROBLEM, preset=dataclasses.replace(PRESET, num_layers=num_layers)
+    )
+    step, state, batch = _run.build(_configs.parse_config(name), problem, attention="xla")
+    compiled = step.compile(state, batch)  # traces only
+    leaves = jax.tree.leaves(state)
+    names = compiled.graph.step_inputs[: len(leaves)]
+    executor = compiled.executor
+    for leaf, value in zip(leaves, names, strict=True):
+        rank = min(compiled.plan.input_ranks[value])
+        # Where the executor places a step input (no move when it is there already).
+        target = executor._sharding_on(leaf, rank, executor.input_specs.get(value))
+        assert leaf.sharding == target, (value, leaf.sharding, target)
