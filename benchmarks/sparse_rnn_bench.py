@@ -355,11 +355,16 @@ VARIANTS = {
     "bf16_pf": _V3 | dict(state_dtype="bfloat16", prefetch=True),
     "f16_u2": _V3 | dict(state_dtype="float16", unroll=2),  # the measured best (16.16 us/step)
     "f16_u4": _V3 | dict(state_dtype="float16", unroll=4),
+    # Backward variants (NOTES.md "Backward variants"): the backward gathers a 16-bit copy of
+    # dm (float16 with a per-step power-of-two scale, or bfloat16); the forward is f16_u2's.
+    "f16_u2_dm16": _V3 | dict(state_dtype="float16", unroll=2, dm_dtype="float16"),
+    "f16_u2_dmbf16": _V3 | dict(state_dtype="float16", unroll=2, dm_dtype="bfloat16"),
     # The Mosaic GPU forward (weights + float16 h in shared memory; the Triton backward). It
     # cannot hold H=4096 d=10% (240 KiB > 227 KiB of shared memory): that row records the error.
     "mosaic": dict(implementation="mosaic", bank_aware=False),  # conflict-free slot order
     "mosaic_packed": dict(implementation="mosaic", bank_aware=False, slot_order="packed"),
     "mosaic_nw32": dict(implementation="mosaic", bank_aware=False, num_warps=32),
+    "mosaic_dm16": dict(implementation="mosaic", bank_aware=False, dm_dtype="float16"),
 }
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -34,6 +35,7 @@ def sparse_rnn(
     prefetch: bool = False,
     unroll: int | None = None,
     slot_order: str = "conflict_free",
+    dm_dtype: str = "float32",
 ) -> jax.Array:
     """Runs a recurrence with a pruned recurrent matrix; returns all hidden states.
 
@@ -77,6 +79,11 @@ def sparse_rnn(
         slot_order: implementation="mosaic" only: "conflict_free" (default; each row's slots
             permuted so that a wavefront's lanes read distinct shared-memory bank groups where
             the row allows it) or "packed" (the packing's order).
+        dm_dtype: the backward's gathered copy of the gate gradients `dm`: "float32" (default;
+            no copy), "float16" (a copy scaled by one power of two per step, chosen from the
+            previous step's largest magnitudes; a step that would still overflow makes the
+            backward run again in float32) or "bfloat16" (unscaled). Half the gathered bytes;
+            accumulation stays float32. Experimental, see NOTES.md "Backward variants".
 
     Returns:
         `(batch, steps, hidden)` hidden states in `x_proj`'s dtype.
@@ -126,6 +133,7 @@ def sparse_rnn(
         state_dtype,
         prefetch,
         unroll,
+        dm_dtype,
     )
     if implementation == "mosaic":
         cfg = _mosaic.MosaicConfig(cfg, slot_order)
@@ -180,6 +188,7 @@ def _config(
     state_dtype="auto",
     prefetch=False,
     unroll=None,
+    dm_dtype="float32",
 ):
     blocks, gates, units, slots = weights.values.shape
     if gates * units * slots > _weights.MAX_SLOTS_PER_BLOCK:
@@ -208,6 +217,8 @@ def _config(
     state_dtype, unroll = _resolve_state(
         state_dtype, unroll, hidden=hidden, batch=int(x_shape[0]), persistent=persistent
     )
+    batch = _kernel_batch(hidden, int(x_shape[0]), persistent=persistent)
+    _check_dm_dtype(dm_dtype, gates * hidden * batch, persistent=persistent)
     return _kernel.KernelConfig(
         cell=cell,
         hidden=hidden,
@@ -216,7 +227,7 @@ def _config(
         units=units,
         slots=slots,
         transpose_slots=weights.transpose_rows.shape[2],
-        batch=_kernel_batch(hidden, int(x_shape[0]), persistent=persistent),
+        batch=batch,
         steps=int(x_shape[1]),
         num_warps=num_warps,
         num_stages=num_stages,
@@ -227,10 +238,25 @@ def _config(
         state_dtype=state_dtype,
         prefetch=bool(prefetch),
         unroll=unroll,
+        dm_dtype=dm_dtype,
     )
 
 
 _LINE_BYTES = 128
+
+
+def _check_dm_dtype(dm_dtype: str, slab_elements: int, *, persistent: bool) -> None:
+    """A 16-bit `dm` copy needs line-aligned slabs in the persistent kernel (as the state)."""
+    if dm_dtype not in _kernel.STATE_DTYPES:
+        raise ValueError(
+            f"dm_dtype={dm_dtype!r} is not one of {_kernel.STATE_DTYPES}. Fix: pick one."
+        )
+    if persistent and dm_dtype != "float32" and (slab_elements * 2) % _LINE_BYTES:
+        raise ValueError(
+            f"dm_dtype={dm_dtype!r} gives {slab_elements * 2}-byte dm slabs (gates * hidden * "
+            "padded batch * 2), not a multiple of the 128-byte cache line. Fix: use "
+            "dm_dtype='float32'."
+        )
 
 
 def _kernel_batch(hidden: int, batch: int, *, persistent: bool) -> int:
@@ -397,7 +423,14 @@ def _kernel_bwd(cfg, mode, check, residuals, g):
     twords = _kernel.pack(t_vals[:, None], t_rows[:, None])
     gk = _to_kernel(g, cfg.batch)
     run = _kernel.backward_steps if mode == "step" else _kernel.backward_persistent
-    dm, dx, dc0, dd0, timeouts = run(cfg, gk, xk, m, hbuf, cbuf, twords)
+    dm, dx, dc0, dd0, timeouts, overflows = run(cfg, gk, xk, m, hbuf, cbuf, twords)
+    if cfg.dm_scaled:  # a step's scaled float16 dm would have overflowed: again in float32
+        exact = dataclasses.replace(cfg, dm_dtype="float32")
+        dm, dx, dc0, dd0, timeouts = jax.lax.cond(
+            jnp.any(overflows > 0),
+            lambda: run(exact, gk, xk, m, hbuf, cbuf, twords)[:5],
+            lambda: (dm, dx, dc0, dd0, timeouts),
+        )
     if mode != "step":
         dm = _report_timeouts(dm, timeouts, check)
     gh = cfg.gates * cfg.hidden

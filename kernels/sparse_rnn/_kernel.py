@@ -77,6 +77,7 @@ class KernelConfig:
     state_dtype: str = "float32"  # dtype of the state copy the forward gathers from
     prefetch: bool = False  # software-pipelined chunk loop
     unroll: int = 1  # chunks per loop iteration
+    dm_dtype: str = "float32"  # dtype of the `dm` copy the backward gathers from
 
     def __post_init__(self):
         if not (isinstance(self.unroll, int) and self.unroll >= 1):
@@ -85,6 +86,20 @@ class KernelConfig:
             raise ValueError(
                 f"state_dtype={self.state_dtype!r} is not one of {STATE_DTYPES}. Fix: pick one."
             )
+        if self.dm_dtype not in STATE_DTYPES:
+            raise ValueError(
+                f"dm_dtype={self.dm_dtype!r} is not one of {STATE_DTYPES}. Fix: pick one."
+            )
+
+    @property
+    def dm_staged(self) -> bool:
+        """Whether the backward gathers from a separate (16-bit) copy of `dm`."""
+        return self.dm_dtype != "float32"
+
+    @property
+    def dm_scaled(self) -> bool:
+        """Whether that copy carries a per-step power-of-two scale (float16's narrow range)."""
+        return self.dm_dtype == "float16"
 
     @property
     def staged(self) -> bool:
@@ -293,20 +308,80 @@ def _forward_block(cfg, p, refs, offsets, resident, wait=None, staged=None):
             m_ref[pl.ds(m_row0 + g * hidden + unit0, size), :] = gate_m[g]
 
 
-def _backward_block(cfg, p, refs, offsets, carries, resident, wait=None):
-    """One reverse step for block `p`; returns the new `(dc, dh_direct)` carries per group."""
+# The float16 `dm` copy (`dm_dtype="float16"`) holds `dm_t * 2^e_t`, one power of two per step
+# that every block derives from the same numbers: the largest magnitude of the previous reverse
+# step (`dm_{t+1}` and the carries, each block's maximum published next to its stamp) and of the
+# incoming gradient `g_t`. That largest magnitude `A` lands in `[2^(K-1), 2^K)`, so `dm_t` may grow
+# `2^(16-K)` times over `A` in one step before float16 (max 65504) overflows, and values down to
+# `2^(-14-K)` of `A` keep all 11 bits (float16's smallest normal is 2^-14). A step that would
+# overflow is counted; `sparse_rnn` then recomputes the backward with the float32 `dm`.
+_DM_SCALE_EXP = 4  # K
+_F16_MAX = 65504.0
+
+
+def dm_scale(peak: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """`(2^e, 2^-e)` with `peak * 2^e` in `[2^(K-1), 2^K)` for `peak >= 0` (exact powers of two).
+
+    Bit arithmetic on the float32 exponent (the same in XLA and in a Triton kernel); `e` is
+    clamped to `[-100, 100]` (a zero peak gives 2^100: nothing to scale).
+
+    Example:
+        >>> [float(v) for v in dm_scale(jnp.float32(3.0))]
+        [4.0, 0.25]
+    """
+    biased = jnp.bitwise_and(
+        jnp.right_shift(jax.lax.bitcast_convert_type(peak, jnp.int32), 23), 0xFF
+    )
+    field = jnp.clip(_DM_SCALE_EXP + 253 - biased, 27, 227)
+
+    def power(f):
+        return jax.lax.bitcast_convert_type(jnp.left_shift(f, 23), jnp.float32)
+
+    return power(field), power(254 - field)
+
+
+def _reciprocal_power(scale: jax.Array) -> jax.Array:
+    """`2^-e` for `scale = 2^e` (exact; `e` within dm_scale's clamp)."""
+    biased = jnp.bitwise_and(
+        jnp.right_shift(jax.lax.bitcast_convert_type(scale, jnp.int32), 23), 0xFF
+    )
+    return jax.lax.bitcast_convert_type(jnp.left_shift(254 - biased, 23), jnp.float32)
+
+
+def _peak(a: jax.Array) -> jax.Array:
+    """The largest element of a 2-D tile (one axis at a time: lowers under an abstract mesh)."""
+    return jnp.max(jnp.max(a, axis=1), axis=0)
+
+
+def _backward_block(cfg, p, refs, offsets, carries, resident, wait=None, staged=None):
+    """One reverse step for block `p`.
+
+    `staged`, if given, is `(gather_ref, gather_row0, unscale, copy_ref, copy_row0, scale_fn)`:
+    the products gather from `gather_ref` (a `dm_dtype` copy of `dm_{t+1}` holding `dm_{t+1} *
+    2^e_{t+1}`) and are multiplied by `unscale` (`2^-e_{t+1}`, or None), and `dm_t * scale` is
+    written to `copy_ref`, where `scale = scale_fn()` (called after `wait()`; None: unscaled).
+    Returns `(carries, dm_peak, carry_peak, scale)`: the new `(dc, dh_direct)` per row group, the
+    block's largest `|dm_t|` and largest carry magnitude (float32 scalars; only when scaled,
+    else None) and the scale used.
+    """
     g_ref, x_ref, m_ref, hprev_ref, cprev_ref, c_ref, tw_ref, dmsrc_ref, dm_ref, dx_ref = refs
     (g_row0, x_row0, m_row0, hprev_row0, cprev_row0, c_row0, dmsrc_row0, dm_row0) = offsets
     hidden, n_chunks = cfg.hidden, cfg.transpose_slots // CHUNK
     keys = [(r0, size) for r0, size in cfg.row_groups]
+    unstaged = (dmsrc_ref, dmsrc_row0, None, None, 0, None)
+    src_ref, src_row0, unscale, copy_ref, copy_row0, scale_fn = staged or unstaged
 
     def load(key, size, c):
         return _load_words(cfg, tw_ref, p, 0, 1, n_chunks, key, size, c, evict=not cfg.interpret)
 
     if wait is not None:
         wait()
-    dms_in = _gather_matvec(cfg, dmsrc_ref, dmsrc_row0, keys, resident, load, n_chunks)
+    dms_in = _gather_matvec(cfg, src_ref, src_row0, keys, resident, load, n_chunks)
+    if unscale is not None:
+        dms_in = {key: v * unscale for key, v in dms_in.items()}
+    scale = scale_fn() if scale_fn is not None else None
     new_carries = []
+    dm_peak = carry_peak = None
     for (r0, size), (dc, direct) in zip(cfg.row_groups, carries, strict=True):
         unit0 = p * cfg.units + r0
         dh = g_ref[pl.ds(g_row0 + unit0, size), :] + direct + dms_in[r0]
@@ -319,8 +394,18 @@ def _backward_block(cfg, p, refs, offsets, carries, resident, wait=None):
         for g in range(cfg.gates):
             dm_ref[pl.ds(dm_row0 + g * hidden + unit0, size), :] = dms[g]
             dx_ref[pl.ds(x_row0 + g * hidden + unit0, size), :] = dxs[g]
+            if copy_ref is not None:
+                scaled = dms[g] if scale is None else dms[g] * scale
+                copy_ref[pl.ds(copy_row0 + g * hidden + unit0, size), :] = scaled.astype(
+                    copy_ref.dtype
+                )
+        if scale is not None:
+            group_dm = _peak(functools.reduce(jnp.maximum, [jnp.abs(d) for d in dms]))
+            group_carry = _peak(jnp.maximum(jnp.abs(dc), jnp.abs(direct)))
+            dm_peak = group_dm if dm_peak is None else jnp.maximum(dm_peak, group_dm)
+            carry_peak = group_carry if carry_peak is None else jnp.maximum(carry_peak, group_carry)
         new_carries.append((dc, direct))
-    return tuple(new_carries)
+    return tuple(new_carries), dm_peak, carry_peak, scale
 
 
 # ----------------------------------------------------------------------------------------------
@@ -375,34 +460,64 @@ def forward_steps(cfg: KernelConfig, x, words, hbuf, cbuf):
 def backward_steps(cfg: KernelConfig, g, x, m, hbuf, cbuf, twords):
     """Reverse recurrence with one launch per step.
 
-    Returns `(dm, dx, dc0, dh_direct0, timeouts)`.
+    Returns `(dm, dx, dc0, dh_direct0, timeouts, overflows)`; `overflows` counts the steps whose
+    scaled float16 `dm` copy would have overflowed (`dm_dtype="float16"`; zeros otherwise).
     """
     hidden, gh, b = cfg.hidden, cfg.gates * cfg.hidden, cfg.batch
+    n_in = 10 + (1 if cfg.dm_staged else 0) + (3 if cfg.dm_scaled else 0)
 
     def kernel(*refs):
         p = pl.program_id(0)
         (g_ref, x_ref, m_ref, hp_ref, cp_ref, c_ref, tw_ref, dmn_ref, dc_ref, dd_ref) = refs[:10]
-        dm_ref, dx_ref, dc_out, dd_out = refs[10:]
+        extra, outs = refs[10:n_in], refs[n_in:]
+        dm_ref, dx_ref, dc_out, dd_out = outs[:4]
         carries = []
         for r0, size in cfg.row_groups:
             rows = pl.ds(p * cfg.units + r0, size)
             carries.append((dc_ref[rows, :], dd_ref[rows, :]))
+        staged = None
+        if cfg.dm_scaled:
+            copy_in, peaks_in, unscale_in, gmax_in = extra
+            copy_out, peak_out, ovf_out = outs[4:]
+
+            def scale_fn():
+                peak = jnp.maximum(jnp.max(peaks_in[...]), jnp.max(gmax_in[...]))
+                return dm_scale(peak)[0]
+
+            staged = (copy_in, 0, jnp.max(unscale_in[...]), copy_out, 0, scale_fn)
+        elif cfg.dm_staged:
+            staged = (extra[0], 0, None, outs[4], 0, None)
         block_refs = (g_ref, x_ref, m_ref, hp_ref, cp_ref, c_ref, tw_ref, dmn_ref, dm_ref, dx_ref)
-        carries = _backward_block(cfg, p, block_refs, (0,) * 8, carries, resident={})
+        carries, dm_peak, carry_peak, scale = _backward_block(
+            cfg, p, block_refs, (0,) * 8, carries, resident={}, staged=staged
+        )
         for (r0, size), (dc, direct) in zip(cfg.row_groups, carries, strict=True):
             rows = pl.ds(p * cfg.units + r0, size)
             dc_out[rows, :] = dc
             dd_out[rows, :] = direct
+        if cfg.dm_scaled:
+            peak_out[pl.ds(p, 1)] = jnp.full((1,), jnp.maximum(dm_peak, carry_peak), jnp.float32)
+            over = (dm_peak * scale > _F16_MAX).astype(jnp.int32)
+            ovf_out[pl.ds(p, 1)] = jnp.full((1,), over, jnp.int32)
 
+    f32 = jnp.float32
+    out_shape = (
+        jax.ShapeDtypeStruct((gh, b), f32),
+        jax.ShapeDtypeStruct((gh, b), f32),
+        jax.ShapeDtypeStruct((hidden, b), f32),
+        jax.ShapeDtypeStruct((hidden, b), f32),
+    )
+    if cfg.dm_staged:
+        out_shape += (jax.ShapeDtypeStruct((gh, b), cfg.dm_dtype),)
+    if cfg.dm_scaled:
+        out_shape += (
+            jax.ShapeDtypeStruct((cfg.blocks,), f32),
+            jax.ShapeDtypeStruct((cfg.blocks,), jnp.int32),
+        )
     call = pl.pallas_call(
         kernel,
         grid=(cfg.blocks,),
-        out_shape=(
-            jax.ShapeDtypeStruct((gh, b), jnp.float32),
-            jax.ShapeDtypeStruct((gh, b), jnp.float32),
-            jax.ShapeDtypeStruct((hidden, b), jnp.float32),
-            jax.ShapeDtypeStruct((hidden, b), jnp.float32),
-        ),
+        out_shape=out_shape,
         compiler_params=_compiler_params(cfg),
         interpret=cfg.interpret,
         name="sparse_rnn_backward_step",
@@ -410,14 +525,32 @@ def backward_steps(cfg: KernelConfig, g, x, m, hbuf, cbuf, twords):
     steps = cfg.steps
     hs = hbuf.reshape(steps + 1, hidden, b)
     cs = cbuf.reshape(steps + 1, hidden, b)
+    pad = cfg.stamp_slots - cfg.blocks
 
     def step(carry, inputs):
-        dm_next, dc, direct = carry
-        g_t, x_t, m_t, h_prev, c_prev, c_t = inputs
-        dm, dx, dc, direct = call(g_t, x_t, m_t, h_prev, c_prev, c_t, twords, dm_next, dc, direct)
-        return (dm, dc, direct), (dm, dx)
+        dm_next, dc, direct, extra = carry
+        g_t, x_t, m_t, h_prev, c_prev, c_t, gmax_t = inputs
+        scaled_in = (gmax_t,) if cfg.dm_scaled else ()
+        outs = call(
+            g_t, x_t, m_t, h_prev, c_prev, c_t, twords, dm_next, dc, direct, *extra, *scaled_in
+        )
+        dm, dx, dc, direct = outs[:4]
+        ovf = jnp.zeros((cfg.blocks,), jnp.int32)
+        if cfg.dm_scaled:
+            copy, peaks, ovf = outs[4:]
+            # The next launch's `unscale` is this launch's 2^-e_t, from the same numbers.
+            unscale = dm_scale(jnp.maximum(jnp.max(extra[1]), gmax_t[0]))[1]
+            extra = (copy, jnp.pad(peaks, (0, pad)), unscale[None])
+        elif cfg.dm_staged:
+            extra = (outs[4],)
+        return (dm, dc, direct, extra), (dm, dx, ovf)
 
-    zeros_h = jnp.zeros((hidden, b), jnp.float32)
+    zeros_h = jnp.zeros((hidden, b), f32)
+    extra0 = ()  # slab T of the copy is zero: its peaks are zero and its scale is 1
+    if cfg.dm_staged:
+        extra0 = (jnp.zeros((gh, b), cfg.dm_dtype),)
+    if cfg.dm_scaled:
+        extra0 += (jnp.zeros((cfg.stamp_slots,), f32), jnp.ones((1,), f32))
     inputs = (
         g.reshape(steps, hidden, b),
         x.reshape(steps, gh, b),
@@ -425,11 +558,18 @@ def backward_steps(cfg: KernelConfig, g, x, m, hbuf, cbuf, twords):
         hs[:-1],
         cs[:-1],
         cs[1:],
+        _step_peaks(cfg, g).reshape(steps, 1),
     )
-    (_, dc0, dd0), (dms, dxs) = jax.lax.scan(
-        step, (jnp.zeros((gh, b), jnp.float32), zeros_h, zeros_h), inputs, reverse=True
+    (_, dc0, dd0, _), (dms, dxs, ovfs) = jax.lax.scan(
+        step, (jnp.zeros((gh, b), f32), zeros_h, zeros_h, extra0), inputs, reverse=True
     )
-    return dms.reshape(-1, b), dxs.reshape(-1, b), dc0, dd0, jnp.zeros((cfg.blocks,), jnp.int32)
+    timeouts = jnp.zeros((cfg.blocks,), jnp.int32)
+    return dms.reshape(-1, b), dxs.reshape(-1, b), dc0, dd0, timeouts, jnp.sum(ovfs, axis=0)
+
+
+def _step_peaks(cfg, g):
+    """`(steps,)`: the largest `|g_t|` of each step (the float16 `dm` copy's scale uses it)."""
+    return jnp.max(jnp.abs(g.reshape(cfg.steps, -1)), axis=1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -547,53 +687,104 @@ def forward_persistent(cfg: KernelConfig, x, words, hbuf, cbuf):
 
 @functools.partial(jax.jit, static_argnames="cfg")
 def backward_persistent(cfg: KernelConfig, g, x, m, hbuf, cbuf, twords):
-    """Reverse recurrence in one launch. Returns `(dm, dx, dc0, dh_direct0, timeouts)`."""
+    """Reverse recurrence in one launch.
+
+    Returns `(dm, dx, dc0, dh_direct0, timeouts, overflows)` (`overflows`: per block, the steps
+    whose scaled float16 `dm` copy would have overflowed; zeros unless `dm_dtype="float16"`).
+    With `dm_dtype` 16-bit the kernel also writes each `dm_t` slab as a 16-bit copy and gathers
+    from it; with float16 each block also writes its peak magnitude of the step into a table
+    (`(steps + 1) * stamp_slots` floats, row `t` for slab `t`) before publishing its stamp, and
+    derives the scale of slab `t` from row `t + 1` (read with volatile loads after the wait).
+    """
     hidden, gh, b, steps = cfg.hidden, cfg.gates * cfg.hidden, cfg.batch, cfg.steps
     n_chunks = cfg.transpose_slots // CHUNK
+    slots = cfg.stamp_slots
 
-    def kernel(g_ref, x_ref, m_ref, hb_ref, cb_ref, tw_ref, _dm_in, _s_in, dm_ref, dx_ref,
-               dc0_ref, dd0_ref, stamps_ref, err_ref):  # fmt: skip
+    def kernel(g_ref, x_ref, m_ref, hb_ref, cb_ref, tw_ref, _dm_in, _s_in, *refs):
+        n_extra_in = (1 if cfg.dm_staged else 0) + (2 if cfg.dm_scaled else 0)
+        dm_ref, dx_ref, dc0_ref, dd0_ref, stamps_ref, err_ref = refs[n_extra_in : n_extra_in + 6]
+        extra_out = refs[n_extra_in + 6 :]
+        copy_ref = extra_out[0] if cfg.dm_staged else None
+        if cfg.dm_scaled:
+            gmax_ref = refs[n_extra_in - 1]
+            peak_ref, ovf_ref = extra_out[1], extra_out[2]
         p = pl.program_id(0)
         keys = [(r0, size) for r0, size in cfg.row_groups]
         resident = _resident_chunks(cfg, tw_ref, p, keys, 1, n_chunks)
 
         def step(k, state):
-            timeouts, carries = state
+            timeouts, carries, unscale, overflows = state
             t = steps - 1 - k
             wait = _Waiter(cfg, stamps_ref, k, timeouts)
             refs = (g_ref, x_ref, m_ref, hb_ref, cb_ref, cb_ref, tw_ref, dm_ref, dm_ref, dx_ref)
             offsets = (t * hidden, t * gh, t * gh, t * hidden, t * hidden, (t + 1) * hidden,
                        (t + 1) * gh, t * gh)  # fmt: skip
-            carries = _backward_block(cfg, p, refs, offsets, carries, resident, wait)
+            staged = None
+            if cfg.dm_scaled:
+
+                def scale_fn():  # after the wait: row t + 1 of the peak table is complete
+                    row = plt.load(peak_ref.at[pl.ds((t + 1) * slots, slots)], volatile=True)
+                    gmax = jnp.max(gmax_ref[pl.ds(t, 1)])
+                    return dm_scale(jnp.maximum(jnp.max(row), gmax))[0]
+
+                staged = (copy_ref, (t + 1) * gh, unscale, copy_ref, t * gh, scale_fn)
+            elif cfg.dm_staged:
+                staged = (copy_ref, (t + 1) * gh, None, copy_ref, t * gh, None)
+            carries, dm_peak, carry_peak, scale = _backward_block(
+                cfg, p, refs, offsets, carries, resident, wait, staged
+            )
+            if cfg.dm_scaled:
+                peak = jnp.full((1,), jnp.maximum(dm_peak, carry_peak), jnp.float32)
+                peak_ref[pl.ds(t * slots + p, 1)] = peak
+                overflows = overflows + (dm_peak * scale > _F16_MAX).astype(jnp.int32)
+                unscale = _reciprocal_power(scale)  # the next step gathers this slab
             _publish(stamps_ref, p, k + 1)
-            return timeouts + 1 - wait.ready.astype(jnp.int32), carries
+            return timeouts + 1 - wait.ready.astype(jnp.int32), carries, unscale, overflows
 
         zeros = tuple(
             (jnp.zeros((size, b), jnp.float32), jnp.zeros((size, b), jnp.float32))
             for _, size in cfg.row_groups
         )
-        timeouts, carries = jax.lax.fori_loop(0, steps, step, (jnp.int32(0), zeros))
+        state = (jnp.int32(0), zeros, jnp.float32(1.0), jnp.int32(0))
+        timeouts, carries, _, overflows = jax.lax.fori_loop(0, steps, step, state)
         for (r0, size), (dc, direct) in zip(cfg.row_groups, carries, strict=True):
             rows = pl.ds(p * cfg.units + r0, size)
             dc0_ref[rows, :] = dc
             dd0_ref[rows, :] = direct
         err_ref[pl.ds(p, 1)] = jnp.full((1,), timeouts, jnp.int32)
+        if cfg.dm_scaled:
+            ovf_ref[pl.ds(p, 1)] = jnp.full((1,), overflows, jnp.int32)
 
-    dm_init = jnp.zeros(((steps + 1) * gh, b), jnp.float32)
-    dm, dx, dc0, dd0, _, err = pl.pallas_call(
+    f32 = jnp.float32
+    out_shape = (
+        jax.ShapeDtypeStruct(((steps + 1) * gh, b), f32),
+        jax.ShapeDtypeStruct((steps * gh, b), f32),
+        jax.ShapeDtypeStruct((hidden, b), f32),
+        jax.ShapeDtypeStruct((hidden, b), f32),
+        jax.ShapeDtypeStruct((slots,), jnp.int32),
+        jax.ShapeDtypeStruct((cfg.blocks,), jnp.int32),
+    )
+    args = (g, x, m, hbuf, cbuf, twords, jnp.zeros(((steps + 1) * gh, b), f32), stamp_init(cfg))
+    aliases = {6: 0, 7: 4}
+    if cfg.dm_staged:  # slab T of the copy (dm_T = 0) must be zero: a zero-filled input
+        out_shape += (jax.ShapeDtypeStruct(((steps + 1) * gh, b), cfg.dm_dtype),)
+        args += (jnp.zeros(((steps + 1) * gh, b), cfg.dm_dtype),)
+        aliases[8] = 6
+    if cfg.dm_scaled:  # the peak table (row T: zeros) and g's peak per step
+        out_shape += (
+            jax.ShapeDtypeStruct(((steps + 1) * slots,), f32),
+            jax.ShapeDtypeStruct((cfg.blocks,), jnp.int32),
+        )
+        args += (jnp.zeros(((steps + 1) * slots,), f32), _step_peaks(cfg, g))
+        aliases[9] = 7
+    dm, dx, dc0, dd0, _, err, *extra = pl.pallas_call(
         kernel,
         grid=(cfg.blocks,),
-        out_shape=(
-            jax.ShapeDtypeStruct(((steps + 1) * gh, b), jnp.float32),
-            jax.ShapeDtypeStruct((steps * gh, b), jnp.float32),
-            jax.ShapeDtypeStruct((hidden, b), jnp.float32),
-            jax.ShapeDtypeStruct((hidden, b), jnp.float32),
-            jax.ShapeDtypeStruct((cfg.stamp_slots,), jnp.int32),
-            jax.ShapeDtypeStruct((cfg.blocks,), jnp.int32),
-        ),
-        input_output_aliases={6: 0, 7: 4},
+        out_shape=out_shape,
+        input_output_aliases=aliases,
         compiler_params=_compiler_params(cfg),
         interpret=cfg.interpret,
         name="sparse_rnn_backward_persistent",
-    )(g, x, m, hbuf, cbuf, twords, dm_init, stamp_init(cfg))
-    return dm[: steps * gh], dx, dc0, dd0, err
+    )(*args)
+    overflows = extra[2] if cfg.dm_scaled else jnp.zeros((cfg.blocks,), jnp.int32)
+    return dm[: steps * gh], dx, dc0, dd0, err, overflows

@@ -82,6 +82,10 @@ _VARIANTS = {
     "f16_u4": dict(state_dtype="float16", unroll=4),
     "f16_pf_nw8": dict(state_dtype="float16", prefetch=True, num_warps=8),
     "bf16_pf": dict(state_dtype="bfloat16", prefetch=True),
+    # Backward variants (NOTES.md "Backward variants"): the default's forward, the backward
+    # gathering a 16-bit copy of dm (float16 with a per-step scale, or bfloat16).
+    "f16_u2_dm16": dict(state_dtype="float16", unroll=2, dm_dtype="float16"),
+    "f16_u2_dmbf16": dict(state_dtype="float16", unroll=2, dm_dtype="bfloat16"),
 }
 
 
@@ -115,6 +119,55 @@ def test_persistent_variant_long_sequence_matches_reference(variant, cell, hidde
         if name == "dc0" and cell != "lstm":
             continue
         assert _rel(a, b) < max(2e-3, 3 * tol), name
+
+
+@pytest.mark.parametrize("loss_scale,last_only", [(1e-9, False), (1e7, False), (1e-6, True)])
+def test_persistent_dm16_scale_follows_gradient_magnitude(loss_scale, last_only):
+    # The float16 dm copy's per-step scale comes from a peak table read with volatile loads
+    # after the stamps (persistent kernel only): gradients far outside float16's range, and
+    # steps with g_t = 0 (`last_only`), against the float32-dm persistent backward.
+    weights, x, h0, c0, ct = _problem("lstm", 2304, 4, 0.3, 64, seed=11)
+    ct = ct * loss_scale
+    if last_only:
+        ct = ct.at[:, :-1].set(0.0)
+
+    def grads(dm_dtype):
+        def loss(x, h0, c0, values):
+            hs = sr.sparse_rnn(
+                x, h0, weights.with_values(values), cell="lstm", c0=c0,
+                implementation="persistent", dm_dtype=dm_dtype,
+            )  # fmt: skip
+            return jnp.sum(hs * ct)
+
+        return jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))(x, h0, c0, weights.values)
+
+    for name, a, b in zip(
+        ("dx", "dh0", "dc0", "dvalues"), grads("float16"), grads("float32"), strict=True
+    ):
+        assert bool(jnp.all(jnp.isfinite(a))), name
+        assert _rel(a, b) < 2e-3, name
+
+
+def test_persistent_dm16_overflow_falls_back_to_float32(monkeypatch):
+    # A scale target of 2^20 overflows float16 at every step: the backward runs again with the
+    # float32 dm (40 steps: a shape no other test compiles, so the patched constant is traced).
+    from jaxpp.kernels.sparse_rnn import _kernel
+
+    monkeypatch.setattr(_kernel, "_DM_SCALE_EXP", 20)
+    weights, x, h0, c0, ct = _problem("lstm", 2304, 4, 0.3, 40, seed=12)
+
+    def grads(dm_dtype):
+        def loss(x, values):
+            hs = sr.sparse_rnn(
+                x, h0, weights.with_values(values), cell="lstm", c0=c0,
+                implementation="persistent", dm_dtype=dm_dtype,
+            )  # fmt: skip
+            return jnp.sum(hs * ct)
+
+        return jax.jit(jax.grad(loss, argnums=(0, 1)))(x, weights.values)
+
+    for a, b in zip(grads("float16"), grads("float32"), strict=True):
+        assert _rel(a, b) < 1e-6
 
 
 def test_persistent_spin_bound_exceeded_raises_timeout():

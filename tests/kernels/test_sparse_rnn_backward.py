@@ -1,0 +1,203 @@
+"""CPU tests of the sparse RNN backward's options (`dm_dtype`): the math through the one-step
+kernel in interpret mode (forward and every gradient against the dense reference and against
+the float32-`dm` kernel, fresh random inputs, all cells, gradients from tiny to huge), the
+float16 copy's per-step scale, the float32 fallback on overflow, and that the persistent
+backward lowers for CUDA with each option."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxpp.kernels import sparse_rnn as sr
+from jaxpp.kernels.sparse_rnn import _kernel
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*Pallas Triton backend is deprecated")
+_GATES = {"tanh": 1, "gru": 3, "lstm": 4}
+
+
+def _problem(cell, hidden, batch, steps, density, seed, num_blocks):
+    rng = np.random.default_rng(seed)
+    g = _GATES[cell]
+    w = rng.normal(size=(hidden, g * hidden)) * 0.5 / np.sqrt(density * hidden)
+    weights = sr.SparseRecurrentWeights.prune(w, density, num_gates=g, num_blocks=num_blocks)
+    x = jnp.asarray(rng.normal(size=(batch, steps, g * hidden)), jnp.float32)
+    h0 = jnp.asarray(rng.normal(size=(batch, hidden)) * 0.5, jnp.float32)
+    c0 = jnp.asarray(rng.normal(size=(batch, hidden)) * 0.5, jnp.float32)
+    ct = jnp.asarray(rng.normal(size=(batch, steps, hidden)), jnp.float32)
+    return weights, x, h0, c0, ct
+
+
+def _rel(a, b):
+    a, b = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
+    return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
+
+
+def _grads(impl, weights, cell, x, h0, c0, ct, **kw):
+    def loss(x, h0, c0, values):
+        hs = sr.sparse_rnn(
+            x, h0, weights.with_values(values), cell=cell, c0=c0, implementation=impl, **kw
+        )
+        return jnp.sum(hs * ct), hs
+
+    grad = jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True)
+    (_, hs), grads = grad(x, h0, c0, weights.values)
+    return hs, grads
+
+
+def _names(cell):
+    return [n for n in ("dx", "dh0", "dc0", "dvalues") if n != "dc0" or cell == "lstm"]
+
+
+# Tolerances of a 16-bit dm copy, relative (norms) to the float32-dm kernel: each gathered dm
+# element is rounded once per step (float16: unit roundoff 2^-11 = 4.9e-4; bfloat16: 2^-8 =
+# 3.9e-3); the sums over ~100 random-signed terms keep that relative size, and the contractive
+# recurrence (gain 0.5) keeps it from growing over the steps. 4x the unit roundoff as margin.
+_TOL = {"float16": 2e-3, "bfloat16": 1.6e-2}
+
+
+@pytest.mark.parametrize(
+    "cell,dm_dtype",
+    [("lstm", "float16"), ("gru", "float16"), ("tanh", "float16"), ("lstm", "bfloat16")],
+)
+def test_dm_copy_step_kernel_matches_float32_dm_and_reference(cell, dm_dtype):
+    # Transposed lists of 1-4 chunks (hidden 32, density 0.875: 28 entries per column and gate),
+    # 16 units per block: one row group.
+    weights, x, h0, c0, ct = _problem(cell, 32, 2, 2, 0.875, seed=len(cell) + 10, num_blocks=2)
+    hs, grads = _grads("step", weights, cell, x, h0, c0, ct, dm_dtype=dm_dtype)
+    hs32, grads32 = _grads("step", weights, cell, x, h0, c0, ct)
+    hs_ref, grads_ref = _grads("reference", weights, cell, x, h0, c0, ct)
+    assert _rel(hs, hs32) == 0.0  # the forward is untouched
+    for name, a, b, r in zip(
+        ("dx", "dh0", "dc0", "dvalues"), grads, grads32, grads_ref, strict=True
+    ):
+        if name not in _names(cell):
+            continue
+        assert 0.0 < _rel(a, b) < _TOL[dm_dtype], name  # > 0: the copy really was gathered
+        if name != "dvalues":  # the kernels read bf16-rounded values; reference: float32
+            assert _rel(a, r) < _TOL[dm_dtype] + 1e-4, name
+
+
+@pytest.mark.parametrize("loss_scale,last_only", [(1e-9, False), (1e7, False), (1e-6, True)])
+def test_float16_dm_scale_follows_gradient_magnitude(loss_scale, last_only):
+    # Unscaled float16 would flush dm ~ 1e-10 to zero (smallest subnormal 6e-8) and overflow at
+    # 65504; with the per-step scale the relative error is that of loss_scale = 1. `last_only`:
+    # the loss sees only the last step, so g_t = 0 before it and the scale comes from the
+    # previous step's dm peaks alone.
+    cell = "lstm"
+    weights, x, h0, c0, ct = _problem(cell, 32, 2, 3, 0.875, seed=7, num_blocks=2)
+    ct = ct * loss_scale
+    if last_only:
+        ct = ct.at[:, :-1].set(0.0)
+    _, grads = _grads("step", weights, cell, x, h0, c0, ct, dm_dtype="float16")
+    _, grads32 = _grads("step", weights, cell, x, h0, c0, ct)
+    for name, a, b in zip(("dx", "dh0", "dc0", "dvalues"), grads, grads32, strict=True):
+        assert bool(jnp.all(jnp.isfinite(a))), name
+        assert _rel(a, b) < _TOL["float16"], name
+
+
+def test_float16_dm_overflow_falls_back_to_float32(monkeypatch):
+    # A scale target of 2^20 makes every step's scaled dm overflow float16: the kernel counts
+    # it and sparse_rnn's backward runs again with the float32 dm, so the gradients are exact.
+    # (hidden 48: a shape no other test traces, so the patched constant is not cached away.)
+    monkeypatch.setattr(_kernel, "_DM_SCALE_EXP", 20)
+    cell = "tanh"
+    weights, x, h0, c0, ct = _problem(cell, 48, 2, 2, 0.875, seed=3, num_blocks=3)
+    _, grads = _grads("step", weights, cell, x, h0, c0, ct, dm_dtype="float16")
+    _, grads32 = _grads("step", weights, cell, x, h0, c0, ct)
+    for name, a, b in zip(("dx", "dh0", "dvalues"), (grads[0], grads[1], grads[3]),
+                          (grads32[0], grads32[1], grads32[3]), strict=True):  # fmt: skip
+        assert _rel(a, b) < 1e-6, name
+
+
+def test_float16_dm_overflow_is_counted():
+    cfg = _kernel.KernelConfig(
+        cell="tanh", hidden=32, gates=1, blocks=2, units=16, slots=32, transpose_slots=32,
+        batch=2, steps=2, interpret=True, dm_dtype="float16",
+    )  # fmt: skip
+    rng = np.random.default_rng(5)
+    f32 = jnp.float32
+    g = jnp.asarray(rng.normal(size=(2 * 32, 2)), f32)
+    x = jnp.asarray(rng.normal(size=(2 * 32, 2)), f32) * 0.1
+    m = jnp.zeros((2 * 32, 2), f32)
+    hbuf = jnp.asarray(rng.normal(size=(3 * 32, 2)), f32)
+    # One transposed entry per column, of value 2^15: dm_0 ~ 32768 |dm_1|, past the 4096-8192x
+    # headroom of one step (the scaled peak of the previous step sits in [2^(K-1), 2^K)).
+    vals = jnp.zeros((2, 1, 16, 32), jnp.bfloat16).at[..., 0].set(32768.0)
+    rows = jnp.broadcast_to(jnp.arange(32).reshape(2, 1, 16, 1), (2, 1, 16, 32))
+    twords = _kernel.pack(vals, rows)
+    *_, overflows = _kernel.backward_steps(cfg, g, x, m, hbuf, hbuf, twords)
+    assert int(jnp.sum(overflows)) > 0
+    *_, none = _kernel.backward_steps(cfg, g, x, m, hbuf, hbuf, twords * 0)
+    assert int(jnp.sum(none)) == 0
+
+
+def test_dm_scale_is_a_power_of_two_with_the_peak_below_2_to_k():
+    peaks = jnp.asarray([1e-25, 3e-9, 0.7, 1.0, 1.5, 65504.0, 3e20], jnp.float32)
+    scale, inv = jax.vmap(_kernel.dm_scale)(peaks)
+    k = _kernel._DM_SCALE_EXP
+    scaled = np.asarray(peaks * scale)
+    assert np.all((scaled >= 2.0 ** (k - 1)) & (scaled < 2.0**k))
+    assert np.all(np.asarray(scale * inv) == 1.0)
+    assert np.all(np.log2(np.asarray(scale)) == np.round(np.log2(np.asarray(scale))))
+    zero, inv0 = _kernel.dm_scale(jnp.float32(0.0))
+    assert float(zero) == 2.0**100 and float(inv0) == 2.0**-100
+
+
+def test_dm_dtype_unknown_raises_with_choices():
+    weights, x, h0, _, _ = _problem("tanh", 16, 1, 2, 0.5, seed=0, num_blocks=1)
+    with pytest.raises(ValueError, match="dm_dtype='int8' is not one of"):
+        sr.sparse_rnn(x, h0, weights, cell="tanh", implementation="step", dm_dtype="int8")
+
+
+def test_dm_dtype_with_slabs_not_line_aligned_raises(monkeypatch):
+    from jaxpp.kernels.sparse_rnn import _api
+
+    monkeypatch.setattr(_api.jax, "default_backend", lambda: "gpu")
+    weights, x, h0, _, _ = _problem("tanh", 24, 1, 2, 0.5, seed=1, num_blocks=3)
+    with pytest.raises(ValueError, match="192-byte dm slabs"):  # 24 x batch padded to 4 x 2
+        sr.sparse_rnn(
+            x, h0, weights, cell="tanh", implementation="persistent", state_dtype="float32",
+            dm_dtype="float16",
+        )  # fmt: skip
+
+
+def _export_cuda(fn, *args):
+    dev = jax.sharding.AbstractDevice(
+        device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu"
+    )
+    mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=dev)
+    checks = [jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+    with jax.sharding.use_abstract_mesh(mesh):
+        exported = jax.export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=checks)(*args)
+    return exported.mlir_module()
+
+
+@pytest.mark.parametrize(
+    "cell,dm_dtype,unroll",
+    [
+        ("lstm", "float16", 1),
+        ("lstm", "bfloat16", 1),
+        ("gru", "float16", 2),
+        ("tanh", "float16", 1),
+    ],
+)
+def test_persistent_backward_with_dm_copy_lowers_for_cuda(cell, dm_dtype, unroll):
+    hidden, batch, steps, blocks = 256, 4, 8, 16
+    gates = _GATES[cell]
+    units = hidden // blocks
+    cfg = _kernel.KernelConfig(
+        cell=cell, hidden=hidden, gates=gates, blocks=blocks, units=units, slots=96,
+        transpose_slots=128, batch=batch, steps=steps, num_warps=16, unroll=unroll,
+        dm_dtype=dm_dtype,
+    )  # fmt: skip
+    f32, spec = jnp.float32, jax.ShapeDtypeStruct
+    gh = gates * hidden
+    state = spec(((steps + 1) * hidden, batch), f32)
+    twords = spec((blocks * 4 * units, _kernel.CHUNK), jnp.int32)
+    text = _export_cuda(
+        lambda g, x, m, h, c, tw: _kernel.backward_persistent(cfg, g, x, m, h, c, tw),
+        spec((steps * hidden, batch), f32), spec((steps * gh, batch), f32),
+        spec((steps * gh, batch), f32), state, state, twords,
+    )  # fmt: skip
+    assert "sparse_rnn_backward_persistent" in text
