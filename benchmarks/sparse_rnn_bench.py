@@ -359,12 +359,18 @@ VARIANTS = {
     # dm (float16 with a per-step power-of-two scale, or bfloat16); the forward is f16_u2's.
     "f16_u2_dm16": _V3 | dict(state_dtype="float16", unroll=2, dm_dtype="float16"),
     "f16_u2_dmbf16": _V3 | dict(state_dtype="float16", unroll=2, dm_dtype="bfloat16"),
+    # ... and the backward's 2-unit row group folded into one 16-row tile (all gathers wide).
+    "f16_u2_fold": _V3 | dict(state_dtype="float16", unroll=2, backward_fold=True),
+    "f16_u2_dm16_fold": _V3
+    | dict(state_dtype="float16", unroll=2, dm_dtype="float16", backward_fold=True),
     # The Mosaic GPU forward (weights + float16 h in shared memory; the Triton backward). It
     # cannot hold H=4096 d=10% (240 KiB > 227 KiB of shared memory): that row records the error.
     "mosaic": dict(implementation="mosaic", bank_aware=False),  # conflict-free slot order
     "mosaic_packed": dict(implementation="mosaic", bank_aware=False, slot_order="packed"),
     "mosaic_nw32": dict(implementation="mosaic", bank_aware=False, num_warps=32),
-    "mosaic_dm16": dict(implementation="mosaic", bank_aware=False, dm_dtype="float16"),
+    "mosaic_dm16_fold": dict(
+        implementation="mosaic", bank_aware=False, dm_dtype="float16", backward_fold=True
+    ),
 }
 
 

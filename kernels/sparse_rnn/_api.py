@@ -36,6 +36,7 @@ def sparse_rnn(
     unroll: int | None = None,
     slot_order: str = "conflict_free",
     dm_dtype: str = "float32",
+    backward_fold: bool = False,
 ) -> jax.Array:
     """Runs a recurrence with a pruned recurrent matrix; returns all hidden states.
 
@@ -84,6 +85,9 @@ def sparse_rnn(
             previous step's largest magnitudes; a step that would still overflow makes the
             backward run again in float32) or "bfloat16" (unscaled). Half the gathered bytes;
             accumulation stays float32. Experimental, see NOTES.md "Backward variants".
+        backward_fold: the backward computes a block's row groups of fewer than 16 units (the
+            2 of 18 units per block at hidden 2304) as one folded 16-row tile over several
+            chunks, instead of a thinly spread tile per chunk. Experimental, NOTES.md.
 
     Returns:
         `(batch, steps, hidden)` hidden states in `x_proj`'s dtype.
@@ -134,6 +138,7 @@ def sparse_rnn(
         prefetch,
         unroll,
         dm_dtype,
+        backward_fold,
     )
     if implementation == "mosaic":
         cfg = _mosaic.MosaicConfig(cfg, slot_order)
@@ -189,6 +194,7 @@ def _config(
     prefetch=False,
     unroll=None,
     dm_dtype="float32",
+    backward_fold=False,
 ):
     blocks, gates, units, slots = weights.values.shape
     if gates * units * slots > _weights.MAX_SLOTS_PER_BLOCK:
@@ -239,6 +245,7 @@ def _config(
         prefetch=bool(prefetch),
         unroll=unroll,
         dm_dtype=dm_dtype,
+        backward_fold=bool(backward_fold),
     )
 
 

@@ -51,6 +51,7 @@ from jax.experimental.pallas import triton as plt
 from jaxpp.kernels.sparse_rnn import _cells
 
 CHUNK = 32
+_FOLD_ROWS = 16  # a folded row group is a (16, CHUNK) tile, like a full group of 16 units
 STATE_DTYPES = ("float32", "float16", "bfloat16")
 _INT32_MAX = 2**31 - 1
 
@@ -78,6 +79,7 @@ class KernelConfig:
     prefetch: bool = False  # software-pipelined chunk loop
     unroll: int = 1  # chunks per loop iteration
     dm_dtype: str = "float32"  # dtype of the `dm` copy the backward gathers from
+    backward_fold: bool = False  # the backward's row groups under 16 units folded to 16 rows
 
     def __post_init__(self):
         if not (isinstance(self.unroll, int) and self.unroll >= 1):
@@ -95,6 +97,13 @@ class KernelConfig:
     def dm_staged(self) -> bool:
         """Whether the backward gathers from a separate (16-bit) copy of `dm`."""
         return self.dm_dtype != "float32"
+
+    @property
+    def folded_groups(self) -> tuple[tuple[int, int], ...]:
+        """The backward's row groups that `backward_fold` runs folded (fewer than 16 units)."""
+        if not self.backward_fold:
+            return ()
+        return tuple((r0, size) for r0, size in self.row_groups if size < _FOLD_ROWS)
 
     @property
     def dm_scaled(self) -> bool:
@@ -348,6 +357,38 @@ def _reciprocal_power(scale: jax.Array) -> jax.Array:
     return jax.lax.bitcast_convert_type(jnp.left_shift(254 - biased, 23), jnp.float32)
 
 
+def _folded_matvec(cfg, p, tw_ref, src_ref, src_row0, r0, size, n_chunks):
+    """The products of a small row group (`size` < 16 units) as a folded `(16, CHUNK)` tile.
+
+    Unfolded, a group of 2 units is a `(2, CHUNK, batch)` tile that Triton spreads over all
+    warps with one 4-byte (or 2-byte) element per thread, replicated: every warp spends about as
+    many instructions on it per chunk as on the 16-unit group, for 1/8 of the products. Folded,
+    virtual row `v` holds unit `v // f` and chunk `j * f + v % f` (`f = 16 // size`) at iteration
+    `j`, so one `(16, CHUNK)` load serves `f` chunks of every unit with the same wide gathers as
+    the full groups; chunks past the end read the last chunk with zero values. Returns
+    `(size, batch)`.
+    """
+    fold = _FOLD_ROWS // size
+    v = jnp.arange(_FOLD_ROWS, dtype=jnp.int32)
+    unit, lane = v // fold, v % fold
+    base = p * n_chunks * cfg.units + r0 + unit  # word row of chunk 0 of each virtual row
+
+    def body(j, acc):
+        chunk = j * fold + lane
+        rows = base + jnp.minimum(chunk, n_chunks - 1) * cfg.units
+        words = tw_ref[rows, :]
+        vals, cols = _decode(cfg, words)
+        vals = jnp.where((chunk < n_chunks)[:, None], vals, 0.0)
+        return acc + vals[:, :, None] * src_ref[cols + src_row0, :].astype(jnp.float32)
+
+    acc = jnp.zeros((_FOLD_ROWS, CHUNK, cfg.batch), jnp.float32)
+    acc = jax.lax.fori_loop(0, -(-n_chunks // fold), body, acc)
+    per_row = jnp.sum(acc, axis=1)  # (16, batch)
+    # Sum the `fold` virtual rows of each unit: a one-hot (size, 16) selection (no reshape).
+    owner = (v[None, :] // fold == jnp.arange(size, dtype=jnp.int32)[:, None]).astype(jnp.float32)
+    return jnp.sum(owner[:, :, None] * per_row[None, :, :], axis=1)
+
+
 def _peak(a: jax.Array) -> jax.Array:
     """The largest element of a 2-D tile (one axis at a time: lowers under an abstract mesh)."""
     return jnp.max(jnp.max(a, axis=1), axis=0)
@@ -367,7 +408,8 @@ def _backward_block(cfg, p, refs, offsets, carries, resident, wait=None, staged=
     g_ref, x_ref, m_ref, hprev_ref, cprev_ref, c_ref, tw_ref, dmsrc_ref, dm_ref, dx_ref = refs
     (g_row0, x_row0, m_row0, hprev_row0, cprev_row0, c_row0, dmsrc_row0, dm_row0) = offsets
     hidden, n_chunks = cfg.hidden, cfg.transpose_slots // CHUNK
-    keys = [(r0, size) for r0, size in cfg.row_groups]
+    folded = cfg.folded_groups
+    keys = [(r0, size) for r0, size in cfg.row_groups if (r0, size) not in folded]
     unstaged = (dmsrc_ref, dmsrc_row0, None, None, 0, None)
     src_ref, src_row0, unscale, copy_ref, copy_row0, scale_fn = staged or unstaged
 
@@ -377,6 +419,8 @@ def _backward_block(cfg, p, refs, offsets, carries, resident, wait=None, staged=
     if wait is not None:
         wait()
     dms_in = _gather_matvec(cfg, src_ref, src_row0, keys, resident, load, n_chunks)
+    for r0, size in folded:
+        dms_in[r0] = _folded_matvec(cfg, p, tw_ref, src_ref, src_row0, r0, size, n_chunks)
     if unscale is not None:
         dms_in = {key: v * unscale for key, v in dms_in.items()}
     scale = scale_fn() if scale_fn is not None else None
@@ -709,7 +753,7 @@ def backward_persistent(cfg: KernelConfig, g, x, m, hbuf, cbuf, twords):
             gmax_ref = refs[n_extra_in - 1]
             peak_ref, ovf_ref = extra_out[1], extra_out[2]
         p = pl.program_id(0)
-        keys = [(r0, size) for r0, size in cfg.row_groups]
+        keys = [(r0, size) for r0, size in cfg.row_groups if (r0, size) not in cfg.folded_groups]
         resident = _resident_chunks(cfg, tw_ref, p, keys, 1, n_chunks)
 
         def step(k, state):

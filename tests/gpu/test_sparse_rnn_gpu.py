@@ -86,6 +86,10 @@ _VARIANTS = {
     # gathering a 16-bit copy of dm (float16 with a per-step scale, or bfloat16).
     "f16_u2_dm16": dict(state_dtype="float16", unroll=2, dm_dtype="float16"),
     "f16_u2_dmbf16": dict(state_dtype="float16", unroll=2, dm_dtype="bfloat16"),
+    "f16_u2_fold": dict(state_dtype="float16", unroll=2, backward_fold=True),
+    "f16_u2_dm16_fold": dict(
+        state_dtype="float16", unroll=2, dm_dtype="float16", backward_fold=True
+    ),
 }
 
 

@@ -1,8 +1,8 @@
-"""CPU tests of the sparse RNN backward's options (`dm_dtype`): the math through the one-step
-kernel in interpret mode (forward and every gradient against the dense reference and against
-the float32-`dm` kernel, fresh random inputs, all cells, gradients from tiny to huge), the
-float16 copy's per-step scale, the float32 fallback on overflow, and that the persistent
-backward lowers for CUDA with each option."""
+"""CPU tests of the sparse RNN backward's options (`dm_dtype`, `backward_fold`): the math
+through the one-step kernel in interpret mode (forward and every gradient against the dense
+reference and against the plain kernel, fresh random inputs, all cells, gradients from tiny to
+huge), the float16 copy's per-step scale, the float32 fallback on overflow, the folded small
+row groups, and that the persistent backward lowers for CUDA with each option."""
 
 import jax
 import jax.numpy as jnp
@@ -76,6 +76,30 @@ def test_dm_copy_step_kernel_matches_float32_dm_and_reference(cell, dm_dtype):
         assert 0.0 < _rel(a, b) < _TOL[dm_dtype], name  # > 0: the copy really was gathered
         if name != "dvalues":  # the kernels read bf16-rounded values; reference: float32
             assert _rel(a, r) < _TOL[dm_dtype] + 1e-4, name
+
+
+@pytest.mark.parametrize(
+    "cell,hidden,blocks,dm_dtype",
+    [
+        ("lstm", 72, 4, "float16"),  # 18 units = 16 + 2 (fold 8): 9 chunks, 2 iterations
+        ("gru", 24, 2, "float32"),  # 12 units = 8 + 4: both folded (fold 2 and 4), a tail
+        ("tanh", 20, 4, "float32"),  # 5 units = 4 + 1 (fold 4 and 16)
+    ],
+)
+def test_backward_fold_step_kernel_matches_unfolded_and_reference(cell, hidden, blocks, dm_dtype):
+    weights, x, h0, c0, ct = _problem(cell, hidden, 2, 2, 0.875, seed=hidden, num_blocks=blocks)
+    _, grads = _grads("step", weights, cell, x, h0, c0, ct, backward_fold=True, dm_dtype=dm_dtype)
+    _, grads_plain = _grads("step", weights, cell, x, h0, c0, ct, dm_dtype=dm_dtype)
+    _, grads_ref = _grads("reference", weights, cell, x, h0, c0, ct)
+    tol = 1e-5 if dm_dtype == "float32" else _TOL[dm_dtype]
+    for name, a, b, r in zip(
+        ("dx", "dh0", "dc0", "dvalues"), grads, grads_plain, grads_ref, strict=True
+    ):
+        if name not in _names(cell):
+            continue
+        assert _rel(a, b) < 1e-5 + (tol if dm_dtype != "float32" else 0.0), name
+        if name != "dvalues":
+            assert _rel(a, r) < tol + 1e-5, name
 
 
 @pytest.mark.parametrize("loss_scale,last_only", [(1e-9, False), (1e7, False), (1e-6, True)])
@@ -174,23 +198,27 @@ def _export_cuda(fn, *args):
 
 
 @pytest.mark.parametrize(
-    "cell,dm_dtype,unroll",
+    "cell,dm_dtype,unroll,fold",
     [
-        ("lstm", "float16", 1),
-        ("lstm", "bfloat16", 1),
-        ("gru", "float16", 2),
-        ("tanh", "float16", 1),
+        ("lstm", "float16", 1, False),
+        ("lstm", "bfloat16", 1, False),
+        ("gru", "float16", 2, False),
+        ("tanh", "float16", 1, False),
+        ("lstm", "float32", 1, True),
+        ("lstm", "float16", 2, True),
     ],
 )
-def test_persistent_backward_with_dm_copy_lowers_for_cuda(cell, dm_dtype, unroll):
-    hidden, batch, steps, blocks = 256, 4, 8, 16
+def test_persistent_backward_options_lower_for_cuda(cell, dm_dtype, unroll, fold):
+    # 18 units per block (16 + 2, as at hidden 2304 on 128 blocks): the fold has a group to fold.
+    hidden, batch, steps, blocks = 288, 4, 8, 16
     gates = _GATES[cell]
     units = hidden // blocks
     cfg = _kernel.KernelConfig(
         cell=cell, hidden=hidden, gates=gates, blocks=blocks, units=units, slots=96,
         transpose_slots=128, batch=batch, steps=steps, num_warps=16, unroll=unroll,
-        dm_dtype=dm_dtype,
+        dm_dtype=dm_dtype, backward_fold=fold,
     )  # fmt: skip
+    assert len(cfg.folded_groups) == fold
     f32, spec = jnp.float32, jax.ShapeDtypeStruct
     gh = gates * hidden
     state = spec(((steps + 1) * hidden, batch), f32)
