@@ -418,12 +418,13 @@ def _backward_block(cfg, p, refs, offsets, carries, resident, wait=None, staged=
 
     if wait is not None:
         wait()
+    # The scale's loads (a table row, after the wait) go out before the chunk loop hides them.
+    scale = scale_fn() if scale_fn is not None else None
     dms_in = _gather_matvec(cfg, src_ref, src_row0, keys, resident, load, n_chunks)
     for r0, size in folded:
         dms_in[r0] = _folded_matvec(cfg, p, tw_ref, src_ref, src_row0, r0, size, n_chunks)
     if unscale is not None:
         dms_in = {key: v * unscale for key, v in dms_in.items()}
-    scale = scale_fn() if scale_fn is not None else None
     new_carries = []
     dm_peak = carry_peak = None
     for (r0, size), (dc, direct) in zip(cfg.row_groups, carries, strict=True):
