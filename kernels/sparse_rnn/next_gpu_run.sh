@@ -1,7 +1,7 @@
 # The next H100 run of the sparse RNN kernels (kernels/sparse_rnn/NOTES.md, "The next GPU run"):
 # the Mosaic GPU forward's first compile, check, timing and GPU tests, then the Triton default's
-# ratios against the baselines. One device call of at most 9 minutes. From the repository root,
-# on the GPU machine:
+# ratios against the baselines, then the backward variants in whatever time is left. One device
+# call of at most 9 minutes. From the repository root, on the GPU machine:
 #     source benchmarks/gpu_env.sh && bash kernels/sparse_rnn/next_gpu_run.sh
 # Every step runs in its own process under `timeout`, capped by what is left of BUDGET_S, so a
 # step that hangs or compiles for minutes costs only its own slot. Results: $OUT/<name>/
@@ -48,6 +48,17 @@ bench 60 mosaic_packed
 bench 60 mosaic_nw32
 # 4. The Triton default (f16_u2 at these sizes) with the baselines, so every ratio is from this run.
 bench 100 default --baselines dense,cudnn
-# 5. The unexplained float16-state time without unroll (40.22 us last run): once more.
-bench 50 f16
+# (The f16 re-run of the unexplained 40.22 us was dropped for the backward steps below.)
+# 5-9. Backward variants (NOTES.md "Backward variants"), each only in the time left (a step
+#    with under 15 s is skipped): the float16 dm copy + folded small row group first (the
+#    fwd+bwd row at H=2304 is the second bench row), then its GPU tests (300 steps vs the
+#    reference; gradient scales 1e-9..1e7; the float32 fallback), then each lever alone and on
+#    the Mosaic forward.
+bench 60 f16_u2_dm16_fold
+JAX_PLATFORMS=cuda,cpu slot 90 gpu_tests_bwd bash -c "cd /tmp && python3 -m pytest -o addopts='' \
+  -q -rA -p no:cacheprovider '$repo/tests/gpu/test_sparse_rnn_gpu.py' \
+  -k 'f16_u2_dm16_fold or dm16_scale or dm16_overflow'" 2>&1 | tail -n 30 | tee "$OUT/gpu_tests_bwd.log"
+bench 50 f16_u2_fold
+bench 50 f16_u2_dm16
+bench 60 mosaic_dm16_fold
 echo "== done at ${SECONDS}s"
