@@ -229,3 +229,30 @@ def test_persistent_backward_options_lower_for_cuda(cell, dm_dtype, unroll, fold
         spec((steps * gh, batch), f32), state, state, twords,
     )  # fmt: skip
     assert "sparse_rnn_backward_persistent" in text
+
+
+@pytest.mark.parametrize("implementation", ["persistent", "mosaic"])
+def test_api_gradient_with_backward_options_lowers_for_cuda(monkeypatch, implementation):
+    # Through `sparse_rnn`: the float16 dm copy with its float32 fallback (`lax.cond`) and the
+    # folded 2-unit group (18 units per block), after either forward kernel.
+    from jaxpp.kernels.sparse_rnn import _api
+
+    monkeypatch.setattr(_api.jax, "default_backend", lambda: "gpu")
+    weights, _, _, _, _ = _problem("lstm", 288, 4, 8, 0.3, seed=5, num_blocks=16)
+
+    def loss(x, h0, c0, values):
+        hs = sr.sparse_rnn(
+            x, h0, weights.with_values(values), cell="lstm", c0=c0,
+            implementation=implementation, check_timeouts=False, dm_dtype="float16",
+            backward_fold=True,
+        )  # fmt: skip
+        return jnp.sum(hs)
+
+    spec = jax.ShapeDtypeStruct
+    args = (
+        spec((4, 8, 4 * 288), jnp.float32), spec((4, 288), jnp.float32),
+        spec((4, 288), jnp.float32), spec(weights.values.shape, weights.values.dtype),
+    )  # fmt: skip
+    text = _export_cuda(jax.grad(loss, argnums=(0, 1, 2, 3)), *args)
+    assert "sparse_rnn_backward_persistent" in text
+    assert "stablehlo.case" in text  # the float32 fallback's branch
