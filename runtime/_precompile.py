@@ -9,7 +9,20 @@ abstract values (`jax.eval_shape` per task, once) and `compile_programs` compile
 in parallel, one thread per rank (XLA releases the GIL while it compiles, and each
 rank's programs autotune on that rank's own device).
 
-`JAXPP_PRECOMPILE=0` turns it off.
+Ranks of several devices (DP, FSDP or TP inside a stage) need more: a value's sharding
+on a rank is the one XLA chose for the program that made it (jit without out_shardings),
+moved as the executor moves it (a send keeps the spec on the receiving rank's mesh, a
+split is the executor's split program). There `plan_programs` records where each
+argument's sharding comes from (`Origin`: a known sharding, or output i of another
+program, then sends and splits), and `compile_programs` compiles in dataflow order: one
+worker per rank takes, in plan order, the programs whose producers are compiled, reads
+the producers' `output_shardings` and compiles. A pipeline's programs form short chains
+(F of stage 0 -> F of stage 1 -> ... -> B of the last -> ...), so the ranks still
+compile side by side most of the time.
+
+`JAXPP_PRECOMPILE`: "1" (default) compiles ahead when every rank is one device, "all"
+also for ranks of several devices (not yet the default: its time on a GPU is not
+measured), "0" never.
 
 A caller that wants to see a precompile while it runs (the benchmark prints its progress)
 wraps the step in `watch(callback)`: `compile_programs` hands the callback a live
@@ -22,6 +35,7 @@ import contextlib
 import contextvars
 import dataclasses
 import os
+import queue
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -35,12 +49,49 @@ _ENV_PRECOMPILE = "JAXPP_PRECOMPILE"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class Origin:
+    """Where a value's sharding comes from on a rank of several devices.
+
+    Attributes:
+        base: a known sharding (a step input as the executor places it), or
+            `(n, i)`: output `i` of the plan's `n`-th Run.
+        steps: what happened to it since, in order: `("send", mesh)` (moved to the rank
+            of that mesh, spec kept), `("split", count, aval)` (the executor's split of
+            `aval` into `count` microbatches; one of them).
+    """
+
+    base: object
+    steps: tuple[tuple, ...] = ()
+
+    @property
+    def run(self) -> int | None:
+        """The Run whose output this is, or None for a known sharding."""
+        return None if isinstance(self.base, jax.sharding.Sharding) else self.base[0]
+
+    def then(self, *step: object) -> "Origin":
+        """This origin followed by one more step."""
+        return Origin(self.base, (*self.steps, tuple(step)))
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class Program:
-    """One task program to compile: the task on a rank, with its argument types."""
+    """One task program to compile: the task on a rank, with its argument types.
+
+    `runs` (ranks of several devices only, else empty): each Run of it in the plan, as
+    `(n, origins)`: the plan's `n`-th Run and where each of its arguments' sharding
+    comes from. Its Runs may need more than one compiled variant (a loop accumulator
+    starts replicated, from the init task, and continues as the loop task made it).
+    """
 
     task: _taskgraph.Task
     rank: int
     args: tuple[jax.ShapeDtypeStruct, ...]
+    runs: tuple[tuple[int, tuple[Origin, ...]], ...] = ()
+
+    @property
+    def key(self) -> tuple[str, int]:
+        """(task name, rank), as the executor keys its compiled programs."""
+        return (self.task.name, self.rank)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -127,6 +178,12 @@ class Progress:
             if seconds > self._slowest[1]:
                 self._slowest = (f"{name}@{rank}", seconds)
 
+    def add(self, rank: int) -> None:
+        """Counts one more program to compile on `rank` (a variant found on the way)."""
+        with self._lock:
+            r = self._ranks[rank]
+            self._ranks[rank] = dataclasses.replace(r, total=r.total + 1)
+
     def end(self) -> None:
         """Marks the precompile finished (its wall time stops)."""
         with self._lock:
@@ -176,7 +233,8 @@ def watch(callback: Callable[[Progress], None]) -> Iterator[None]:
 
 
 def enabled(rank_meshes: Sequence[Mesh]) -> bool:
-    """Whether to compile ahead: every rank one device, and `JAXPP_PRECOMPILE` not "0".
+    """Whether to compile ahead: `JAXPP_PRECOMPILE` "1" (the default) and every rank one
+    device, or "all"; never for "0".
 
     Example:
         >>> import numpy as np
@@ -184,8 +242,13 @@ def enabled(rank_meshes: Sequence[Mesh]) -> bool:
         True
     """
     text = os.environ.get(_ENV_PRECOMPILE, "1").strip()
-    if text not in ("0", "1"):
-        raise ValueError(f"{_ENV_PRECOMPILE}={text!r}: expected 1 (compile ahead) or 0 (lazily).")
+    if text not in ("0", "1", "all"):
+        raise ValueError(
+            f"{_ENV_PRECOMPILE}={text!r}: expected 1 (compile ahead when every rank is one "
+            f"device), all (also ranks of several devices) or 0 (lazily)."
+        )
+    if text == "all":
+        return True
     return text == "1" and all(m.devices.size == 1 for m in rank_meshes)
 
 
@@ -195,46 +258,67 @@ def plan_programs(
     given: Mapping[str, object],
     rank_meshes: Sequence[Mesh],
     runs_on: Callable[[int], bool],
+    *,
+    input_specs: Mapping[str, PartitionSpec] | None = None,
 ) -> list[Program]:
     """Every distinct (task, rank) program the plan runs here, with argument types.
 
     `tasks` maps task names to tasks. Walks the plan with abstract values: step inputs
     and constants from `given`, task outputs from `jax.eval_shape` (once per task and
-    rank), sends keep their type, splits drop axis 0. Only for one-device ranks (all
-    shardings are that device).
+    rank), sends keep their type, splits drop axis 0. On a one-device rank every sharding
+    is that device; on a rank of several devices each Run's arguments get their
+    `Origin`: a step input where the executor places it (its `input_specs` entry, else
+    the spec it has, on the rank's mesh), anything else from the Run that made it.
     """
-    env: dict[_plan.Buffer, jax.ShapeDtypeStruct] = {}
+    specs = dict(input_specs or {})
+    env: dict[_plan.Buffer, tuple[jax.ShapeDtypeStruct, Origin]] = {}
     for name, ranks in plan.input_ranks.items():
-        aval = _abstract(given[name])
+        value = given[name]
+        aval = _abstract(value)
         for r in ranks:
-            env[_plan.Buffer(name, None, r)] = aval
+            placed = _placed(value, rank_meshes[r], specs.get(name))
+            env[_plan.Buffer(name, None, r)] = (aval, Origin(placed))
     outputs_of: dict[tuple[str, int], tuple] = {}
-    programs: list[Program] = []
+    found: dict[tuple[str, int], tuple[_taskgraph.Task, list, list]] = {}
     index = jax.ShapeDtypeStruct((), jax.numpy.int32)
+    runs = 0
     for ins in plan.instructions:
         if isinstance(ins, _plan.Run):
             task = tasks[ins.task]
             key = (task.name, ins.rank)
+            mesh = rank_meshes[ins.rank]
+            args = [env[b][0] for b in ins.inputs]
+            origins = [env[b][1] for b in ins.inputs]
+            if _taskgraph.MICROBATCH_INDEX in task.inputs:
+                args.append(index)
+                origins.append(Origin(NamedSharding(mesh, PartitionSpec())))
             outs = outputs_of.get(key)
             if outs is None:
-                args = [env[b] for b in ins.inputs]
-                if _taskgraph.MICROBATCH_INDEX in task.inputs:
-                    args.append(index)
                 outs = tuple(jax.eval_shape(task.fn, *args))
                 outputs_of[key] = outs
                 if runs_on(ins.rank):
-                    sharding = NamedSharding(rank_meshes[ins.rank], PartitionSpec())
-                    placed = tuple(_on(a, sharding) for a in args)
-                    programs.append(Program(task, ins.rank, placed))
-            for b, aval in zip(ins.outputs, outs, strict=True):
-                env[b] = _abstract(aval)
+                    found[key] = (task, args, [])
+            if key in found:
+                found[key][2].append((runs, tuple(origins)))
+            for i, (b, aval) in enumerate(zip(ins.outputs, outs, strict=True)):
+                env[b] = (_abstract(aval), Origin((runs, i)))
+            runs += 1
         elif isinstance(ins, _plan.Send):
-            env[ins.target] = env[ins.source]
+            aval, origin = env[ins.source]
+            env[ins.target] = (aval, origin.then("send", rank_meshes[ins.dst]))
         elif isinstance(ins, _plan.Split):
-            whole = env[ins.source]
+            whole, origin = env[ins.source]
             part = jax.ShapeDtypeStruct(whole.shape[1:], whole.dtype, weak_type=whole.weak_type)
             for b in ins.outputs:
-                env[b] = part
+                env[b] = (part, origin.then("split", ins.num_microbatches, whole))
+    programs = []
+    for (task, rank), (task, args, instances) in found.items():
+        mesh = rank_meshes[rank]
+        if mesh.devices.size == 1:  # every value on the rank lives on its one device
+            sharding = NamedSharding(mesh, PartitionSpec())
+            programs.append(Program(task, rank, tuple(_on(a, sharding) for a in args)))
+        else:
+            programs.append(Program(task, rank, tuple(args), tuple(instances)))
     return programs
 
 
@@ -244,7 +328,10 @@ def compile_programs(
     """Compiles `programs`, ranks in parallel; returns {(task name, rank): compiled}.
 
     `make_jit(task, rank)` gives the `jax.jit` the executor would call. A program whose
-    compile raises is left out (the step compiles it lazily and raises there if it must).
+    compile raises is left out (the step compiles it lazily and raises there if it must),
+    and so are the Runs that need its output shardings. Programs with `runs` (ranks of
+    several devices) compile in dataflow order (module docstring); one whose Runs need
+    several variants is returned as a `Variants`.
     """
     by_rank: dict[int, list[Program]] = {}
     for p in programs:
@@ -255,28 +342,198 @@ def compile_programs(
     if watcher is not None:
         watcher(progress)
 
-    def compile_rank(mine: list[Program]) -> list[tuple[tuple[str, int], object]]:
-        done = []
-        for p in mine:
-            started = time.perf_counter()
-            try:
-                compiled = make_jit(p.task, p.rank).lower(*p.args).compile()
-            except Exception:  # noqa: BLE001  (the lazy path reports it with its context)
-                compiled = None
-            seconds = time.perf_counter() - started
-            progress.finish_program(p.rank, p.task.name, seconds, ok=compiled is not None)
-            if compiled is not None:
-                done.append(((p.task.name, p.rank), compiled))
-        return done
+    def compile_one(p: Program, args: Sequence[jax.ShapeDtypeStruct]):
+        started = time.perf_counter()
+        try:
+            compiled = make_jit(p.task, p.rank).lower(*args).compile()
+        except Exception:  # noqa: BLE001  (the lazy path reports it with its context)
+            compiled = None
+        seconds = time.perf_counter() - started
+        progress.finish_program(p.rank, p.task.name, seconds, ok=compiled is not None)
+        return compiled
 
     compiled: dict[tuple[str, int], object] = {}
-    with concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="jaxpp-compile") as pool:
-        for done in pool.map(compile_rank, by_rank.values()):
-            compiled.update(done)
+    if any(p.runs for p in programs):
+        compiled = _compile_in_dataflow_order(programs, by_rank, compile_one, progress)
+    else:
+
+        def compile_rank(mine: list[Program]) -> list[tuple[tuple[str, int], object]]:
+            done = [(p.key, compile_one(p, p.args)) for p in mine]
+            return [(k, c) for k, c in done if c is not None]
+
+        with concurrent.futures.ThreadPoolExecutor(
+            threads, thread_name_prefix="jaxpp-compile"
+        ) as pool:
+            for done in pool.map(compile_rank, by_rank.values()):
+                compiled.update(done)
     progress.end()
     if watcher is not None:
         watcher(progress)
     return compiled, progress.stats()
+
+
+class Variants:
+    """Compiled variants of one task program, for arguments sharded differently; a call
+    runs the one compiled for its arguments' shardings (a `ValueError` if none was).
+
+    The variants differ only at a few argument positions (e.g. a loop accumulator:
+    replicated from the init task in the first microbatch, as the loop task left it
+    after); only those are compared.
+    """
+
+    def __init__(self, compiled: Sequence[object]) -> None:
+        self.compiled = tuple(compiled)
+        shardings = [tuple(c.input_shardings[0]) for c in self.compiled]
+        self._where = tuple(
+            i for i in range(len(shardings[0])) if len({s[i] for s in shardings}) > 1
+        )
+        self._keys = [tuple(s[i] for i in self._where) for s in shardings]
+
+    def __call__(self, *args):
+        got = tuple(getattr(args[i], "sharding", None) for i in self._where)
+        for key, compiled in zip(self._keys, self.compiled, strict=True):
+            if key == got:
+                return compiled(*args)
+        raise ValueError(
+            f"no compiled variant for argument shardings {got} at positions {self._where}; "
+            f"compiled for {self._keys}."
+        )
+
+
+def _compile_in_dataflow_order(
+    programs: Sequence[Program],
+    by_rank: Mapping[int, list[Program]],
+    compile_one: Callable[[Program, Sequence[jax.ShapeDtypeStruct]], object],
+    progress: Progress,
+) -> dict[tuple[str, int], object]:
+    """Resolves every Run's argument shardings once the Runs it reads from have their
+    compiled variant, and compiles each new (program, shardings) variant on its rank's
+    worker, earliest in plan order first."""
+    pending = sorted(((n, p, o) for p in programs for n, o in p.runs), key=lambda x: x[0])
+    ours = {n for n, _, _ in pending}
+    of_run: dict[int, concurrent.futures.Future] = {}
+    variants: dict[tuple[str, int], dict[tuple, concurrent.futures.Future]] = {}
+    uses: dict[concurrent.futures.Future, int] = {}
+    queues = {r: queue.PriorityQueue() for r in by_rank}
+    splits: dict[tuple, object] = {}
+    failed: concurrent.futures.Future = concurrent.futures.Future()
+    failed.set_result(None)
+    submitted = 0
+
+    def worker(rank: int) -> None:
+        while True:
+            _, _, item = queues[rank].get()
+            if item is None:
+                return
+            p, args, future = item
+            future.set_result(compile_one(p, args))
+
+    with concurrent.futures.ThreadPoolExecutor(
+        len(by_rank), thread_name_prefix="jaxpp-compile"
+    ) as pool:
+        workers = [pool.submit(worker, r) for r in by_rank]
+        try:
+            while pending:
+                waiting = []
+                for n, p, origins in pending:
+                    needed = [o.run for o in origins if o.run is not None and o.run in ours]
+                    if any(d not in of_run or not of_run[d].done() for d in needed):
+                        waiting.append((n, p, origins))
+                        continue
+                    try:
+                        shardings = _resolve(origins, of_run, splits)
+                    except Exception:  # noqa: BLE001  (left to the lazy path)
+                        shardings = None
+                    if shardings is None:
+                        of_run[n] = failed
+                        continue
+                    mine = variants.setdefault(p.key, {})
+                    future = mine.get(shardings)
+                    if future is None:
+                        future = concurrent.futures.Future()
+                        mine[shardings] = future
+                        if len(mine) > 1:
+                            progress.add(p.rank)
+                        args = [_on(a, s) for a, s in zip(p.args, shardings, strict=True)]
+                        queues[p.rank].put((n, submitted, (p, args, future)))
+                        submitted += 1
+                    uses[future] = uses.get(future, 0) + 1
+                    of_run[n] = future
+                if len(waiting) == len(pending):
+                    running = [f for f in uses if not f.done()]
+                    assert running, "bug in jaxpp: precompile waits on no compile"
+                    concurrent.futures.wait(running, return_when="FIRST_COMPLETED")
+                pending = waiting
+        finally:
+            for r in by_rank:
+                queues[r].put((float("inf"), submitted, None))
+            for w in workers:
+                w.result()
+    compiled = {}
+    for key, mine in variants.items():
+        done = sorted(
+            ((uses[f], f.result()) for f in mine.values() if f.result() is not None),
+            key=lambda x: -x[0],
+        )
+        if len(done) == 1:
+            compiled[key] = done[0][1]
+        elif done:
+            compiled[key] = Variants([c for _, c in done])
+    return compiled
+
+
+def _resolve(
+    origins: Sequence[Origin], of_run: Mapping[int, concurrent.futures.Future], splits: dict
+) -> tuple | None:
+    """A Run's argument shardings, or None where a Run it reads from has no compiled
+    program (its compile failed, or another process runs it)."""
+    shardings = []
+    for origin in origins:
+        if origin.run is None:
+            sharding = origin.base
+        else:
+            future = of_run.get(origin.run)
+            compiled = None if future is None else future.result()
+            if compiled is None:
+                return None
+            sharding = jax.tree.leaves(compiled.output_shardings)[origin.base[1]]
+        for step in origin.steps:
+            if step[0] == "send":
+                sharding = _moved(sharding, step[1])
+            else:
+                sharding = _split_sharding(step[1], step[2], sharding, splits)
+        shardings.append(sharding)
+    return tuple(shardings)
+
+
+def _placed(value, mesh: Mesh, spec: PartitionSpec | None) -> NamedSharding:
+    """Where the executor places a step input on `mesh` (`LocalExecutor._sharding_on`)."""
+    if spec is not None:
+        return NamedSharding(mesh, spec)
+    return _moved(getattr(value, "sharding", None), mesh)
+
+
+def _moved(sharding, mesh: Mesh) -> NamedSharding:
+    """A value of `sharding` after the executor moves it to `mesh`: the same spec where
+    its axes exist there, else replicated."""
+    spec = sharding.spec if isinstance(sharding, NamedSharding) else PartitionSpec()
+    for axis in spec:
+        names = axis if isinstance(axis, tuple) else (axis,)
+        if axis is not None and not all(n in mesh.axis_names for n in names):
+            spec = PartitionSpec()
+            break
+    return NamedSharding(mesh, spec)
+
+
+def _split_sharding(count: int, whole: jax.ShapeDtypeStruct, sharding, cache: dict):
+    """The sharding of one microbatch after the executor's split (`LocalExecutor._split`:
+    a jit of `tuple(a[i] for i in range(count))`, compiled here for its shardings)."""
+    key = (count, whole.shape, whole.dtype, sharding)
+    if key not in cache:
+        split = jax.jit(lambda a: tuple(a[i] for i in range(count)))
+        compiled = split.lower(_on(whole, sharding)).compile()
+        cache[key] = compiled.output_shardings[0]
+    return cache[key]
 
 
 def _abstract(x) -> jax.ShapeDtypeStruct:

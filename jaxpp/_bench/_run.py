@@ -434,7 +434,12 @@ def build(
     model = _pipeline.pipeline(gpt.GPT(model_config), num_stages=config.num_stages)
     shapes = problem.shapes()
     specs = (_spmd.state_specs(shapes, inner), {"tokens": _spmd.batch_spec(inner)})
-    batch = {"tokens": jnp.asarray(problem.tokens(config.microbatches))}
+    # On the first rank with its in-stage spec: where the executor places it (no host
+    # copy), and what the compile-ahead of ranks of several devices assumes.
+    batch = jax.device_put(
+        {"tokens": problem.tokens(config.microbatches)},
+        {"tokens": NamedSharding(template, specs[1]["tokens"])},
+    )
     grad_sharding = None
     if config.fsdp and config.data > 1:
         grad_sharding = _spmd.state_shardings(shapes.params, inner, template)
