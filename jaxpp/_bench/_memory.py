@@ -4,10 +4,13 @@
 rank wins):
 
 - state: float32 parameters + AdamW `mu`, `nu` (12 bytes per parameter held), sharded
-  as the layout shards them (TP over "model", FSDP also over "data"; a pipeline rank
-  holds its stages' layers, the first stage the embedding, the last the unembedding);
-- grads: float32 gradients (4 bytes per parameter held), twice when an accumulator and
-  one microbatch's gradients are alive together (SPMD acc > 1, every jaxpp loop);
+  as the layout shards them (TP over "model", FSDP also over "data", in SPMD and inside
+  jaxpp stages alike; a pipeline rank holds its stages' layers, the first stage the
+  embedding, the last the unembedding);
+- grads: float32 gradients (4 bytes per parameter held, so FSDP's are sharded too: each
+  microbatch's gradients are reduce-scattered onto the parameter shards), twice when an
+  accumulator and one microbatch's gradients are alive together (SPMD acc > 1, every
+  jaxpp loop);
 - weights: the bfloat16 compute copies (2 bytes per parameter; FSDP gathers them whole
   per TP shard; with remat only two layers' worth are gathered at a time);
 - activations: what the backward pass keeps, per token per layer
@@ -19,15 +22,19 @@ rank wins):
   and norm outputs (no sequence parallelism);
 - logits: float32 logits, their gradient and the bfloat16 projection, `10 * vocab`
   bytes per token (vocab-parallel under TP);
-- extra (jaxpp): the first step also holds the initial state, spread over all devices.
+- extra (jaxpp, `initial_copy=True` only): before 459f64c the benchmark created the
+  initial state spread over all devices and the first step held it beside each rank's
+  copy. The state is now created where each rank reads it, so a new run holds no such
+  copy; the flag reproduces the rows measured before (the calibration points).
 
-The activation term carries one calibration factor per kind, fitted to the first GPU
-numbers (H200, GPT 2b, 2026-11-21): XLA's own estimate for `spmd/fsdp2/acc1/noremat`
-(115.56 GiB before its rematerialization pass) and the measured peak of
-`jaxpp/1f1b/pp2/mb16/noremat` (51.7 GiB). The jaxpp factor is larger: its runtime keeps
-more per in-flight microbatch than the schedule's count of activations (see
-`ACTIVATION_FACTOR`). The next GPU run records XLA's `memory_analysis()` of every SPMD
-configuration beside the measured peak, to refit them.
+The activation term carries one calibration factor per kind, fitted to GPU numbers:
+SPMD to XLA's own estimate for `spmd/fsdp2/acc1/noremat` (H200, GPT 2b, 2026-11-21:
+115.56 GiB before its rematerialization pass); jaxpp to the measured peaks of
+`jaxpp/1f1b/pp2/mb16/noremat` at 2b (51.7 GiB, 2026-11-21) and of `zb-h1/pp4/mb16`
+(115.9), `zb-h1/pp4/mb32` (90.2) and `1f1b/pp4/mb32` (90.2) at 8b (4x H200,
+2026-11-22), all four with the initial copy. The jaxpp factor is larger: its runtime
+keeps more per in-flight microbatch than the schedule's count of activations (see
+`ACTIVATION_FACTOR`).
 """
 
 import dataclasses
@@ -44,16 +51,17 @@ GRAD_BYTES = 4
 WEIGHT_BYTES = 2
 ACTIVATION_BYTES = 2  # bfloat16 activations
 LOGIT_BYTES = 10  # per token per vocab entry: f32 logits + f32 gradient + bf16 projection
-# Fitted to the two calibration points of the module docstring (see
-# tests/bench/test_bench_memory.py, which checks both within 3%). SPMD: XLA keeps ~15%
+# Fitted to the calibration points of the module docstring (see
+# tests/bench/test_bench_memory.py, which checks each within 3%). SPMD: XLA keeps ~15%
 # more than the listed residuals (f32 norm statistics, attention softmax statistics,
-# fusion temporaries). jaxpp: ~2x the schedule's in-flight count, not explained yet;
+# fusion temporaries). jaxpp (1.9: the four points within 2.5%; 2.025 fitted the 2b
+# point alone): ~2x the schedule's in-flight count, not explained yet;
 # candidates are bf16 weight casts that cross from each forward task to its backward
 # (one stage's weights per in-flight microbatch), the placed copies of step inputs, and
 # transfer buffers. Rows now record the peak after the first step (which holds the
 # initial state copy, `extra`) and at the end, to tell these apart.
 ACTIVATION_FACTOR: types.MappingProxyType[str, float] = types.MappingProxyType(
-    {_configs.SPMD: 1.152, _configs.JAXPP: 2.025}
+    {_configs.SPMD: 1.152, _configs.JAXPP: 1.9}
 )
 # Total memory of one device (nvidia-smi), by device kind. JAX lets a process allocate
 # XLA_PYTHON_CLIENT_MEM_FRACTION of it (default 0.75): 105 GiB on an H200, which is why
@@ -87,7 +95,7 @@ class MemoryEstimate:
         return self.state + self.grads + self.weights + self.activations + self.logits + self.extra
 
     def describe(self) -> str:
-        """e.g. `51.7 GiB (state 11.5, grads 7.7, weights 1.9, act 18.9, logits 0.0, init 11.5)`."""
+        """e.g. `50.4 GiB (state 11.5, grads 7.7, weights 1.9, act 17.8, init 11.5)`."""
         parts = (
             ("state", self.state), ("grads", self.grads), ("weights", self.weights),
             ("act", self.activations), ("logits", self.logits), ("init", self.extra),
@@ -96,18 +104,23 @@ class MemoryEstimate:
         return f"{self.total / GIB:.1f} GiB ({inner})"
 
 
-def estimate(config: _configs.BenchConfig, preset: _configs.ModelPreset) -> MemoryEstimate:
+def estimate(
+    config: _configs.BenchConfig, preset: _configs.ModelPreset, *, initial_copy: bool = False
+) -> MemoryEstimate:
     """The predicted peak memory of `config` training `preset` (see the module docstring).
+
+    `initial_copy` adds the spread copy of the initial state that jaxpp runs held in
+    their first step before 459f64c (to compare with rows measured then).
 
     Example:
         >>> e = estimate(_configs.parse_config("jaxpp/1f1b/pp2/mb16/noremat"),
         ...              _configs.PRESETS["2b"])
         >>> round(e.total / GIB, 1)
-        51.7
+        39.0
     """
     if config.kind == _configs.SPMD:
         return _estimate_spmd(config, preset)
-    return _estimate_jaxpp(config, preset)
+    return _estimate_jaxpp(config, preset, initial_copy=initial_copy)
 
 
 def usable_bytes(
@@ -251,7 +264,9 @@ def _estimate_spmd(config: _configs.BenchConfig, preset: _configs.ModelPreset) -
     )
 
 
-def _estimate_jaxpp(config: _configs.BenchConfig, preset: _configs.ModelPreset) -> MemoryEstimate:
+def _estimate_jaxpp(
+    config: _configs.BenchConfig, preset: _configs.ModelPreset, *, initial_copy: bool
+) -> MemoryEstimate:
     from jaxpp import schedules
 
     stages = config.num_stages
@@ -267,7 +282,10 @@ def _estimate_jaxpp(config: _configs.BenchConfig, preset: _configs.ModelPreset) 
         one = tokens * activation_bytes_per_token(preset, remat=False, model=config.model)
         stage_act -= one
     factor = ACTIVATION_FACTOR[_configs.JAXPP]
-    init = STATE_BYTES * total_params(preset) / config.num_devices
+    init = STATE_BYTES * total_params(preset) / config.num_devices if initial_copy else 0.0
+    # Parameters held per device: TP shards them over "model"; FSDP inside the stage also
+    # over "data" (and the gradients with them); the bf16 copies are gathered whole.
+    shards = config.data if config.fsdp else 1
     best: MemoryEstimate | None = None
     for rank in range(config.ranks):
         mine = [s for s in range(stages) if schedule.placement[s] == rank]
@@ -280,8 +298,8 @@ def _estimate_jaxpp(config: _configs.BenchConfig, preset: _configs.ModelPreset) 
             act += one
         logits = LOGIT_BYTES * tokens * preset.vocab_size / config.model
         found = MemoryEstimate(
-            state=STATE_BYTES * held,
-            grads=2 * GRAD_BYTES * held,
+            state=STATE_BYTES * held / shards,
+            grads=2 * GRAD_BYTES * held / shards,
             weights=WEIGHT_BYTES * held,
             activations=factor * act,
             logits=logits if stages - 1 in mine else 0.0,
