@@ -35,6 +35,9 @@ chunk `c + 2` and the gathered rows of chunk `c + 1` are loaded before the produ
 so the loop no longer waits on two dependent memory latencies per iteration. `unroll=k` handles
 `k` chunks per loop iteration (k independent loads per row group in flight; the backward has one
 row group per unit, not one per gate, so it has 4x fewer loads in flight than an LSTM forward).
+The backward's own options: `dm_dtype` (gather a 16-bit copy of `dm`, float16 with a per-step
+power-of-two scale) and `backward_fold` (row groups under 16 units as one folded 16-row tile);
+NOTES.md "Backward variants".
 """
 
 from __future__ import annotations

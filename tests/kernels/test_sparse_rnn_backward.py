@@ -81,15 +81,17 @@ def test_dm_copy_step_kernel_matches_float32_dm_and_reference(cell, dm_dtype):
 @pytest.mark.parametrize(
     "cell,hidden,blocks,dm_dtype",
     [
-        ("lstm", 72, 4, "float16"),  # 18 units = 16 + 2 (fold 8): 9 chunks, 2 iterations
-        ("gru", 24, 2, "float32"),  # 12 units = 8 + 4: both folded (fold 2 and 4), a tail
+        ("lstm", 36, 2, "float16"),  # 18 units = 16 + 2 (fold 8): 5 chunks, masked tail
+        ("gru", 48, 4, "float32"),  # 12 units = 8 + 4 (fold 2 and 4): 5 chunks, 3 and 2 iterations
         ("tanh", 20, 4, "float32"),  # 5 units = 4 + 1 (fold 4 and 16)
     ],
 )
 def test_backward_fold_step_kernel_matches_unfolded_and_reference(cell, hidden, blocks, dm_dtype):
     weights, x, h0, c0, ct = _problem(cell, hidden, 2, 2, 0.875, seed=hidden, num_blocks=blocks)
-    _, grads = _grads("step", weights, cell, x, h0, c0, ct, backward_fold=True, dm_dtype=dm_dtype)
-    _, grads_plain = _grads("step", weights, cell, x, h0, c0, ct, dm_dtype=dm_dtype)
+    # unroll 2: the 16-unit group's loop takes 2 chunks per iteration and a tail (LSTM).
+    kw = dict(dm_dtype=dm_dtype, unroll=2)
+    _, grads = _grads("step", weights, cell, x, h0, c0, ct, backward_fold=True, **kw)
+    _, grads_plain = _grads("step", weights, cell, x, h0, c0, ct, **kw)
     _, grads_ref = _grads("reference", weights, cell, x, h0, c0, ct)
     tol = 1e-5 if dm_dtype == "float32" else _TOL[dm_dtype]
     for name, a, b, r in zip(
