@@ -2,9 +2,15 @@
 
 A configuration name says everything that varies between runs:
 
-- `spmd/<layout>/acc<A>/<remat>`: plain `jax.jit` over all devices, e.g.
+- `spmd/<layout>[-scan]/acc<A>/<remat>`: plain `jax.jit` over all devices, e.g.
   `spmd/fsdp2-tp2/acc4/remat` (layouts `dp<D>`, `fsdp<D>`, `tp<M>`, `dp<D>-tp<M>`,
-  `fsdp<D>-tp<M>`; `A` gradient-accumulation steps).
+  `fsdp<D>-tp<M>`; `A` gradient-accumulation steps). The `-scan` suffix
+  (`spmd/fsdp4-scan/acc4/noremat@overlap`) runs the GPT with `scan_layers=True`: the
+  blocks as one loop over stacked parameters [layers, ...], so under FSDP each loop
+  iteration gathers one layer's weights (MaxText-style), and XLA's pipelined
+  all-gather / reduce-scatter (the `@overlap` preset) can prefetch the next layer's;
+  the unrolled model has no such loop. Same parameter values as the unrolled model
+  (layer i of the stack is `layers_i`), so the same first-step loss.
 - `jaxpp/<schedule>/pp<R>[-dp<D>|-fsdp<D>][-tp<M>]/mb<K>/<remat>`: `mpmd_jit_with_loop` on
   `R` pipeline ranks, each a `D x M` sub-mesh (`fsdp`: the stage's parameters and AdamW
   state also sharded over its `D` devices, ZeRO-3), `K` microbatches, e.g.
@@ -133,6 +139,8 @@ class BenchConfig:
         'overlap'
         >>> parse_config("jaxpp/zb-h1/pp2-fsdp2/mb16/noremat").fsdp
         True
+        >>> parse_config("spmd/fsdp4-scan/acc4/noremat@overlap").scan
+        True
     """
 
     kind: str
@@ -146,6 +154,7 @@ class BenchConfig:
     microbatches: int = 1
     remat: bool = False
     xla: str = ""
+    scan: bool = False
 
     @property
     def xla_flags(self) -> tuple[str, ...]:
@@ -174,11 +183,11 @@ class BenchConfig:
         return f"{JAXPP}/{self.schedule}/{self.layout}/mb{self.microbatches}/{remat}{preset}"
 
 
-_SPMD_LAYOUT = re.compile(r"^(?:(dp|fsdp)(\d+))?(?:-?tp(\d+))?$")
+_SPMD_LAYOUT = re.compile(r"^(?:(dp|fsdp)(\d+))?(?:-?tp(\d+))?(-scan)?$")
 _JAXPP_LAYOUT = re.compile(r"^pp(\d+)(?:-(dp|fsdp)(\d+))?(?:-tp(\d+))?$")
 _REMAT = ("remat", "noremat")
 _FORMS = (
-    "spmd/<dpD|fsdpD|tpM|dpD-tpM|fsdpD-tpM>/acc<A>/<remat|noremat> or "
+    "spmd/<dpD|fsdpD|tpM|dpD-tpM|fsdpD-tpM>[-scan]/acc<A>/<remat|noremat> or "
     "jaxpp/<schedule>/pp<R>[-dp<D>|-fsdp<D>][-tp<M>]/mb<K>/<remat|noremat>, either with an "
     "optional @<XLA flag preset>"
 )
@@ -208,12 +217,14 @@ def parse_config(name: str) -> BenchConfig:
     if parts[0] == SPMD:
         _, layout, count, remat = parts
         match = _SPMD_LAYOUT.match(layout)
-        if not match or not layout or not count.startswith("acc") or not count[3:].isdigit():
+        ok = match and layout.removesuffix("-scan")
+        if not ok or not count.startswith("acc") or not count[3:].isdigit():
             raise ValueError(f"configuration {name!r}: bad SPMD layout or acc count. {fix}")
-        mode, data, model = match.groups()
+        mode, data, model, scan = match.groups()
         config = BenchConfig(
             kind=SPMD, layout=layout, data=int(data or 1), model=int(model or 1),
             fsdp=mode == "fsdp", accumulation=int(count[3:]), remat=remat == "remat",
+            scan=scan is not None,
         )  # fmt: skip
     else:
         _, schedule, layout, count, remat = parts

@@ -12,7 +12,8 @@ rank wins):
   accumulator and one microbatch's gradients are alive together (SPMD acc > 1, every
   jaxpp loop);
 - weights: the bfloat16 compute copies (2 bytes per parameter; FSDP gathers them whole
-  per TP shard; with remat only two layers' worth are gathered at a time);
+  per TP shard; with remat only two layers' worth are gathered at a time, and so with
+  `-scan` (one layer per loop iteration), which also keeps the sharded casts);
 - activations: what the backward pass keeps, per token per layer
   `2 * (6 d_model + 2 kv_width + 3 d_ff)` bytes without remat (the two residuals and two
   norm outputs, q, k, v, the attention output, the MLP input, GELU input and output), or
@@ -248,6 +249,9 @@ def _estimate_spmd(config: _configs.BenchConfig, preset: _configs.ModelPreset) -
         weights = WEIGHT_BYTES * total / model
     elif config.remat:  # gathered per layer, the next prefetched
         weights = WEIGHT_BYTES * 2 * layer_params(preset) / model
+    elif config.scan:  # gathered per loop iteration, the next prefetched; the backward
+        # keeps each layer's bf16 cast, still sharded (re-gathered in its loop)
+        weights = WEIGHT_BYTES * (2 * layer_params(preset) / model + held)
     else:  # every layer's gathered weights are kept for the backward
         weights = WEIGHT_BYTES * total / model
     tokens = preset.global_batch // config.accumulation // data * preset.seq_len

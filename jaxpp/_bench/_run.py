@@ -55,6 +55,9 @@ class Problem:
     preset: _configs.ModelPreset
     learning_rate: float = 1e-4
     seed: int = 0
+    # The GPT's blocks as one `nn.scan` over stacked parameters (`-scan` configurations);
+    # `init_params` gives them the unrolled model's values, stacked.
+    scan_layers: bool = False
 
     def model_config(self, *, remat: bool = False, attention: str = "auto") -> gpt.GPTConfig:
         """The GPT: compute in the preset's dtype, float32 parameters (master weights)."""
@@ -63,7 +66,7 @@ class Problem:
             vocab_size=p.vocab_size, num_layers=p.num_layers, d_model=p.d_model,
             num_heads=p.num_heads, num_kv_heads=p.num_kv_heads, d_ff=p.d_ff,
             max_seq_len=p.seq_len, dtype=DTYPES[p.dtype], param_dtype=jnp.float32,
-            remat=remat, attention=attention,
+            remat=remat, attention=attention, scan_layers=self.scan_layers,
         )  # fmt: skip
 
     def optimizer(self) -> optax.GradientTransformation:
@@ -109,27 +112,42 @@ class Problem:
         return jax.tree.map(lambda s, p: jnp.zeros(s.shape, s.dtype, device=p), shapes, shardings)
 
     def init_params(self, key: jax.Array, shardings: Any = None) -> Any:
-        """The initial parameters of `init`, each created with its sharding (or default)."""
+        """The initial parameters of `init`, each created with its sharding (or default).
+
+        Leaf `i` of the unrolled model's tree is drawn from `fold_in(key, i)`; with
+        `scan_layers`, the stacked leaf `layers/q/kernel` [L, ...] holds the unrolled
+        `layers_0/q/kernel` ... `layers_{L-1}/q/kernel`, drawn from the same keys (so
+        both models compute the same loss).
+        """
         shapes = self.shapes().params
         if shardings is None:
             shardings = jax.tree.map(lambda _: None, shapes)
         leaves, tree = jax.tree.flatten_with_path(shapes)
         places = jax.tree.structure(shapes).flatten_up_to(shardings)
+        unrolled = dataclasses.replace(self, scan_layers=False).shapes().params
+        index = {_names(path): i for i, (path, _) in enumerate(jax.tree.leaves_with_path(unrolled))}
+        stacked = self.preset.num_layers if self.scan_layers else None
         programs: dict = {}  # one compiled initializer per (shape, dtype, sharding)
         params = []
-        for i, ((path, leaf), place) in enumerate(zip(leaves, places, strict=True)):
-            name = str(getattr(path[-1], "key", path[-1]))
-            if leaf.ndim == 1:  # norm scales one, biases zero
-                value = jnp.ones if name == "scale" else jnp.zeros
+        for (path, leaf), place in zip(leaves, places, strict=True):
+            names = _names(path)
+            is_stack = stacked is not None and names[0] == "layers"
+            if leaf.ndim == 1 + is_stack:  # norm scales one, biases zero
+                value = jnp.ones if names[-1] == "scale" else jnp.zeros
                 params.append(jax.device_put(value(leaf.shape, leaf.dtype), place))
                 continue
             signature = (leaf.shape, jnp.dtype(leaf.dtype), place)
             if signature not in programs:
-                programs[signature] = jax.jit(
-                    functools.partial(_normal, shape=leaf.shape, dtype=leaf.dtype),
-                    out_shardings=place,
-                )
-            params.append(programs[signature](jax.random.fold_in(key, i)))
+                if is_stack:
+                    fn = functools.partial(_normal_stack, shape=leaf.shape[1:], dtype=leaf.dtype)
+                else:
+                    fn = functools.partial(_normal, shape=leaf.shape, dtype=leaf.dtype)
+                programs[signature] = jax.jit(fn, out_shardings=place)
+            if is_stack:
+                rows = [index[(f"layers_{n}", *names[1:])] for n in range(stacked)]
+                params.append(programs[signature](key, jnp.asarray(rows, jnp.uint32)))
+            else:
+                params.append(programs[signature](jax.random.fold_in(key, index[names])))
         return jax.tree.unflatten(tree, params)
 
     def _init_shapes(self) -> TrainState:
@@ -149,6 +167,19 @@ def _devices(sharding: Any) -> frozenset | None:
 
 def _normal(key: jax.Array, *, shape: tuple[int, ...], dtype: jnp.dtype) -> jax.Array:
     return jax.random.normal(key, shape, dtype) * 0.02
+
+
+def _normal_stack(
+    key: jax.Array, indices: jax.Array, *, shape: tuple[int, ...], dtype: jnp.dtype
+) -> jax.Array:
+    """[len(indices), *shape]: row n is `_normal(fold_in(key, indices[n]))`."""
+    return jax.vmap(lambda i: _normal(jax.random.fold_in(key, i), shape=shape, dtype=dtype))(
+        indices
+    )
+
+
+def _names(path: tuple) -> tuple[str, ...]:
+    return tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
 
 
 def make_step(
@@ -379,6 +410,8 @@ def build(
         >>> problem.tokens(config.accumulation).shape
         (1, 8, 17)
     """
+    if config.scan:  # the same GPT, its blocks one loop over stacked parameters
+        problem = dataclasses.replace(problem, scan_layers=True)
     model_config = problem.model_config(remat=config.remat, attention=attention)
     optimizer = problem.optimizer()
     devices = jax.devices()
