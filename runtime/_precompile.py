@@ -426,7 +426,11 @@ def _compile_in_dataflow_order(
             if item is None:
                 return
             p, args, future = item
-            future.set_result(compile_one(p, args))
+            try:
+                future.set_result(compile_one(p, args))
+            except BaseException:  # never leave the coordinator waiting on it
+                future.set_result(None)
+                raise
 
     with concurrent.futures.ThreadPoolExecutor(
         len(by_rank), thread_name_prefix="jaxpp-compile"
