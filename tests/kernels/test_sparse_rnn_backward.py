@@ -258,3 +258,58 @@ def test_api_gradient_with_backward_options_lowers_for_cuda(monkeypatch, impleme
     text = _export_cuda(jax.grad(loss, argnums=(0, 1, 2, 3)), *args)
     assert "sparse_rnn_backward_persistent" in text
     assert "stablehlo.case" in text  # the float32 fallback's branch
+
+
+@pytest.mark.parametrize(
+    "cell,options",
+    [
+        ("lstm", {}),
+        ("lstm", dict(dm_dtype="float16")),
+        ("lstm", dict(dm_dtype="float16", backward_fold=True, unroll=2)),
+        ("gru", dict(dm_dtype="bfloat16", backward_fold=True)),
+        ("tanh", dict(dm_dtype="float16", overflow=True)),  # scale target 2^20: all overflow
+    ],
+)
+def test_persistent_backward_one_block_in_interpret_mode_matches_step_kernel(
+    monkeypatch, cell, options
+):
+    # The persistent kernel itself (its slab offsets, the 16-bit copy, the peak table and the
+    # carried scale) in interpret mode: with one block every wait is on the block's own stamp,
+    # which it published the step before, so nothing spins; the stamp is stored plainly
+    # (interpret mode has no atomic exchange). 18 units: groups 16 + 2, the fold has one.
+    from jax.experimental import pallas as pl
+
+    def publish(stamps_ref, p, value):
+        stamps_ref[pl.ds(p, 1)] = jnp.full((1,), value, jnp.int32)
+
+    monkeypatch.setattr(_kernel, "_publish", publish)
+    options = dict(options)
+    overflow = options.pop("overflow", False)
+    if overflow:
+        monkeypatch.setattr(_kernel, "_DM_SCALE_EXP", 20)
+    hidden, batch, steps, gates = 18, 4, 3, _GATES[cell]
+    weights, *_ = _problem(cell, hidden, 1, 1, 0.8, seed=21, num_blocks=1)
+    cfg = _kernel.KernelConfig(
+        cell=cell, hidden=hidden, gates=gates, blocks=1, units=hidden,
+        slots=weights.values.shape[3], transpose_slots=weights.transpose_rows.shape[2],
+        batch=batch, steps=steps, num_warps=4, interpret=True, max_spins=4, **options,
+    )  # fmt: skip
+    rng = np.random.default_rng(22)
+
+    def rand(rows, scale=1.0):
+        return jnp.asarray(rng.normal(size=(rows, batch)) * scale, jnp.float32)
+
+    gh = gates * hidden
+    args = (rand(steps * hidden), rand(steps * gh), rand(steps * gh))
+    args += (rand((steps + 1) * hidden, 0.5), rand((steps + 1) * hidden, 0.5))
+    flat = weights.values.astype(jnp.bfloat16).ravel()[weights.transpose_source]
+    t_vals = jnp.where(weights.transpose_valid, flat, jnp.zeros((), flat.dtype))
+    twords = _kernel.pack(t_vals[:, None], weights.transpose_rows[:, None])
+    persistent = _kernel.backward_persistent(cfg, *args, twords)
+    step = _kernel.backward_steps(cfg, *args, twords)
+    if overflow:  # the same count per block (from the first overflow on the values are inf/NaN)
+        assert int(persistent[5][0]) == int(step[5][0]) >= 1
+        return
+    for name, a, b in zip(("dm", "dx", "dc0", "dh_direct0"), persistent, step, strict=False):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6, err_msg=name)
+    assert int(persistent[4][0]) == 0 and int(persistent[5][0]) == 0  # timeouts, overflows
