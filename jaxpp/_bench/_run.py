@@ -547,8 +547,9 @@ def run_config(
     `clock` times and prints the phases (init, compile or trace, first step, warm-up,
     steps, profile); the row's `phase_seconds` holds them. jaxpp compiles its task
     programs during the first step, so there that phase is "compile+first step"; with
-    one-device ranks it begins with the compile-ahead, phase "precompile", whose numbers
-    (per rank, slowest program) go to the row's `precompile`.
+    one-device ranks (any ranks with `JAXPP_PRECOMPILE=all`) it begins with the
+    compile-ahead, phase "precompile", whose numbers (per rank, slowest program) go to
+    the row's `precompile`.
 
     Raises:
         CorrectnessError: if its first-step loss differs from `reference`.
