@@ -23,10 +23,18 @@ rank wins):
   and norm outputs (no sequence parallelism);
 - logits: float32 logits, their gradient and the bfloat16 projection, `10 * vocab`
   bytes per token (vocab-parallel under TP);
-- extra (jaxpp, `initial_copy=True` only): before 459f64c the benchmark created the
-  initial state spread over all devices and the first step held it beside each rank's
-  copy. The state is now created where each rank reads it, so a new run holds no such
-  copy; the flag reproduces the rows measured before (the calibration points).
+- extra (jaxpp, "init"): first-step copies. (a) Ranks of several devices: the executor's
+  init task makes each gradient accumulator replicated on its rank (a jit without
+  inputs, `out_shardings` replicated), while the loop task leaves it sharded (FSDP: like
+  the parameters; DP: [data, *param] over "data"; TP: over "model"); the first
+  microbatch's W (or B) cannot donate the replicated one into its output, so it is
+  alive beside the sharded accumulator and that microbatch's gradients: the whole
+  stage's float32 gradients per device (DP: `data` copies). Seen on CPU as the two
+  compiled variants of each W task (`jaxpp.runtime._precompile.Variants`); not yet
+  measured on a GPU. (b) `initial_copy=True` only: before 459f64c the benchmark created
+  the initial state spread over all devices and the first step held it beside each
+  rank's copy. The state is now created where each rank reads it, so a new run holds no
+  such copy; the flag reproduces the rows measured before (the calibration points).
 
 The activation term carries one calibration factor per kind, fitted to GPU numbers:
 SPMD to XLA's own estimate for `spmd/fsdp2/acc1/noremat` (H200, GPT 2b, 2026-11-21:
@@ -301,13 +309,17 @@ def _estimate_jaxpp(
         if config.remat:
             act += one
         logits = LOGIT_BYTES * tokens * preset.vocab_size / config.model
+        # (a) of the module docstring: replicated initial accumulators, several devices
+        replicated = config.data * config.model > 1
+        copies = config.data if config.data > 1 and not config.fsdp else 1
+        accumulators = GRAD_BYTES * held * config.model * copies if replicated else 0.0
         found = MemoryEstimate(
             state=STATE_BYTES * held / shards,
             grads=2 * GRAD_BYTES * held / shards,
             weights=WEIGHT_BYTES * held,
             activations=factor * act,
             logits=logits if stages - 1 in mine else 0.0,
-            extra=init,
+            extra=init + accumulators,
         )
         if best is None or found.total > best.total:
             best = found

@@ -46,6 +46,13 @@ def test_jaxpp_estimate_has_no_initial_copy_and_shards_state_under_fsdp_in_stage
     assert fsdp.state == pytest.approx(dp.state / 2)
     assert fsdp.grads == pytest.approx(dp.grads / 2)
     assert fsdp.weights == dp.weights and fsdp.activations == dp.activations
+    # The init task's accumulators are replicated on the rank (the loop task's are
+    # sharded): the whole stage's float32 gradients per device in the first microbatch,
+    # [data, *param] for DP.
+    tp = _memory.estimate(_configs.parse_config("jaxpp/zb-h1/pp2-tp2/mb16/noremat"), P8B)
+    stage = 4 * fsdp.state / 12 * 2  # float32 gradients of the whole stage
+    assert fsdp.extra == pytest.approx(stage) and tp.extra == pytest.approx(stage)
+    assert dp.extra == pytest.approx(2 * stage)
 
 
 @pytest.mark.parametrize("preset", ["tiny", "2b", "8b"])
