@@ -363,13 +363,26 @@ VARIANTS = {
     "f16_u2_fold": _V3 | dict(state_dtype="float16", unroll=2, backward_fold=True),
     "f16_u2_dm16_fold": _V3
     | dict(state_dtype="float16", unroll=2, dm_dtype="float16", backward_fold=True),
+    # ... and each step's own inputs loaded before the wait (all three backward levers).
+    "f16_u2_bwd3": _V3
+    | dict(
+        state_dtype="float16",
+        unroll=2,
+        dm_dtype="float16",
+        backward_fold=True,
+        backward_preload=True,
+    ),
     # The Mosaic GPU forward (weights + float16 h in shared memory; the Triton backward). It
     # cannot hold H=4096 d=10% (240 KiB > 227 KiB of shared memory): that row records the error.
     "mosaic": dict(implementation="mosaic", bank_aware=False),  # conflict-free slot order
     "mosaic_packed": dict(implementation="mosaic", bank_aware=False, slot_order="packed"),
     "mosaic_nw32": dict(implementation="mosaic", bank_aware=False, num_warps=32),
-    "mosaic_dm16_fold": dict(
-        implementation="mosaic", bank_aware=False, dm_dtype="float16", backward_fold=True
+    "mosaic_bwd3": dict(
+        implementation="mosaic",
+        bank_aware=False,
+        dm_dtype="float16",
+        backward_fold=True,
+        backward_preload=True,
     ),
 }
 

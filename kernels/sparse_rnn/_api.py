@@ -37,6 +37,7 @@ def sparse_rnn(
     slot_order: str = "conflict_free",
     dm_dtype: str = "float32",
     backward_fold: bool = False,
+    backward_preload: bool = False,
 ) -> jax.Array:
     """Runs a recurrence with a pruned recurrent matrix; returns all hidden states.
 
@@ -88,6 +89,9 @@ def sparse_rnn(
         backward_fold: the backward computes a block's row groups of fewer than 16 units (the
             2 of 18 units per block at hidden 2304) as one folded 16-row tile over several
             chunks, instead of a thinly spread tile per chunk. Experimental, NOTES.md.
+        backward_preload: the persistent backward loads each step's own inputs (`g`, `x`,
+            `m`, `h`, `c` rows) before waiting for the other blocks, hiding their latency
+            behind the wait and the chunk loop. Experimental, NOTES.md.
 
     Returns:
         `(batch, steps, hidden)` hidden states in `x_proj`'s dtype.
@@ -139,6 +143,7 @@ def sparse_rnn(
         unroll,
         dm_dtype,
         backward_fold,
+        backward_preload,
     )
     if implementation == "mosaic":
         cfg = _mosaic.MosaicConfig(cfg, slot_order)
@@ -195,6 +200,7 @@ def _config(
     unroll=None,
     dm_dtype="float32",
     backward_fold=False,
+    backward_preload=False,
 ):
     blocks, gates, units, slots = weights.values.shape
     if gates * units * slots > _weights.MAX_SLOTS_PER_BLOCK:
@@ -246,6 +252,7 @@ def _config(
         unroll=unroll,
         dm_dtype=dm_dtype,
         backward_fold=bool(backward_fold),
+        backward_preload=bool(backward_preload),
     )
 
 

@@ -36,8 +36,8 @@ so the loop no longer waits on two dependent memory latencies per iteration. `un
 `k` chunks per loop iteration (k independent loads per row group in flight; the backward has one
 row group per unit, not one per gate, so it has 4x fewer loads in flight than an LSTM forward).
 The backward's own options: `dm_dtype` (gather a 16-bit copy of `dm`, float16 with a per-step
-power-of-two scale) and `backward_fold` (row groups under 16 units as one folded 16-row tile);
-NOTES.md "Backward variants".
+power-of-two scale), `backward_fold` (row groups under 16 units as one folded 16-row tile) and
+`backward_preload` (a step's own inputs loaded before its wait); NOTES.md "Backward variants".
 """
 
 from __future__ import annotations
@@ -83,6 +83,7 @@ class KernelConfig:
     unroll: int = 1  # chunks per loop iteration
     dm_dtype: str = "float32"  # dtype of the `dm` copy the backward gathers from
     backward_fold: bool = False  # the backward's row groups under 16 units folded to 16 rows
+    backward_preload: bool = False  # the backward loads a step's own inputs before its wait
 
     def __post_init__(self):
         if not (isinstance(self.unroll, int) and self.unroll >= 1):
@@ -419,6 +420,16 @@ def _backward_block(cfg, p, refs, offsets, carries, resident, wait=None, staged=
     def load(key, size, c):
         return _load_words(cfg, tw_ref, p, 0, 1, n_chunks, key, size, c, evict=not cfg.interpret)
 
+    def step_inputs(r0, size):  # written before the launch: independent of the other blocks
+        unit0 = p * cfg.units + r0
+        rows = [(g_ref, g_row0), (hprev_ref, hprev_row0), (cprev_ref, cprev_row0), (c_ref, c_row0)]
+        rows += [(x_ref, x_row0 + g * hidden) for g in range(cfg.gates)]
+        rows += [(m_ref, m_row0 + g * hidden) for g in range(cfg.gates)]
+        return [ref[pl.ds(row0 + unit0, size), :] for ref, row0 in rows]
+
+    # `backward_preload`: these loads (HBM: a new slab every step) go out before the wait and
+    # the chunk loop, which hide their latency; otherwise they follow the loop.
+    pre = {r0: step_inputs(r0, size) for r0, size in cfg.row_groups if cfg.backward_preload}
     if wait is not None:
         wait()
     # The scale's loads (a table row, after the wait) go out before the chunk loop hides them.
@@ -432,12 +443,9 @@ def _backward_block(cfg, p, refs, offsets, carries, resident, wait=None, staged=
     dm_peak = carry_peak = None
     for (r0, size), (dc, direct) in zip(cfg.row_groups, carries, strict=True):
         unit0 = p * cfg.units + r0
-        dh = g_ref[pl.ds(g_row0 + unit0, size), :] + direct + dms_in[r0]
-        xs = [x_ref[pl.ds(x_row0 + g * hidden + unit0, size), :] for g in range(cfg.gates)]
-        ms = [m_ref[pl.ds(m_row0 + g * hidden + unit0, size), :] for g in range(cfg.gates)]
-        h_prev = hprev_ref[pl.ds(hprev_row0 + unit0, size), :]
-        c_prev = cprev_ref[pl.ds(cprev_row0 + unit0, size), :]
-        c = c_ref[pl.ds(c_row0 + unit0, size), :]
+        g_in, h_prev, c_prev, c, *xms = pre[r0] if r0 in pre else step_inputs(r0, size)
+        xs, ms = xms[: cfg.gates], xms[cfg.gates :]
+        dh = g_in + direct + dms_in[r0]
         dxs, dms, direct, dc = _cells.cell_backward(cfg.cell, xs, ms, h_prev, c_prev, c, dh, dc)
         for g in range(cfg.gates):
             dm_ref[pl.ds(dm_row0 + g * hidden + unit0, size), :] = dms[g]

@@ -49,16 +49,17 @@ bench 60 mosaic_nw32
 # 4. The Triton default (f16_u2 at these sizes) with the baselines, so every ratio is from this run.
 bench 100 default --baselines dense,cudnn
 # (The f16 re-run of the unexplained 40.22 us was dropped for the backward steps below.)
-# 5-9. Backward variants (NOTES.md "Backward variants"), each only in the time left (a step
-#    with under 15 s is skipped): the float16 dm copy + folded small row group first (the
-#    fwd+bwd row at H=2304 is the second bench row), then its GPU tests (300 steps vs the
-#    reference; gradient scales 1e-9..1e7; the float32 fallback), then each lever alone and on
-#    the Mosaic forward.
-bench 60 f16_u2_dm16_fold
+# 5-10. Backward variants (NOTES.md "Backward variants"), each only in the time left (a step
+#    with under 15 s is skipped): all three levers (float16 dm copy, folded small row group,
+#    inputs loaded before the wait) first (the fwd+bwd row at H=2304 is the second bench row),
+#    then their GPU tests (300 steps vs the reference; gradient scales 1e-9..1e7; the float32
+#    fallback), then the levers one by one and all three on the Mosaic forward.
+bench 60 f16_u2_bwd3
 JAX_PLATFORMS=cuda,cpu slot 90 gpu_tests_bwd bash -c "cd /tmp && python3 -m pytest -o addopts='' \
   -q -rA -p no:cacheprovider '$repo/tests/gpu/test_sparse_rnn_gpu.py' \
-  -k 'f16_u2_dm16_fold or dm16_scale or dm16_overflow'" 2>&1 | tail -n 30 | tee "$OUT/gpu_tests_bwd.log"
+  -k 'f16_u2_bwd3 or dm16_scale or dm16_overflow'" 2>&1 | tail -n 30 | tee "$OUT/gpu_tests_bwd.log"
+bench 50 f16_u2_dm16_fold
 bench 50 f16_u2_fold
 bench 50 f16_u2_dm16
-bench 60 mosaic_dm16_fold
+bench 60 mosaic_bwd3
 echo "== done at ${SECONDS}s"

@@ -90,6 +90,13 @@ _VARIANTS = {
     "f16_u2_dm16_fold": dict(
         state_dtype="float16", unroll=2, dm_dtype="float16", backward_fold=True
     ),
+    "f16_u2_bwd3": dict(
+        state_dtype="float16",
+        unroll=2,
+        dm_dtype="float16",
+        backward_fold=True,
+        backward_preload=True,
+    ),
 }
 
 

@@ -1,8 +1,9 @@
-"""CPU tests of the sparse RNN backward's options (`dm_dtype`, `backward_fold`): the math
-through the one-step kernel in interpret mode (forward and every gradient against the dense
-reference and against the plain kernel, fresh random inputs, all cells, gradients from tiny to
-huge), the float16 copy's per-step scale, the float32 fallback on overflow, the folded small
-row groups, and that the persistent backward lowers for CUDA with each option."""
+"""CPU tests of the sparse RNN backward's options (`dm_dtype`, `backward_fold`,
+`backward_preload`): the math through the one-step kernel in interpret mode (forward and every
+gradient against the dense reference and against the plain kernel, fresh random inputs, all
+cells, gradients from tiny to huge), the float16 copy's per-step scale, the float32 fallback on
+overflow, the folded small row groups, the persistent backward itself with one block, and that
+it lowers for CUDA with each option."""
 
 import jax
 import jax.numpy as jnp
@@ -208,6 +209,7 @@ def _export_cuda(fn, *args):
         ("tanh", "float16", 1, False),
         ("lstm", "float32", 1, True),
         ("lstm", "float16", 2, True),
+        ("gru", "float16", 2, "preload"),
     ],
 )
 def test_persistent_backward_options_lower_for_cuda(cell, dm_dtype, unroll, fold):
@@ -218,9 +220,9 @@ def test_persistent_backward_options_lower_for_cuda(cell, dm_dtype, unroll, fold
     cfg = _kernel.KernelConfig(
         cell=cell, hidden=hidden, gates=gates, blocks=blocks, units=units, slots=96,
         transpose_slots=128, batch=batch, steps=steps, num_warps=16, unroll=unroll,
-        dm_dtype=dm_dtype, backward_fold=fold,
+        dm_dtype=dm_dtype, backward_fold=bool(fold), backward_preload=fold == "preload",
     )  # fmt: skip
-    assert len(cfg.folded_groups) == fold
+    assert len(cfg.folded_groups) == bool(fold)
     f32, spec = jnp.float32, jax.ShapeDtypeStruct
     gh = gates * hidden
     state = spec(((steps + 1) * hidden, batch), f32)
@@ -246,7 +248,7 @@ def test_api_gradient_with_backward_options_lowers_for_cuda(monkeypatch, impleme
         hs = sr.sparse_rnn(
             x, h0, weights.with_values(values), cell="lstm", c0=c0,
             implementation=implementation, check_timeouts=False, dm_dtype="float16",
-            backward_fold=True,
+            backward_fold=True, backward_preload=True,
         )  # fmt: skip
         return jnp.sum(hs)
 
@@ -267,6 +269,8 @@ def test_api_gradient_with_backward_options_lowers_for_cuda(monkeypatch, impleme
         ("lstm", dict(dm_dtype="float16")),
         ("lstm", dict(dm_dtype="float16", backward_fold=True, unroll=2)),
         ("gru", dict(dm_dtype="bfloat16", backward_fold=True)),
+        ("lstm", dict(dm_dtype="float16", backward_fold=True, backward_preload=True)),
+        ("gru", dict(backward_preload=True)),
         ("tanh", dict(dm_dtype="float16", overflow=True)),  # scale target 2^20: all overflow
     ],
 )
