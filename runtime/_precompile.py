@@ -43,7 +43,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jaxpp.runtime import _plan, _taskgraph
+from jaxpp.runtime import _plan, _rank_mesh, _taskgraph
 
 _ENV_PRECOMPILE = "JAXPP_PRECOMPILE"
 
@@ -342,7 +342,7 @@ def compile_programs(
     if watcher is not None:
         watcher(progress)
 
-    def compile_one(p: Program, args: Sequence[jax.ShapeDtypeStruct]):
+    def compile_one(p: Program, args: Sequence[jax.ShapeDtypeStruct], *, make_jit=make_jit):
         started = time.perf_counter()
         try:
             compiled = make_jit(p.task, p.rank).lower(*args).compile()
@@ -354,7 +354,8 @@ def compile_programs(
 
     compiled: dict[tuple[str, int], object] = {}
     if any(p.runs for p in programs):
-        compiled = _compile_in_dataflow_order(programs, by_rank, compile_one, progress)
+        compiled, by_run = _compile_in_dataflow_order(programs, by_rank, compile_one, progress)
+        compiled.update(_accumulators_in_place(programs, compiled, by_run, compile_one, progress))
     else:
 
         def compile_rank(mine: list[Program]) -> list[tuple[tuple[str, int], object]]:
@@ -394,6 +395,11 @@ class Variants:
         for key, compiled in zip(self._keys, self.compiled, strict=True):
             if key == got:
                 return compiled(*args)
+        for compiled in self.compiled:  # equivalent shardings written differently
+            try:
+                return compiled(*args)
+            except (TypeError, ValueError):
+                continue
         raise ValueError(
             f"no compiled variant for argument shardings {got} at positions {self._where}; "
             f"compiled for {self._keys}."
@@ -405,7 +411,7 @@ def _compile_in_dataflow_order(
     by_rank: Mapping[int, list[Program]],
     compile_one: Callable[[Program, Sequence[jax.ShapeDtypeStruct]], object],
     progress: Progress,
-) -> dict[tuple[str, int], object]:
+) -> tuple[dict[tuple[str, int], object], dict[int, object]]:
     """Resolves every Run's argument shardings once the Runs it reads from have their
     compiled variant, and compiles each new (program, shardings) variant on its rank's
     worker, earliest in plan order first."""
@@ -483,7 +489,69 @@ def _compile_in_dataflow_order(
             compiled[key] = done[0][1]
         elif done:
             compiled[key] = Variants([c for _, c in done])
-    return compiled
+    return compiled, {n: f.result() for n, f in of_run.items()}
+
+
+def _accumulators_in_place(
+    programs: Sequence[Program],
+    compiled: Mapping[tuple[str, int], object],
+    by_run: Mapping[int, object],
+    compile_one: Callable[..., object],
+    progress: Progress,
+) -> dict[tuple[str, int], object]:
+    """Init tasks (no inputs: the accumulators' zeros) recompiled to make each
+    accumulator with the sharding its loop task keeps it in (the output sharding of the
+    first task that reads it, for the same value name), where that is not replicated.
+
+    The executor's init task makes them replicated on the rank; the loop task's first
+    microbatch then held the whole stage's float32 gradients per device (DP: `data`
+    copies) beside its sharded output, and ran a variant compiled for it alone. Only
+    where the reader has a variant compiled for the placed sharding (its later
+    microbatches), so no call misses.
+    """
+    readers: dict[tuple[int, int], tuple[Program, int, int]] = {}
+    for p in programs:
+        for n, origins in p.runs:
+            for j, o in enumerate(origins):
+                if o.run is not None and not o.steps:
+                    readers.setdefault(o.base, (p, n, j))
+    out: dict[tuple[str, int], object] = {}
+    for p in programs:
+        if p.task.inputs or not p.runs:
+            continue
+        n = p.runs[0][0]
+        shardings, moved = [], False
+        for i, name in enumerate(p.task.outputs):
+            sharding = None
+            reader = readers.get((n, i))
+            if reader is not None:
+                user, m, j = reader
+                first = by_run.get(m)
+                if first is not None and user.task.inputs[j] == name:
+                    if name in user.task.outputs:
+                        k = user.task.outputs.index(name)
+                        sharding = jax.tree.leaves(first.output_shardings)[k]
+                if sharding is not None:
+                    have = compiled.get(user.key)
+                    have = have.compiled if isinstance(have, Variants) else (have,)
+                    if not any(c is not None and c.input_shardings[0][j] == sharding for c in have):
+                        sharding = None
+            shardings.append(sharding)
+            moved = moved or (sharding is not None and not sharding.is_fully_replicated)
+        if not moved:
+            continue
+        mesh = next(s for s in shardings if s is not None).mesh
+        replicated = NamedSharding(mesh, PartitionSpec())
+        placed = tuple(replicated if s is None else s for s in shardings)
+
+        def make_jit(task, rank, placed=placed, mesh=mesh):
+            return jax.jit(_rank_mesh.on_rank(task.fn, rank, mesh), out_shardings=placed)
+
+        progress.add(p.rank)
+        made = compile_one(dataclasses.replace(p, runs=()), (), make_jit=make_jit)
+        if made is not None:
+            out[p.key] = made
+    return out
 
 
 def _resolve(

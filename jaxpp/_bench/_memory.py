@@ -31,10 +31,12 @@ rank wins):
   alive beside the sharded accumulator and that microbatch's gradients: the whole
   stage's float32 gradients per device (DP: `data` copies). Seen on CPU as the two
   compiled variants of each W task (`jaxpp.runtime._precompile.Variants`); not yet
-  measured on a GPU. (b) `initial_copy=True` only: before 459f64c the benchmark created
-  the initial state spread over all devices and the first step held it beside each
-  rank's copy. The state is now created where each rank reads it, so a new run holds no
-  such copy; the flag reproduces the rows measured before (the calibration points).
+  measured on a GPU. With `JAXPP_PRECOMPILE=all` the compile-ahead makes them where the
+  loop keeps them (`ahead_all`), and this term is 0. (b) `initial_copy=True` only:
+  before 459f64c the benchmark created the initial state spread over all devices and
+  the first step held it beside each rank's copy. The state is now created where each
+  rank reads it, so a new run holds no such copy; the flag reproduces the rows measured
+  before (the calibration points).
 
 The activation term carries one calibration factor per kind, fitted to GPU numbers:
 SPMD to XLA's own estimate for `spmd/fsdp2/acc1/noremat` (H200, GPT 2b, 2026-11-21:
@@ -114,12 +116,18 @@ class MemoryEstimate:
 
 
 def estimate(
-    config: _configs.BenchConfig, preset: _configs.ModelPreset, *, initial_copy: bool = False
+    config: _configs.BenchConfig,
+    preset: _configs.ModelPreset,
+    *,
+    initial_copy: bool = False,
+    ahead_all: bool | None = None,
 ) -> MemoryEstimate:
     """The predicted peak memory of `config` training `preset` (see the module docstring).
 
     `initial_copy` adds the spread copy of the initial state that jaxpp runs held in
-    their first step before 459f64c (to compare with rows measured then).
+    their first step before 459f64c (to compare with rows measured then). `ahead_all`:
+    whether jaxpp compiles ahead on ranks of several devices, which also places the
+    initial accumulators (default: `JAXPP_PRECOMPILE` is "all" in `os.environ`).
 
     Example:
         >>> e = estimate(_configs.parse_config("jaxpp/1f1b/pp2/mb16/noremat"),
@@ -129,7 +137,9 @@ def estimate(
     """
     if config.kind == _configs.SPMD:
         return _estimate_spmd(config, preset)
-    return _estimate_jaxpp(config, preset, initial_copy=initial_copy)
+    if ahead_all is None:
+        ahead_all = os.environ.get("JAXPP_PRECOMPILE", "1").strip() == "all"
+    return _estimate_jaxpp(config, preset, initial_copy=initial_copy, ahead_all=ahead_all)
 
 
 def usable_bytes(
@@ -277,7 +287,11 @@ def _estimate_spmd(config: _configs.BenchConfig, preset: _configs.ModelPreset) -
 
 
 def _estimate_jaxpp(
-    config: _configs.BenchConfig, preset: _configs.ModelPreset, *, initial_copy: bool
+    config: _configs.BenchConfig,
+    preset: _configs.ModelPreset,
+    *,
+    initial_copy: bool,
+    ahead_all: bool,
 ) -> MemoryEstimate:
     from jaxpp import schedules
 
@@ -310,7 +324,7 @@ def _estimate_jaxpp(
             act += one
         logits = LOGIT_BYTES * tokens * preset.vocab_size / config.model
         # (a) of the module docstring: replicated initial accumulators, several devices
-        replicated = config.data * config.model > 1
+        replicated = config.data * config.model > 1 and not ahead_all
         copies = config.data if config.data > 1 and not config.fsdp else 1
         accumulators = GRAD_BYTES * held * config.model * copies if replicated else 0.0
         found = MemoryEstimate(

@@ -10,6 +10,7 @@ from jaxpp._bench import _configs, _memory, _run
 from jaxpp.models import gpt
 
 GIB = _memory.GIB
+DP_NAME = "jaxpp/zb-h1/pp2-dp2/mb16/noremat"
 P2B, P8B = _configs.PRESETS["2b"], _configs.PRESETS["8b"]
 
 
@@ -39,20 +40,27 @@ def test_jaxpp_estimate_has_no_initial_copy_and_shards_state_under_fsdp_in_stage
     before = _memory.estimate(config, P8B, initial_copy=True)
     assert now.extra == 0
     assert before.total - now.total == pytest.approx(12 * _memory.total_params(P8B) / 4)
+
     # ZeRO-3 inside a stage: AdamW state and gradient accumulators split over "data";
     # the bf16 weights are gathered whole; DP keeps a whole copy per device.
-    dp = _memory.estimate(_configs.parse_config("jaxpp/zb-h1/pp2-dp2/mb16/noremat"), P8B)
-    fsdp = _memory.estimate(_configs.parse_config("jaxpp/zb-h1/pp2-fsdp2/mb16/noremat"), P8B)
+    def lazy(name: str) -> _memory.MemoryEstimate:
+        return _memory.estimate(_configs.parse_config(name), P8B, ahead_all=False)
+
+    dp = lazy("jaxpp/zb-h1/pp2-dp2/mb16/noremat")
+    fsdp = lazy("jaxpp/zb-h1/pp2-fsdp2/mb16/noremat")
     assert fsdp.state == pytest.approx(dp.state / 2)
     assert fsdp.grads == pytest.approx(dp.grads / 2)
     assert fsdp.weights == dp.weights and fsdp.activations == dp.activations
     # The init task's accumulators are replicated on the rank (the loop task's are
     # sharded): the whole stage's float32 gradients per device in the first microbatch,
     # [data, *param] for DP.
-    tp = _memory.estimate(_configs.parse_config("jaxpp/zb-h1/pp2-tp2/mb16/noremat"), P8B)
+    tp = lazy("jaxpp/zb-h1/pp2-tp2/mb16/noremat")
     stage = 4 * fsdp.state / 12 * 2  # float32 gradients of the whole stage
     assert fsdp.extra == pytest.approx(stage) and tp.extra == pytest.approx(stage)
     assert dp.extra == pytest.approx(2 * stage)
+    # JAXPP_PRECOMPILE=all makes them where the loop keeps them.
+    ahead = _memory.estimate(_configs.parse_config(DP_NAME), P8B, ahead_all=True)
+    assert ahead.extra == 0 and ahead.total == pytest.approx(dp.total - dp.extra)
 
 
 @pytest.mark.parametrize("preset", ["tiny", "2b", "8b"])

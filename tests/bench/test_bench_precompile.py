@@ -30,12 +30,19 @@ def test_precompile_multi_device_ranks_no_miss_and_step_matches_jit(monkeypatch)
     ahead = executor.last_precompile
     runs = {(i.task, i.rank) for i in compiled.plan.instructions if isinstance(i, _plan.Run)}
     assert ahead is not None and ahead.failed == 0, ahead
-    # Every program was compiled; a loop accumulator's task needs two variants (the init
-    # task's replicated zeros, then its own sharded output), so there are more programs.
+    # Every program was compiled; a loop accumulator's task has two variants (for the
+    # init task's replicated zeros, then its own sharded output), and each init task is
+    # then compiled again to make the accumulators sharded: more programs than Runs.
     assert set(executor._compiled) >= runs  # noqa: SLF001 -- the executor's cache
     assert ahead.programs >= len(runs)
     assert any(isinstance(c, _precompile.Variants) for c in executor._compiled.values())  # noqa: SLF001
     assert executor.precompile_misses == 0
+    # The init task makes the gradient accumulators as the loop task keeps them (sharded
+    # over the batch shards), not replicated on the rank.
+    for key, program in executor._compiled.items():  # noqa: SLF001
+        if key[0].startswith("init/"):
+            placed = jax.tree.leaves(program.output_shardings)
+            assert any(not s.is_fully_replicated for s in placed), (key, placed)
     ref_state, ref_loss = single_device_step(PROBLEM, config.microbatches)
     np.testing.assert_allclose(
         float(loss), _run.reference_loss(PROBLEM, attention="xla"), rtol=1e-4
