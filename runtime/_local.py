@@ -163,8 +163,9 @@ class LocalExecutor:
         if not _precompile.enabled(self.rank_meshes):
             return
         programs = _precompile.plan_programs(
-            self._tasks, self.plan, given, self.rank_meshes, self._runs_on
-        )
+            self._tasks, self.plan, given, self.rank_meshes, self._runs_on,
+            input_specs=self.input_specs,
+        )  # fmt: skip
         programs = [p for p in programs if (p.task.name, p.rank) not in self._compiled]
         compiled, self.last_precompile = _precompile.compile_programs(programs, self._make_jit)
         self._compiled.update(compiled)

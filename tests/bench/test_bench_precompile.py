@@ -83,3 +83,16 @@ def test_variants_pick_the_program_compiled_for_the_argument_shardings():
         assert "no compiled variant" in str(e)
     else:
         raise AssertionError("a call with other shardings must raise ValueError")
+
+
+def test_precompile_multi_device_ranks_places_host_inputs_as_the_executor_does(monkeypatch):
+    # A batch given as host arrays is placed by its input spec: the precompile must
+    # assume that same placement, or every program that reads it misses.
+    monkeypatch.setenv("JAXPP_PRECOMPILE", "all")
+    config = _configs.parse_config("jaxpp/zb-h1/pp2-dp2/mb2/noremat")
+    step, state, batch = _run.build(config, PROBLEM, attention="xla")
+    _, loss = step(state, jax.tree.map(np.asarray, batch))
+    assert step.last_compiled.executor.precompile_misses == 0
+    np.testing.assert_allclose(
+        float(loss), _run.reference_loss(PROBLEM, attention="xla"), rtol=1e-4
+    )
