@@ -65,52 +65,46 @@ subfolder if the whole is over 45 MiB). Between calls the lead copies
 `$files_at/bench_cache.tgz.*` and `$files_at/bench_*xgpu.json` (into `results/`) to
 `benchmarks/.bench_cache/` and passes `carry=["benchmarks/.bench_cache"]`.
 
-Measured so far (session 4, 4x H200, `benchmarks/results/pipeline_2026-11-21_s4/`): the 8B
-jaxpp/zb-h1/pp4/mb32 32,217 tokens/s, jaxpp/1f1b/pp4/mb32 30,872; spmd/fsdp4/acc4 23,489
-is withdrawn (its attention ran unsharded on every GPU, fixed in 80fac55: re-measure it
-first). Costs per configuration: SPMD init 15 s + compile 160 s + steps 30 s; jaxpp init 17
-s + trace 9 s + precompile 73-93 s (4 threads) + 74-100 s more in the first step (why is
-not known yet: the first step now prints where its thread is every 20 s, `still in ...`
-lines, and the row records `precompile_misses`) + steps and profile 40 s. So about 210-260
-s each, two per call. The plan for the next session, the remaining layouts, three calls
-of <= 9.5 min on nvidia-h200-x4 (predicted GiB per device in brackets; limit 126 GiB):
+Measured (4x H200, 8B; `benchmarks/results/pipeline_2026-11-22_s6/` holds every row so far):
+spmd/fsdp4/acc4/noremat@overlap 39,648 tokens/s (1.653 s), without @overlap 37,963;
+jaxpp/zb-h1/pp4/mb16/noremat 35,126 (0.886x), mb32 32,217, 1f1b mb32 30,872. Costs per
+configuration: SPMD init 15 s + compile 167-180 s + steps 20 s (the `-scan` form compiles
+~4x faster on CPU); jaxpp init 15 s + trace 8 s + precompile 75 s (4 threads) + steps and
+profile 35 s. The first-step host copy (74-110 s) is gone (0110f61, 459f64c). Ranks of
+several devices compile ahead only with `JAXPP_PRECOMPILE=all` (not timed on a GPU yet).
+
+The plan for the next session (three calls of <= 9.5 min on nvidia-h200-x4; predicted GiB
+per device in brackets, limit 126):
 
     # every call starts with (the device tool carries no environment between calls):
     export BENCH_MODEL=8b BENCH_DEVICES=4 BENCH_LIMIT=540 BENCH_CONFIG_TIMEOUT=300
     export BENCH_ARGS="--steps 10 --warmup 1 --reference-loss 11.2175 --ceilings 807.1,4287.4"
-    # before call A: mkdir -p benchmarks/.bench_cache/results && cp
-    #   benchmarks/results/pipeline_2026-11-21_s4/call3_4xh200/bench_8b_4xgpu.json
+    # before call A: cp benchmarks/results/pipeline_2026-11-22_s6/callB_4xh200/bench_8b_4xgpu.json
     #   benchmarks/.bench_cache/results/   (so the table holds all rows)
-    # call A: FSDP again (attention and activations now sharded), with XLA's defaults and
-    # with the collective-overlap flag preset (`@overlap`, _configs.XLA_PRESETS) [84, 84]
-    C=spmd/fsdp4/acc4/noremat,spmd/fsdp4/acc4/noremat@overlap
+    # call A: the scanned FSDP baseline (one layer gathered per loop iteration; @overlap's
+    # pipelined collectives act on loops) [73.5, 103.5]
+    C=spmd/fsdp4-scan/acc4/noremat@overlap,spmd/fsdp4-scan/acc2/noremat@overlap
     BENCH_CONFIGS=$C bash benchmarks/pipeline_gpu_run.sh bench
     # after each call: cp $files_at/bench_cache.tgz.* $files_at/bench_8b_4xgpu.json into
     # benchmarks/.bench_cache/ (the JSON into results/), carry=["benchmarks/.bench_cache"]
-    # call B: SPMD tensor parallel and FSDP x TP [90, 82] (with the better flag setting of
-    # call A: add @overlap if it won)
-    C=spmd/tp4/acc4/noremat,spmd/fsdp2-tp2/acc4/noremat
+    # call B: the V-shaped schedules on 4 one-GPU ranks (half the fill of ZB-H1) [95.7, 101.6]
+    C=jaxpp/zbv/pp4/mb16/noremat,jaxpp/dualpipev/pp4/mb16/noremat
     BENCH_CONFIGS=$C bash benchmarks/pipeline_gpu_run.sh bench
-    # call C: jaxpp's best with the same preset, and FSDP with less accumulation [93, 114]
-    C=jaxpp/zb-h1/pp4/mb32/noremat@overlap,spmd/fsdp4/acc2/noremat
-    BENCH_CONFIGS=$C bash benchmarks/pipeline_gpu_run.sh bench
+    # call C: two stages with parallelism inside (fill and head share halve; predicted best
+    # 0.955x), compiled ahead; BENCH_CONFIG_TIMEOUT=420 [112.6, 71.8]
+    C=jaxpp/zbv/pp2-dp2/mb16/noremat,jaxpp/zb-h1/pp2-tp2/mb16/noremat
+    JAXPP_PRECOMPILE=all BENCH_CONFIGS=$C bash benchmarks/pipeline_gpu_run.sh bench
 
-Then spmd/dp2-tp2/acc8/noremat [103], jaxpp ZBV [96], DualPipeV [99], interleaved [102].
-In every call read each SPMD row's `collectives` (session 5: DP layouts reduce gradients
-once per step after the loop, `make_step(reduce_once=True)`; FSDP reduce-scatters in the
-loop, ZeRO-3; TP only activation all-reduces, a [b, T, d] largest shape) and each jaxpp
-row's `precompile_misses` and `still in` lines.
-Later (more device time): spmd/fsdp4/acc2/noremat [114], spmd/fsdp4/acc1/remat [45],
-jaxpp/interleaved-1f1b/pp4/mb32/noremat [102], jaxpp/1f1b/pp4/mb16/noremat [118 (tight)];
-the ~2B model on nvidia-h200-x2 (BENCH_MODEL=2b BENCH_DEVICES=2): SPMD
-spmd/dp2/acc2/noremat,spmd/fsdp2/acc2/noremat,spmd/tp2/acc2/noremat [90, 71, 78], jaxpp
-jaxpp/zbv/pp2/mb16/noremat,jaxpp/zb-h1/pp2/mb16/noremat,jaxpp/dualpipev/pp2/mb16/noremat
-[55, 53, 59]. The same by hand, without the driver:
+Then SPMD tp4 and fsdp2-tp2 (acc4) and interleaved-1f1b/pp4/mb32, and the ~2B race on
+nvidia-h200-x2 (BENCH_MODEL=2b BENCH_DEVICES=2): spmd/fsdp2-scan/acc2/noremat@overlap,
+spmd/dp2/acc2/noremat, jaxpp/zbv/pp2/mb16/noremat, jaxpp/zb-h1/pp2/mb16/noremat. In every
+call read each row's `precompile_misses` (0 expected), measured peak against the estimate,
+and each SPMD row's `collectives`. The same by hand, without the driver:
 
     source benchmarks/gpu_env.sh && cd /tmp && export XLA_PYTHON_CLIENT_MEM_FRACTION=0.9
     python3 -m jaxpp.cli bench pipeline --model 8b --devices 4 --isolate \
         --config-timeout 260 --out /tmp/jaxpp-bench-results/bench_8b_4xgpu.json \
-        --configs spmd/fsdp4/acc4/noremat,jaxpp/1f1b/pp4/mb32/noremat
+        --configs spmd/fsdp4-scan/acc4/noremat@overlap,jaxpp/zbv/pp4/mb16/noremat
 
 With more device time, sweep by flags instead (`--only spmd|jaxpp`, `--schedules`,
 `--layouts`, `--microbatches`, `--accumulations`, `--remat on|off|off,on`).
@@ -166,7 +160,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--model", choices=("tiny", "2b", "8b"), default="tiny")
     parser.add_argument("--devices", type=int, default=None, help="default: all visible")
     parser.add_argument("--only", choices=("spmd", "jaxpp"), default=None)
-    parser.add_argument("--configs", default=None, help="comma-separated configuration names")
+    parser.add_argument(
+        "--configs",
+        default=None,
+        help="comma-separated configuration names, e.g. spmd/fsdp4-scan/acc4/noremat@overlap,"
+        "jaxpp/zbv/pp2-dp2/mb16/noremat (forms: jaxpp._bench._configs)",
+    )
     parser.add_argument("--schedules", default=None, help="jaxpp schedules (default: all five)")
     parser.add_argument("--layouts", default=None, help="e.g. fsdp4,dp2-tp2 or pp4,pp2-tp2")
     parser.add_argument("--microbatches", default=None, help="jaxpp microbatch counts, e.g. 8,16")
