@@ -9,29 +9,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from sparse_rnn_problems import GATES, problem, rel
 
 from jaxpp.kernels import sparse_rnn as sr
 from jaxpp.kernels.sparse_rnn import _kernel
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*Pallas Triton backend is deprecated")
-_GATES = {"tanh": 1, "gru": 3, "lstm": 4}
-
-
-def _problem(cell, hidden, batch, steps, density, seed, num_blocks):
-    rng = np.random.default_rng(seed)
-    g = _GATES[cell]
-    w = rng.normal(size=(hidden, g * hidden)) * 0.5 / np.sqrt(density * hidden)
-    weights = sr.SparseRecurrentWeights.prune(w, density, num_gates=g, num_blocks=num_blocks)
-    x = jnp.asarray(rng.normal(size=(batch, steps, g * hidden)), jnp.float32)
-    h0 = jnp.asarray(rng.normal(size=(batch, hidden)) * 0.5, jnp.float32)
-    c0 = jnp.asarray(rng.normal(size=(batch, hidden)) * 0.5, jnp.float32)
-    ct = jnp.asarray(rng.normal(size=(batch, steps, hidden)), jnp.float32)
-    return weights, x, h0, c0, ct
-
-
-def _rel(a, b):
-    a, b = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
-    return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
 
 
 def _grads(impl, weights, cell, x, h0, c0, ct, **kw):
@@ -64,19 +47,19 @@ _TOL = {"float16": 2e-3, "bfloat16": 1.6e-2}
 def test_dm_copy_step_kernel_matches_float32_dm_and_reference(cell, dm_dtype):
     # Transposed lists of 1-4 chunks (hidden 32, density 0.875: 28 entries per column and gate),
     # 16 units per block: one row group.
-    weights, x, h0, c0, ct = _problem(cell, 32, 2, 2, 0.875, seed=len(cell) + 10, num_blocks=2)
+    weights, x, h0, c0, ct = problem(cell, 32, 2, 2, 0.875, seed=len(cell) + 10, num_blocks=2)
     hs, grads = _grads("step", weights, cell, x, h0, c0, ct, dm_dtype=dm_dtype)
     hs32, grads32 = _grads("step", weights, cell, x, h0, c0, ct)
     hs_ref, grads_ref = _grads("reference", weights, cell, x, h0, c0, ct)
-    assert _rel(hs, hs32) == 0.0  # the forward is untouched
+    assert rel(hs, hs32) == 0.0  # the forward is untouched
     for name, a, b, r in zip(
         ("dx", "dh0", "dc0", "dvalues"), grads, grads32, grads_ref, strict=True
     ):
         if name not in _names(cell):
             continue
-        assert 0.0 < _rel(a, b) < _TOL[dm_dtype], name  # > 0: the copy really was gathered
+        assert 0.0 < rel(a, b) < _TOL[dm_dtype], name  # > 0: the copy really was gathered
         if name != "dvalues":  # the kernels read bf16-rounded values; reference: float32
-            assert _rel(a, r) < _TOL[dm_dtype] + 1e-4, name
+            assert rel(a, r) < _TOL[dm_dtype] + 1e-4, name
 
 
 @pytest.mark.parametrize(
@@ -88,7 +71,7 @@ def test_dm_copy_step_kernel_matches_float32_dm_and_reference(cell, dm_dtype):
     ],
 )
 def test_backward_fold_step_kernel_matches_unfolded_and_reference(cell, hidden, blocks, dm_dtype):
-    weights, x, h0, c0, ct = _problem(cell, hidden, 2, 2, 0.875, seed=hidden, num_blocks=blocks)
+    weights, x, h0, c0, ct = problem(cell, hidden, 2, 2, 0.875, seed=hidden, num_blocks=blocks)
     # unroll 2: the 16-unit group's loop takes 2 chunks per iteration and a tail (LSTM).
     kw = dict(dm_dtype=dm_dtype, unroll=2)
     _, grads = _grads("step", weights, cell, x, h0, c0, ct, backward_fold=True, **kw)
@@ -100,9 +83,9 @@ def test_backward_fold_step_kernel_matches_unfolded_and_reference(cell, hidden, 
     ):
         if name not in _names(cell):
             continue
-        assert _rel(a, b) < 1e-5 + (tol if dm_dtype != "float32" else 0.0), name
+        assert rel(a, b) < 1e-5 + (tol if dm_dtype != "float32" else 0.0), name
         if name != "dvalues":
-            assert _rel(a, r) < tol + 1e-5, name
+            assert rel(a, r) < tol + 1e-5, name
 
 
 @pytest.mark.parametrize("loss_scale,last_only", [(1e-9, False), (1e7, False), (1e-6, True)])
@@ -112,7 +95,7 @@ def test_float16_dm_scale_follows_gradient_magnitude(loss_scale, last_only):
     # the loss sees only the last step, so g_t = 0 before it and the scale comes from the
     # previous step's dm peaks alone.
     cell = "lstm"
-    weights, x, h0, c0, ct = _problem(cell, 32, 2, 3, 0.875, seed=7, num_blocks=2)
+    weights, x, h0, c0, ct = problem(cell, 32, 2, 3, 0.875, seed=7, num_blocks=2)
     ct = ct * loss_scale
     if last_only:
         ct = ct.at[:, :-1].set(0.0)
@@ -120,7 +103,7 @@ def test_float16_dm_scale_follows_gradient_magnitude(loss_scale, last_only):
     _, grads32 = _grads("step", weights, cell, x, h0, c0, ct)
     for name, a, b in zip(("dx", "dh0", "dc0", "dvalues"), grads, grads32, strict=True):
         assert bool(jnp.all(jnp.isfinite(a))), name
-        assert _rel(a, b) < _TOL["float16"], name
+        assert rel(a, b) < _TOL["float16"], name
 
 
 def test_float16_dm_overflow_falls_back_to_float32(monkeypatch):
@@ -129,12 +112,12 @@ def test_float16_dm_overflow_falls_back_to_float32(monkeypatch):
     # (hidden 48: a shape no other test traces, so the patched constant is not cached away.)
     monkeypatch.setattr(_kernel, "_DM_SCALE_EXP", 20)
     cell = "tanh"
-    weights, x, h0, c0, ct = _problem(cell, 48, 2, 2, 0.875, seed=3, num_blocks=3)
+    weights, x, h0, c0, ct = problem(cell, 48, 2, 2, 0.875, seed=3, num_blocks=3)
     _, grads = _grads("step", weights, cell, x, h0, c0, ct, dm_dtype="float16")
     _, grads32 = _grads("step", weights, cell, x, h0, c0, ct)
     for name, a, b in zip(("dx", "dh0", "dvalues"), (grads[0], grads[1], grads[3]),
                           (grads32[0], grads32[1], grads32[3]), strict=True):  # fmt: skip
-        assert _rel(a, b) < 1e-6, name
+        assert rel(a, b) < 1e-6, name
 
 
 def test_float16_dm_overflow_is_counted():
@@ -172,7 +155,7 @@ def test_dm_scale_is_a_power_of_two_with_the_peak_below_2_to_k():
 
 
 def test_dm_dtype_unknown_raises_with_choices():
-    weights, x, h0, _, _ = _problem("tanh", 16, 1, 2, 0.5, seed=0, num_blocks=1)
+    weights, x, h0, _, _ = problem("tanh", 16, 1, 2, 0.5, seed=0, num_blocks=1)
     with pytest.raises(ValueError, match="dm_dtype='int8' is not one of"):
         sr.sparse_rnn(x, h0, weights, cell="tanh", implementation="step", dm_dtype="int8")
 
@@ -181,7 +164,7 @@ def test_dm_dtype_with_slabs_not_line_aligned_raises(monkeypatch):
     from jaxpp.kernels.sparse_rnn import _api
 
     monkeypatch.setattr(_api.jax, "default_backend", lambda: "gpu")
-    weights, x, h0, _, _ = _problem("tanh", 24, 1, 2, 0.5, seed=1, num_blocks=3)
+    weights, x, h0, _, _ = problem("tanh", 24, 1, 2, 0.5, seed=1, num_blocks=3)
     with pytest.raises(ValueError, match="192-byte dm slabs"):  # 24 x batch padded to 4 x 2
         sr.sparse_rnn(
             x, h0, weights, cell="tanh", implementation="persistent", state_dtype="float32",
@@ -215,7 +198,7 @@ def _export_cuda(fn, *args):
 def test_persistent_backward_options_lower_for_cuda(cell, dm_dtype, unroll, fold):
     # 18 units per block (16 + 2, as at hidden 2304 on 128 blocks): the fold has a group to fold.
     hidden, batch, steps, blocks = 288, 4, 8, 16
-    gates = _GATES[cell]
+    gates = GATES[cell]
     units = hidden // blocks
     cfg = _kernel.KernelConfig(
         cell=cell, hidden=hidden, gates=gates, blocks=blocks, units=units, slots=96,
@@ -242,7 +225,7 @@ def test_api_gradient_with_backward_options_lowers_for_cuda(monkeypatch, impleme
     from jaxpp.kernels.sparse_rnn import _api
 
     monkeypatch.setattr(_api.jax, "default_backend", lambda: "gpu")
-    weights, _, _, _, _ = _problem("lstm", 288, 4, 8, 0.3, seed=5, num_blocks=16)
+    weights, _, _, _, _ = problem("lstm", 288, 4, 8, 0.3, seed=5, num_blocks=16)
 
     def loss(x, h0, c0, values):
         hs = sr.sparse_rnn(
@@ -291,8 +274,8 @@ def test_persistent_backward_one_block_in_interpret_mode_matches_step_kernel(
     overflow = options.pop("overflow", False)
     if overflow:
         monkeypatch.setattr(_kernel, "_DM_SCALE_EXP", 20)
-    hidden, batch, steps, gates = 18, 4, 3, _GATES[cell]
-    weights, *_ = _problem(cell, hidden, 1, 1, 0.8, seed=21, num_blocks=1)
+    hidden, batch, steps, gates = 18, 4, 3, GATES[cell]
+    weights, *_ = problem(cell, hidden, 1, 1, 0.8, seed=21, num_blocks=1)
     cfg = _kernel.KernelConfig(
         cell=cell, hidden=hidden, gates=gates, blocks=1, units=hidden,
         slots=weights.values.shape[3], transpose_slots=weights.transpose_rows.shape[2],

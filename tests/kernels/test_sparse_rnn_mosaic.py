@@ -11,28 +11,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from sparse_rnn_problems import GATES, problem, rel
 
 from jaxpp.kernels import sparse_rnn as sr
 from jaxpp.kernels.sparse_rnn import _api, _kernel, _mosaic
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*Pallas Triton backend is deprecated")
-_GATES = {"tanh": 1, "gru": 3, "lstm": 4}
-
-
-def _problem(cell, hidden, batch, steps, density, seed, num_blocks):
-    rng = np.random.default_rng(seed)
-    g = _GATES[cell]
-    w = rng.normal(size=(hidden, g * hidden)) * 0.5 / np.sqrt(density * hidden)
-    weights = sr.SparseRecurrentWeights.prune(w, density, num_gates=g, num_blocks=num_blocks)
-    x = jnp.asarray(rng.normal(size=(batch, steps, g * hidden)), jnp.float32)
-    h0 = jnp.asarray(rng.normal(size=(batch, hidden)) * 0.5, jnp.float32)
-    c0 = jnp.asarray(rng.normal(size=(batch, hidden)) * 0.5, jnp.float32)
-    return weights, x, h0, c0
-
-
-def _rel(a, b):
-    a, b = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
-    return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
 
 
 def _config(weights, cell, x, slot_order="conflict_free"):
@@ -56,7 +40,7 @@ def test_emulated_forward_matches_reference_and_step_residuals(cell, slot_order,
     # The Mosaic path's packing, slot order and layouts (the kernel's own index math, in XLA)
     # against the dense masked reference, and its residuals against the step kernel's (the
     # backward that consumes them is the tested Triton one).
-    weights, x, h0, c0 = _problem(cell, 128, batch, 5, 0.4, seed=len(cell) + batch, num_blocks=8)
+    weights, x, h0, c0, _ = problem(cell, 128, batch, 5, 0.4, seed=len(cell) + batch, num_blocks=8)
     cfg = _config(weights, cell, x, slot_order)
     assert cfg.base.interpret and cfg.base.state_dtype == "float32"
     args = (x, h0, c0, *_pattern_args(weights))
@@ -64,18 +48,18 @@ def test_emulated_forward_matches_reference_and_step_residuals(cell, slot_order,
     hs_step, res_step = _api._kernel_fwd(cfg.base, "step", False, *args)
     ref = sr.sparse_rnn(x, h0, weights, cell=cell, c0=c0, implementation="reference")
     assert hs.shape == ref.shape
-    assert _rel(hs, ref) < 2e-3  # the products read h rounded to float16
+    assert rel(hs, ref) < 2e-3  # the products read h rounded to float16
     for name, a, b in zip(("xk", "m", "hbuf", "cbuf"), res[:4], res_step[:4], strict=True):
         assert a.shape == b.shape, name
         if cell != "lstm" and name == "cbuf":
             assert not bool(jnp.any(a[cfg.base.hidden :])), "cbuf of a cell without c"
             continue
-        assert _rel(a, b) < 3e-3, name
+        assert rel(a, b) < 3e-3, name
 
 
 @pytest.mark.parametrize("batch", [1, 2, 4, 8])
 def test_conflict_free_order_is_a_row_permutation_and_keeps_products(batch):
-    weights, _, _, _ = _problem("lstm", 256, 1, 1, 0.3, seed=batch, num_blocks=16)
+    weights, *_ = problem("lstm", 256, 1, 1, 0.3, seed=batch, num_blocks=16)
     args = (weights.values, weights.columns, weights.valid)
     words = {o: _mosaic.pack_words(*args, batch=batch, slot_order=o) for o in _mosaic.SLOT_ORDERS}
     shape = weights.values.shape
@@ -102,7 +86,7 @@ def test_conflict_free_order_needs_fewer_wavefronts_than_column_order():
     # Headline-like rows (B=4: 16 lanes per wavefront): the order must beat column order and
     # reach the bound set by the row's largest bank group (which a row can exceed, NOTES.md).
     batch = 4
-    weights, _, _, _ = _problem("lstm", 512, 1, 1, 0.3, seed=3, num_blocks=8)
+    weights, *_ = problem("lstm", 512, 1, 1, 0.3, seed=3, num_blocks=8)
     cols, valid = weights.columns, weights.valid
     _, tuned, _ = _mosaic.conflict_free_slots(cols, valid, batch)
     packed_w = np.asarray(_mosaic.wavefronts(cols, batch))
@@ -139,7 +123,7 @@ def _export(cfg):
 
 
 def _headline(cell, **kw):
-    gates = _GATES[cell]
+    gates = GATES[cell]
     base = _kernel.KernelConfig(
         cell=cell, hidden=2304, gates=gates, blocks=128, units=18, slots=704,
         transpose_slots=800, batch=4, steps=256, num_warps=16, **kw,
@@ -153,7 +137,7 @@ def test_forward_lowers_for_cuda_at_the_headline_size(cell):
     assert cfg.smem_bytes() <= _mosaic.MAX_SMEM_BYTES
     exported = _export(cfg)
     assert [a.shape for a in exported.out_avals] == [(2304 * 4 * 256,)] * 2 + [
-        (2304 * 4 * 256 * _GATES[cell],),
+        (2304 * 4 * 256 * GATES[cell],),
         (128,),
     ]
 
@@ -161,7 +145,7 @@ def test_forward_lowers_for_cuda_at_the_headline_size(cell):
 def test_gru_and_small_batches_lower_for_cuda():
     for cell, batch, warps in (("gru", 2, 8), ("lstm", 8, 32), ("tanh", 1, 4)):
         base = _kernel.KernelConfig(
-            cell=cell, hidden=256, gates=_GATES[cell], blocks=16, units=16, slots=96,
+            cell=cell, hidden=256, gates=GATES[cell], blocks=16, units=16, slots=96,
             transpose_slots=128, batch=batch, steps=4, num_warps=warps,
         )  # fmt: skip
         _export(_mosaic.MosaicConfig(base, "packed"))
@@ -170,7 +154,7 @@ def test_gru_and_small_batches_lower_for_cuda():
 def test_api_forward_and_gradient_lower_for_cuda(monkeypatch):
     # Through `sparse_rnn`: the Mosaic forward and, for the gradient, the Triton backward.
     monkeypatch.setattr(_api.jax, "default_backend", lambda: "gpu")
-    weights, _, _, _ = _problem("lstm", 256, 4, 8, 0.3, seed=5, num_blocks=16)
+    weights, *_ = problem("lstm", 256, 4, 8, 0.3, seed=5, num_blocks=16)
 
     def loss(x, h0, c0, values):
         hs = sr.sparse_rnn(
@@ -200,7 +184,7 @@ def test_api_forward_and_gradient_lower_for_cuda(monkeypatch):
 
 
 def test_mosaic_on_cpu_raises_with_fix():
-    weights, x, h0, _ = _problem("tanh", 64, 1, 2, 0.5, seed=0, num_blocks=4)
+    weights, x, h0, *_ = problem("tanh", 64, 1, 2, 0.5, seed=0, num_blocks=4)
     with pytest.raises(ValueError, match="implementation='mosaic' spins on GPU atomics"):
         sr.sparse_rnn(x, h0, weights, cell="tanh", implementation="mosaic")
 

@@ -5,14 +5,13 @@ Triton's own compiler, so layout or register problems still show only on a GPU).
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
+from sparse_rnn_problems import GATES, problem, rel
 
 from jaxpp.kernels import sparse_rnn as sr
 from jaxpp.kernels.sparse_rnn import _kernel
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*Pallas Triton backend is deprecated")
-_GATES = {"tanh": 1, "gru": 3, "lstm": 4}
 # (state_dtype, prefetch, resident_chunks): the default and every variant the bench names.
 _VARIANTS = [
     ("float32", False, 0, 1),
@@ -24,23 +23,6 @@ _VARIANTS = [
     ("float16", False, 0, 2),
     ("float16", True, 0, 2),
 ]
-
-
-def _problem(cell, hidden, batch, steps, density, seed, num_blocks=4):
-    rng = np.random.default_rng(seed)
-    g = _GATES[cell]
-    w = rng.normal(size=(hidden, g * hidden)) * 0.5 / np.sqrt(density * hidden)
-    weights = sr.SparseRecurrentWeights.prune(w, density, num_gates=g, num_blocks=num_blocks)
-    x = jnp.asarray(rng.normal(size=(batch, steps, g * hidden)), jnp.float32)
-    h0 = jnp.asarray(rng.normal(size=(batch, hidden)) * 0.5, jnp.float32)
-    c0 = jnp.asarray(rng.normal(size=(batch, hidden)) * 0.5, jnp.float32)
-    ct = jnp.asarray(rng.normal(size=(batch, steps, hidden)), jnp.float32)
-    return weights, x, h0, c0, ct
-
-
-def _rel(a, b):
-    a, b = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
-    return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
 
 
 @pytest.mark.parametrize(
@@ -59,7 +41,7 @@ def test_variant_step_kernel_forward_and_gradients_match_reference(
     hidden, chunks = (80, 3) if unroll > 1 else (48, 2)
     seed = len(cell) + resident
     # 16 units per block: one row group per gate (fewer kernel ops to interpret).
-    weights, x, h0, c0, ct = _problem(cell, hidden, 2, 2, 0.875, seed, num_blocks=hidden // 16)
+    weights, x, h0, c0, ct = problem(cell, hidden, 2, 2, 0.875, seed, num_blocks=hidden // 16)
     assert weights.slots == chunks * _kernel.CHUNK
 
     def loss(impl, x, h0, c0, values, **kw):
@@ -74,16 +56,16 @@ def test_variant_step_kernel_forward_and_gradients_match_reference(
     (_, hs_ref), grads_ref = grad("reference", x, h0, c0, weights.values)
     # A 16-bit state copy rounds the gathered h (f16: 2^-11, bf16: 2^-8 relative).
     tol = {"float32": 1e-5, "float16": 1e-3, "bfloat16": 1e-2}[state_dtype]
-    assert _rel(hs, hs_ref) < tol
+    assert rel(hs, hs_ref) < tol
     for name, a, b in zip(("dx", "dh0", "dc0"), grads, grads_ref, strict=False):
         if name == "dc0" and cell != "lstm":
             continue
-        assert _rel(a, b) < 3 * tol + 1e-2 * (name == "dvalues"), name
-    assert _rel(grads[3], grads_ref[3]) < 3e-2  # the kernel reads bf16-rounded values
+        assert rel(a, b) < 3 * tol + 1e-2 * (name == "dvalues"), name
+    assert rel(grads[3], grads_ref[3]) < 3e-2  # the kernel reads bf16-rounded values
 
 
 def test_state_dtype_unknown_raises_with_choices():
-    weights, x, h0, _, _ = _problem("tanh", 16, 1, 2, 0.5, seed=0)
+    weights, x, h0, _, _ = problem("tanh", 16, 1, 2, 0.5, seed=0)
     with pytest.raises(ValueError, match="state_dtype='int8' is not one of"):
         sr.sparse_rnn(x, h0, weights, cell="tanh", implementation="step", state_dtype="int8")
 
@@ -108,7 +90,7 @@ def _export_cuda(fn, *args):
 )
 def test_persistent_variant_lowers_for_cuda(cell, state_dtype, prefetch, resident, unroll):
     hidden, batch, steps, blocks = 256, 4, 8, 16
-    gates = _GATES[cell]
+    gates = GATES[cell]
     units = hidden // blocks
     cfg = _kernel.KernelConfig(
         cell=cell, hidden=hidden, gates=gates, blocks=blocks, units=units, slots=96,
@@ -138,7 +120,7 @@ def test_state_dtype_with_slabs_not_line_aligned_raises_before_launch(monkeypatc
     from jaxpp.kernels.sparse_rnn import _api
 
     monkeypatch.setattr(_api.jax, "default_backend", lambda: "gpu")
-    weights, x, h0, _, _ = _problem("tanh", 24, 1, 2, 0.5, seed=1)  # 24 * 1 * 2 = 48 bytes
+    weights, x, h0, _, _ = problem("tanh", 24, 1, 2, 0.5, seed=1)  # 24 * 1 * 2 = 48 bytes
     with pytest.raises(ValueError, match="not a multiple of the 128-byte"):
         sr.sparse_rnn(
             x, h0, weights, cell="tanh", implementation="persistent", state_dtype="float16"
@@ -165,7 +147,7 @@ def _persistent_config(weights, x, **kw):
     ],
 )
 def test_default_state_persistent_picks_float16_where_line_aligned(hidden, batch, expect):
-    weights, x, _, _, _ = _problem("tanh", hidden, batch, 2, 0.5, seed=2, num_blocks=8)
+    weights, x, _, _, _ = problem("tanh", hidden, batch, 2, 0.5, seed=2, num_blocks=8)
     cfg = _persistent_config(weights, x)
     assert (cfg.state_dtype, cfg.unroll, cfg.batch) == expect
     assert (cfg.hidden * cfg.batch * 4) % 128 == 0  # float32 slabs never share a line
@@ -176,13 +158,13 @@ def test_default_state_persistent_picks_float16_where_line_aligned(hidden, batch
 def test_default_state_step_kernel_stays_float32():
     from jaxpp.kernels.sparse_rnn import _api
 
-    weights, x, _, _, _ = _problem("tanh", 256, 4, 2, 0.5, seed=2, num_blocks=8)
+    weights, x, _, _, _ = problem("tanh", 256, 4, 2, 0.5, seed=2, num_blocks=8)
     cfg = _api._config(weights, "tanh", x.shape, "step", 16, 1, 0, 1 << 20)
     assert (cfg.state_dtype, cfg.unroll, cfg.batch) == ("float32", 1, 4)
 
 
 def test_explicit_unroll_and_float32_state_are_kept():
-    weights, x, _, _, _ = _problem("tanh", 256, 4, 2, 0.5, seed=2, num_blocks=8)
+    weights, x, _, _, _ = problem("tanh", 256, 4, 2, 0.5, seed=2, num_blocks=8)
     cfg = _persistent_config(weights, x, state_dtype="float32", unroll=3)
     assert (cfg.state_dtype, cfg.unroll) == ("float32", 3)
     cfg = _persistent_config(weights, x, state_dtype="float16")
@@ -194,7 +176,7 @@ def test_padded_batch_for_line_alignment_matches_reference():
     # the same build through the one-step kernel checks the padded columns change nothing.
     from jaxpp.kernels.sparse_rnn import _api
 
-    weights, x, h0, c0, ct = _problem("lstm", 24, 1, 3, 0.5, seed=4, num_blocks=3)
+    weights, x, h0, c0, ct = problem("lstm", 24, 1, 3, 0.5, seed=4, num_blocks=3)
     cfg = _api._config(weights, "lstm", x.shape, "persistent", 16, 1, 0, 1 << 20)
     assert cfg.batch == 4 and cfg.state_dtype == "float32"
 
@@ -215,7 +197,7 @@ def test_padded_batch_for_line_alignment_matches_reference():
     (_, hs), grads = jax.value_and_grad(kernel_loss, argnums=(0, 1, 2, 3), has_aux=True)(*args)
     (_, hs_ref), refs = jax.value_and_grad(ref_loss, argnums=(0, 1, 2, 3), has_aux=True)(*args)
     assert hs.shape == (1, 3, 24)
-    assert _rel(hs, hs_ref) < 1e-5
+    assert rel(hs, hs_ref) < 1e-5
     for name, a, b in zip(("dx", "dh0", "dc0"), grads, refs, strict=False):
-        assert _rel(a, b) < 1e-5, name
-    assert _rel(grads[3], refs[3]) < 3e-2  # the kernel reads bf16-rounded values
+        assert rel(a, b) < 1e-5, name
+    assert rel(grads[3], refs[3]) < 3e-2  # the kernel reads bf16-rounded values
