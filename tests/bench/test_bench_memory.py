@@ -152,17 +152,25 @@ def test_run_config_xla_estimate_over_the_limit_raises_before_running():
         _run.run_config(config, problem, reference=1.0, attention="xla", memory_limit=1)
 
 
-def test_the_docstring_plan_names_configurations_predicted_to_fit():
+def test_the_docstring_plan_names_configurations_predicted_to_fit(monkeypatch):
     import re
 
     from jaxpp import _cli_bench
 
     doc = _cli_bench.__doc__
     found = re.findall(r"--model (\w+) --devices (\d+) --isolate.*?--configs\s+([^\s\\]+)", doc)
-    calls = re.findall(r"^    C=(\S+)$", doc, flags=re.MULTILINE)  # the 8B plan's driver calls
+    found = [(model, devices, names, "") for model, devices, names in found]
+    # the 8B plan's driver calls, with the compile-ahead setting a call names
+    calls = re.findall(
+        r"^    C=(\S+)\n    (?:JAXPP_PRECOMPILE=(\w+) )?BENCH_CONFIGS=", doc, flags=re.MULTILINE
+    )
     assert len(found) == 1 and len(calls) == 3
-    found += [("8b", "4", names) for names in calls]
-    for model, devices, names in found:
+    found += [("8b", "4", names, precompile) for names, precompile in calls]
+    for model, devices, names, precompile in found:
+        if precompile:
+            monkeypatch.setenv("JAXPP_PRECOMPILE", precompile)
+        else:
+            monkeypatch.delenv("JAXPP_PRECOMPILE", raising=False)
         kind = "h100" if devices == "1" else "h200"
         limit = _memory.usable_bytes(kind, fraction=0.9)
         preset = _configs.PRESETS[model]
