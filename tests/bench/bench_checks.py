@@ -55,6 +55,20 @@ def record_attention(monkeypatch) -> list:
     return seen
 
 
+def attention_shard_shape(preset: _configs.ModelPreset, config: _configs.BenchConfig) -> tuple:
+    """The q block one device's attention kernel sees.
+
+    [batch / data, seq, heads / model, head_dim].
+    """
+    microbatch = preset.global_batch // config.microbatches
+    return (
+        microbatch // config.data,
+        preset.seq_len,
+        preset.num_heads // config.model,
+        preset.d_model // preset.num_heads,
+    )
+
+
 def compiled_collectives(name: str, problem: _run.Problem, accumulate: str = "scan"):
     """The collectives of configuration `name`'s whole train step, compiled for its devices."""
     config = _configs.parse_config(name)

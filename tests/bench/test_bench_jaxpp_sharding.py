@@ -7,7 +7,12 @@ import dataclasses
 import jax
 import numpy as np
 import pytest
-from bench_checks import assert_step_matches, record_attention, single_device_step
+from bench_checks import (
+    assert_step_matches,
+    attention_shard_shape,
+    record_attention,
+    single_device_step,
+)
 
 from jaxpp._bench import _configs, _run
 
@@ -28,13 +33,6 @@ def test_jaxpp_in_stage_layout_step_matches_single_device_jit(name, monkeypatch)
     seen = record_attention(monkeypatch)
     new_state, loss = step(state, batch)
     shapes = [q for q, _, _ in seen]
-    # The kernel sees each device's shard: [batch / data, seq, heads / model, head_dim].
-    microbatch = PRESET.global_batch // config.microbatches
-    per_device = (
-        microbatch // config.data,
-        PRESET.seq_len,
-        PRESET.num_heads // config.model,
-        PRESET.d_model // PRESET.num_heads,
-    )
+    per_device = attention_shard_shape(PRESET, config)  # this device's shard
     assert shapes and set(shapes) == {per_device}, shapes
     assert_step_matches(new_state, loss, ref_state, ref_loss, params_in)

@@ -17,7 +17,12 @@ import math
 import jax
 import numpy as np
 import pytest
-from bench_checks import assert_step_matches, record_attention, single_device_step
+from bench_checks import (
+    assert_step_matches,
+    attention_shard_shape,
+    record_attention,
+    single_device_step,
+)
 
 from jaxpp._bench import _configs, _hlo, _run
 from jaxpp.runtime import _local
@@ -93,14 +98,7 @@ def _reference(num_microbatches: int):
 def test_stage_layout_attention_per_shard_and_step_matches_reference(name):
     config = _configs.parse_config(name)
     got = _step(name)
-    # The kernel sees each device's shard: [batch / data, seq, heads / model, head_dim].
-    microbatch = PRESET.global_batch // config.microbatches
-    per_device = (
-        microbatch // config.data,
-        PRESET.seq_len,
-        PRESET.num_heads // config.model,
-        PRESET.d_model // PRESET.num_heads,
-    )
+    per_device = attention_shard_shape(PRESET, config)  # this device's shard
     assert got.attention and set(got.attention) == {per_device}, got.attention
     (ref_state, ref_loss), gate = _reference(config.microbatches)
     # The bench's gate (float32: 1e-4), then the whole step against jax.jit on one device.
