@@ -255,6 +255,21 @@ def _measure(log, results, tag, fn_maker, make, reference=None, rtol=5e-2, **met
     return row
 
 
+def _implementation(w, cell, batch, kw):
+    """The kernel a variant runs: its own `implementation`, or what "auto" picks here."""
+    from jaxpp.kernels.sparse_rnn import _api
+
+    chosen = kw.get("implementation", "auto")
+    if chosen != "auto":
+        return chosen
+    if jax.default_backend() != "gpu":
+        return "reference"
+    cfg = _api._config(w, cell, (batch, STEPS, GATES[cell] * w.hidden_size), "mosaic", 16, 1, 0,
+                       1 << 20)  # fmt: skip
+    fits = _api._on_hopper() and _api._mosaic_fits(cfg, kw.get("slot_order", "packed"))
+    return "mosaic" if fits else "persistent"
+
+
 def _reference_fn(w, cell):
     dense = w.to_dense()
 
@@ -286,6 +301,7 @@ def _sparse_case(
             ref,
             2e-3,
             **meta,
+            implementation=_implementation(wv, cell, batch, kw),
         )
     dense = np.asarray(w.to_dense())
     if "dense" in baselines:
@@ -346,7 +362,9 @@ _V3 = dict(
     state_dtype="float32", unroll=1,
 )  # fmt: skip
 VARIANTS = {
-    "default": dict(implementation="persistent", bank_aware=False),
+    # `sparse_rnn`'s default ("auto"): on Hopper the Mosaic forward where it fits, else Triton.
+    "default": dict(bank_aware=False),
+    "triton_default": dict(implementation="persistent", bank_aware=False),
     "v3": _V3,  # float32 state (H100, 2026-11-22: 19.26 us/step forward at the headline size)
     "pf": _V3 | dict(prefetch=True),
     "f16": _V3 | dict(state_dtype="float16"),
@@ -384,6 +402,16 @@ VARIANTS = {
         backward_fold=True,
         backward_preload=True,
     ),
+    # H100, 2026-11-22 (session 7): the packed slot order beat the conflict-free one (8.04 vs
+    # 9.63 us/step forward), so the three backward levers are also measured behind it.
+    "mosaic_packed_bwd3": dict(
+        implementation="mosaic",
+        bank_aware=False,
+        slot_order="packed",
+        dm_dtype="float16",
+        backward_fold=True,
+        backward_preload=True,
+    ),
 }
 
 
@@ -417,15 +445,16 @@ def run_quick(log, results):
     return dict(QUICK_VARIANTS)[best] | {"name": best}
 
 
-def run_sweep(log, results, variant, budget_s):
+def run_sweep(log, results, variant, budget_s, cells=("lstm", "tanh")):
     """The bar's configurations first, then the rest of the grid while the budget lasts."""
     start = time.time()
     name = variant.pop("name")
     variant = (name, variant)
     grid = [("lstm", 2304, 4, 0.3), ("lstm", 4096, 4, 0.1), ("tanh", 2304, 4, 0.3)]
+    grid = [case for case in grid if case[0] in cells]
     grid += [
         (cell, hidden, batch, density)
-        for cell in ("lstm", "tanh")
+        for cell in cells
         for batch in (4, 1, 16)
         for hidden in (2304, 4096, 1152)
         for density in (0.3, 0.1, 0.05)
@@ -466,18 +495,43 @@ def capacity_table():
     return out
 
 
+def mosaic_capacity_table(batch=4):
+    """The same for the Mosaic forward (weights and the float16 state in shared memory)."""
+    from jaxpp.kernels.sparse_rnn import _kernel, _mosaic
+
+    out = {}
+    for cell in ("lstm", "gru", "tanh"):
+        g = GATES[cell]
+        for density in (0.05, 0.1, 0.3):
+            best = None
+            for hidden in range(256, 16385, 128):
+                blocks = sr.default_num_blocks(hidden)
+                slots = 32 * math.ceil(round(density * hidden) / 32)
+                base = _kernel.KernelConfig(
+                    cell=cell, hidden=hidden, gates=g, blocks=blocks, units=hidden // blocks,
+                    slots=slots, transpose_slots=slots, batch=batch, steps=256, num_warps=16,
+                )  # fmt: skip
+                try:
+                    _mosaic.check(_mosaic.MosaicConfig(base))
+                    best = hidden
+                except ValueError:
+                    pass
+            out[f"{cell}@{density}"] = best
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--mode", default="check,quick")
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--budget-s", type=float, default=300.0)
-    parser.add_argument("--num-warps", type=int, default=16)
-    parser.add_argument("--resident-chunks", type=int, default=0)
     parser.add_argument("--variants", default=",".join(VARIANTS), help="for --mode variants")
     parser.add_argument("--baselines", default="", help="e.g. dense,cudnn (--mode variants)")
     parser.add_argument(
         "--check-variant", default=None, help="run --mode check with this named variant"
     )
+    parser.add_argument("--sweep-variant", default="default", help="the named variant swept")
+    parser.add_argument("--cells", default="lstm,tanh", help="cells of --mode sweep")
     args = parser.parse_args()
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -489,7 +543,12 @@ def main() -> None:
 
     env = tuning.environment()
     log(json.dumps(env))
-    payload = dict(steps=STEPS, samples=SAMPLES, capacity=capacity_table())
+    payload = dict(
+        steps=STEPS,
+        samples=SAMPLES,
+        capacity=capacity_table(),
+        mosaic_capacity_batch4=mosaic_capacity_table(),
+    )
     results: list[dict] = []
     modes = args.mode.split(",")
     name = "sparse_rnn_" + "_".join(modes) + ".json"
@@ -498,15 +557,13 @@ def main() -> None:
     if "check" in modes:
         payload["check"] = run_check(log, args.check_variant)
         log(f"check done in {time.time() - t0:.0f}s")
-    # Without `quick`, the sweep runs the fastest configuration measured so far (`sparse_rnn`'s
-    # default: 16 warps, column order, float16 state with unroll 2 where line-aligned);
-    # `--num-warps`/`--resident-chunks` override it.
-    name, kw = _variant(args.num_warps, 1, args.resident_chunks)
-    variant = kw | {"name": name + "_sorted_auto", "bank_aware": False}
+    # Without `quick`, the sweep runs `--sweep-variant` (default: `sparse_rnn`'s own default,
+    # "auto": the Mosaic forward on Hopper where it fits, else the Triton kernel).
+    variant = dict(VARIANTS[args.sweep_variant]) | {"name": args.sweep_variant}
     if "quick" in modes:
         variant = run_quick(log, results)
     if "sweep" in modes:
-        run_sweep(log, results, variant, args.budget_s)
+        run_sweep(log, results, variant, args.budget_s, tuple(args.cells.split(",")))
     if "variants" in modes:
         baselines = tuple(b for b in args.baselines.split(",") if b)
         run_variants(log, results, [v for v in args.variants.split(",") if v], baselines)

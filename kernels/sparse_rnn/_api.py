@@ -34,7 +34,7 @@ def sparse_rnn(
     state_dtype: str = "auto",
     prefetch: bool = False,
     unroll: int | None = None,
-    slot_order: str = "conflict_free",
+    slot_order: str = "packed",
     dm_dtype: str = "float32",
     backward_fold: bool = False,
     backward_preload: bool = False,
@@ -57,8 +57,9 @@ def sparse_rnn(
             "mosaic" (one Pallas Mosaic GPU launch, weights and a float16 `h` in shared
             memory; forward only in Mosaic, its backward is the persistent one; experimental,
             Hopper, see NOTES.md), "step" (one Pallas launch per step; interpret mode on
-            CPU), "reference" (dense masked `lax.scan`), or "auto" (persistent on GPU,
-            reference elsewhere).
+            CPU), "reference" (dense masked `lax.scan`), or "auto": on Hopper the Mosaic
+            forward where it fits (shared memory, padded batch <= 8; 2x the Triton forward's
+            speed measured on an H100), else persistent on GPU, reference elsewhere.
         num_warps: warps per block of the Triton kernels.
         num_stages: software-pipelining depth of the kernels' chunk loops.
         resident_chunks: chunks of 32 non-zeros per row held in registers across all steps
@@ -78,9 +79,10 @@ def sparse_rnn(
         unroll: chunks of 32 non-zeros per loop iteration of the kernels (more independent
             loads in flight); None (default): 2 with a 16-bit state, 1 with float32 (the
             measured best of each).
-        slot_order: implementation="mosaic" only: "conflict_free" (default; each row's slots
+        slot_order: the Mosaic forward only: "packed" (default; the packing's column order,
+            8.04 us/step on an H100 at the headline size) or "conflict_free" (each row's slots
             permuted so that a wavefront's lanes read distinct shared-memory bank groups where
-            the row allows it) or "packed" (the packing's order).
+            the row allows it; 9.63 us/step there).
         dm_dtype: the backward's gathered copy of the gate gradients `dm`: "float32" (default;
             no copy), "float16" (a copy scaled by one power of two per step, chosen from the
             previous step's largest magnitudes; a step that would still overflow makes the
@@ -116,7 +118,8 @@ def sparse_rnn(
         raise ValueError(
             f"implementation={implementation!r} is not one of {IMPLEMENTATIONS}. Fix: pick one."
         )
-    if implementation == "auto":
+    auto = implementation == "auto"
+    if auto:
         implementation = "persistent" if jax.default_backend() == "gpu" else "reference"
     if implementation in ("persistent", "mosaic") and jax.default_backend() != "gpu":
         raise ValueError(
@@ -129,22 +132,15 @@ def sparse_rnn(
     if implementation == "reference":
         hs = _reference.sparse_rnn_reference(x_proj, h0, weights.to_dense(), cell=cell, c0=c0)
         return hs.astype(x_proj.dtype)
-    cfg = _config(
-        weights,
-        cell,
-        x_proj.shape,
-        implementation,
-        num_warps,
-        num_stages,
-        resident_chunks,
-        max_spins,
-        state_dtype,
-        prefetch,
-        unroll,
-        dm_dtype,
-        backward_fold,
-        backward_preload,
-    )
+    config_args = (
+        num_warps, num_stages, resident_chunks, max_spins, state_dtype, prefetch, unroll,
+        dm_dtype, backward_fold, backward_preload,
+    )  # fmt: skip
+    if auto and implementation == "persistent" and _on_hopper():
+        mosaic_cfg = _config(weights, cell, x_proj.shape, "mosaic", *config_args)
+        if _mosaic_fits(mosaic_cfg, slot_order):
+            implementation = "mosaic"
+    cfg = _config(weights, cell, x_proj.shape, implementation, *config_args)
     if implementation == "mosaic":
         cfg = _mosaic.MosaicConfig(cfg, slot_order)
         _mosaic.check(cfg)
@@ -336,6 +332,29 @@ def _resolve_state(
 def _kernel_values(values: jax.Array) -> jax.Array:
     """The kernels store 16-bit values; float32 values are rounded to bfloat16."""
     return values if values.dtype in (jnp.bfloat16, jnp.float16) else values.astype(jnp.bfloat16)
+
+
+#: Device kinds (substrings) where "auto" picks the Mosaic GPU forward (sm_90a only).
+_HOPPER_KINDS = ("H100", "H200", "H800", "H20", "GH200")
+
+
+def _on_hopper() -> bool:
+    device = jax.devices()[0]
+    return device.platform == "gpu" and any(k in device.device_kind for k in _HOPPER_KINDS)
+
+
+def _mosaic_fits(cfg: _kernel.KernelConfig, slot_order: str) -> bool:
+    """Whether "auto" runs the Mosaic forward (on Hopper): when `_mosaic.check` accepts it.
+
+    Measured on an H100 (NOTES.md, session 7): 8.04 us/step forward at hidden 2304, batch 4,
+    density 30% against the Triton kernel's 16.2; where it does not fit (shared memory,
+    batch) the Triton kernel runs.
+    """
+    try:
+        _mosaic.check(_mosaic.MosaicConfig(cfg, slot_order))
+    except ValueError:
+        return False
+    return True
 
 
 def _multiprocessors() -> int | None:

@@ -205,3 +205,18 @@ def test_mosaic_shapes_it_cannot_hold_raise_with_fix():
         _mosaic.check(_mosaic.MosaicConfig(_kernel.KernelConfig(batch=4, num_warps=6, **small)))
     with pytest.raises(ValueError, match="slot_order='rows' is not one of"):
         _mosaic.MosaicConfig(_kernel.KernelConfig(batch=4, **small), "rows")
+
+
+def test_auto_picks_mosaic_only_where_it_fits():
+    # "auto" on Hopper: the Mosaic forward for the headline case (LSTM 2304, batch 4, 30%, as
+    # packed by default with 128 blocks), the Triton kernel where shared memory or the batch
+    # rules Mosaic out (H=4096 at 10%; batch 16).
+    def fits(hidden, batch, density):
+        w = np.random.default_rng(hidden).normal(size=(hidden, 4 * hidden)).astype(np.float32)
+        weights = sr.SparseRecurrentWeights.prune(w, density, num_gates=4, bank_aware=False)
+        cfg = _api._config(weights, "lstm", (batch, 8, 4 * hidden), "mosaic", 16, 1, 0, 1 << 20)
+        return _api._mosaic_fits(cfg, "packed")
+
+    assert fits(2304, 4, 0.3)
+    assert not fits(4096, 4, 0.1)
+    assert not fits(2304, 16, 0.3)
