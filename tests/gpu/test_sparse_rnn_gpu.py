@@ -206,22 +206,31 @@ def test_persistent_spin_bound_exceeded_poisons_output_with_nan():
 # The Mosaic GPU forward (implementation="mosaic"; kernels/sparse_rnn/NOTES.md): weights and a
 # float16 h in shared memory; its backward is the Triton persistent one. First compiled here
 # (the raw IR only lowers on a CPU), so the LSTM headline case comes first.
+# The three backward levers (float16 dm copy, folded row group, inputs loaded before the wait)
+# behind the Mosaic forward: its backward runs the Triton kernel with the float32-state config.
+_BWD3 = dict(dm_dtype="float16", backward_fold=True, backward_preload=True)
+
+
 @pytest.mark.parametrize(
-    "cell,hidden,batch,density,slot_order",
+    "cell,hidden,batch,density,slot_order,backward",
     [
-        ("lstm", 2304, 4, 0.3, "conflict_free"),
-        ("lstm", 2304, 4, 0.3, "packed"),
-        ("tanh", 4096, 1, 0.1, "conflict_free"),
-        ("gru", 512, 3, 0.2, "conflict_free"),
+        ("lstm", 2304, 4, 0.3, "conflict_free", {}),
+        ("lstm", 2304, 4, 0.3, "packed", {}),
+        ("tanh", 4096, 1, 0.1, "conflict_free", {}),
+        ("gru", 512, 3, 0.2, "conflict_free", {}),
+        ("lstm", 2304, 4, 0.3, "packed", _BWD3),
+        ("gru", 512, 3, 0.2, "packed", _BWD3),
+        ("tanh", 1152, 2, 0.1, "packed", _BWD3),
     ],
+    ids=lambda v: "bwd3" if v == _BWD3 else ("plain" if v == {} else None),
 )
-def test_mosaic_long_sequence_matches_reference(cell, hidden, batch, density, slot_order):
+def test_mosaic_long_sequence_matches_reference(cell, hidden, batch, density, slot_order, backward):
     weights, x, h0, c0, ct = _problem(cell, hidden, batch, density, 300, seed=hidden + batch)
 
     def loss(impl, x, h0, c0, values):
         opts = dict(implementation=impl)
         if impl == "mosaic":
-            opts["slot_order"] = slot_order
+            opts |= dict(slot_order=slot_order, **backward)
         hs = sr.sparse_rnn(x, h0, weights.with_values(values), cell=cell, c0=c0, **opts)
         return jnp.sum(hs * ct), hs
 
