@@ -67,25 +67,25 @@ subfolder if the whole is over 45 MiB). Between calls the lead copies
 
 Measured (4x H200, 8B; `benchmarks/results/pipeline_2026-11-22_s6/` holds every row so far):
 spmd/fsdp4/acc4/noremat@overlap 39,648 tokens/s (1.653 s), without @overlap 37,963;
-jaxpp/zb-h1/pp4/mb16/noremat 35,126 (0.886x), mb32 32,217, 1f1b mb32 30,872. Costs per
-configuration: SPMD init 15 s + compile 167-180 s + steps 20 s (the `-scan` form compiles
-~4x faster on CPU); jaxpp init 15 s + trace 8 s + precompile 75 s (4 threads) + steps and
-profile 35 s. The first-step host copy (74-110 s) is gone (0110f61, 459f64c). Ranks of
-several devices compile ahead only with `JAXPP_PRECOMPILE=all` (not timed on a GPU yet).
+jaxpp/zb-h1/pp4/mb16/noremat 35,126 (0.886x), mb32 32,217, 1f1b mb32 30,872. Measured (2x
+H200, 2B; `results/pipeline_2026-11-22_s7/call3_2xh200/` holds every row): spmd/fsdp2/acc2/
+noremat@overlap 85,107 (0.770 s); jaxpp/dualpipev/pp2/mb8/noremat 72,926 (0.857x), zbv mb8
+72,774, zb-h1 mb8 70,653, mb16 rows 66,651-67,673, zbv mb32 59,116; the scanned SPMD layouts
+(`-scan`) ran 1.31x slower than unrolled (fsdp2-scan 1.011 s, dp2-scan 1.279, tp2-scan 1.365):
+do not use them as baselines. Costs per configuration: SPMD init 8-15 s + compile 100 s (2B)
+/ 167-180 s (8B) unrolled + steps 10-20 s; jaxpp init 10-15 s + trace 5-8 s + precompile
+56-92 s + steps and profile 15-35 s. Ranks of several devices compile ahead only with
+`JAXPP_PRECOMPILE=all` (not timed on a GPU yet).
 
-The plan for the next session (three calls of <= 9.5 min on nvidia-h200-x4; predicted GiB
-per device in brackets, limit 126):
+The plan for the next session (calls of <= 9.5 min; predicted GiB per device in brackets,
+limit 126). On nvidia-h200-x4 (not lent in session 7), the 8B rows still missing:
 
     # every call starts with (the device tool carries no environment between calls):
     export BENCH_MODEL=8b BENCH_DEVICES=4 BENCH_LIMIT=540 BENCH_CONFIG_TIMEOUT=300
-    export BENCH_ARGS="--steps 10 --warmup 1 --reference-loss 11.2175 --ceilings 807.1,4287.4"
-    # before call A: cp benchmarks/results/pipeline_2026-11-22_s6/callB_4xh200/bench_8b_4xgpu.json
-    #   benchmarks/.bench_cache/results/   (so the table holds all rows)
-    # call A: the scanned FSDP baseline (one layer gathered per loop iteration; @overlap's
-    # pipelined collectives act on loops) [73.5, 103.5]
-    C=spmd/fsdp4-scan/acc4/noremat@overlap,spmd/fsdp4-scan/acc2/noremat@overlap
-    BENCH_CONFIGS=$C bash benchmarks/pipeline_gpu_run.sh bench
-    # after each call: cp $files_at/bench_cache.tgz.* $files_at/bench_8b_4xgpu.json into
+    export BENCH_ARGS="--steps 10 --warmup 1 --reference-loss 11.2175"
+    # before the first call: cp benchmarks/results/pipeline_2026-11-22_s6/callB_4xh200/
+    #   bench_8b_4xgpu.json benchmarks/.bench_cache/results/   (so the table holds all rows)
+    # after each call: cp $files_at/bench_cache.tgz.* and $files_at/bench_8b_4xgpu.json into
     # benchmarks/.bench_cache/ (the JSON into results/), carry=["benchmarks/.bench_cache"]
     # call B: the V-shaped schedules on 4 one-GPU ranks (half the fill of ZB-H1) [95.7, 101.6]
     C=jaxpp/zbv/pp4/mb16/noremat,jaxpp/dualpipev/pp4/mb16/noremat
@@ -94,17 +94,23 @@ per device in brackets, limit 126):
     # 0.955x), compiled ahead; BENCH_CONFIG_TIMEOUT=420 [112.6, 71.8]
     C=jaxpp/zbv/pp2-dp2/mb16/noremat,jaxpp/zb-h1/pp2-tp2/mb16/noremat
     JAXPP_PRECOMPILE=all BENCH_CONFIGS=$C bash benchmarks/pipeline_gpu_run.sh bench
+    # call D: Interleaved1F1B and the unrolled SPMD TP layouts
+    C=jaxpp/interleaved-1f1b/pp4/mb32/noremat,spmd/tp4/acc4/noremat@overlap
+    BENCH_CONFIGS=$C bash benchmarks/pipeline_gpu_run.sh bench
 
-Then SPMD tp4 and fsdp2-tp2 (acc4) and interleaved-1f1b/pp4/mb32, and the ~2B race on
-nvidia-h200-x2 (BENCH_MODEL=2b BENCH_DEVICES=2): spmd/fsdp2-scan/acc2/noremat@overlap,
-spmd/dp2/acc2/noremat, jaxpp/zbv/pp2/mb16/noremat, jaxpp/zb-h1/pp2/mb16/noremat. In every
+On nvidia-h200-x2 (2B; BENCH_MODEL=2b BENCH_DEVICES=2, --reference-loss 10.90778), the rows
+still missing: the unrolled DP and TP baselines and the rest of the jaxpp schedules (one call,
+~500 s): spmd/dp2/acc2/noremat@overlap, spmd/tp2/acc2/noremat@overlap,
+jaxpp/interleaved-1f1b/pp2/mb8/noremat, jaxpp/1f1b/pp2/mb8/noremat; then bigger microbatches
+(mb32 -> mb16 -> mb8 gained 12% and 8%): jaxpp/zbv/pp2/mb4/noremat [99.1; the 2B estimates
+ran 8-13 GiB under the measured peaks, so ~112], jaxpp/zbv/pp2/mb4/remat [34.4]. In every
 call read each row's `precompile_misses` (0 expected), measured peak against the estimate,
 and each SPMD row's `collectives`. The same by hand, without the driver:
 
     source benchmarks/gpu_env.sh && cd /tmp && export XLA_PYTHON_CLIENT_MEM_FRACTION=0.9
     python3 -m jaxpp.cli bench pipeline --model 8b --devices 4 --isolate \
         --config-timeout 260 --out /tmp/jaxpp-bench-results/bench_8b_4xgpu.json \
-        --configs spmd/fsdp4-scan/acc4/noremat@overlap,jaxpp/zbv/pp4/mb16/noremat
+        --configs spmd/fsdp4/acc4/noremat@overlap,jaxpp/zbv/pp4/mb16/noremat
 
 With more device time, sweep by flags instead (`--only spmd|jaxpp`, `--schedules`,
 `--layouts`, `--microbatches`, `--accumulations`, `--remat on|off|off,on`).
