@@ -489,45 +489,48 @@ def run_sweep(log, results, variant, budget_s, cells=("lstm", "tanh")):
                          variants=[variant], baselines=("dense", "cudnn"))  # fmt: skip
 
 
-def capacity_table():
-    """The largest hidden size the kernel packs within its on-chip budget, per cell/density."""
+def _largest_hidden(holds):
+    """Per cell and density, the largest hidden size (multiples of 128) for which
+    `holds(cell, gates, hidden, blocks, slots)` is true; slots per row as the packing rounds
+    them (non-zeros per row up to a multiple of 32)."""
     out = {}
     for cell in ("lstm", "gru", "tanh"):
         g = GATES[cell]
         for density in (0.05, 0.1, 0.3):
             best = None
             for hidden in range(256, 16385, 128):
-                blocks = sr.default_num_blocks(hidden)
                 slots = 32 * math.ceil(round(density * hidden) / 32)
-                if g * (hidden // blocks) * slots <= sr.MAX_SLOTS_PER_BLOCK:
+                if holds(cell, g, hidden, sr.default_num_blocks(hidden), slots):
                     best = hidden
             out[f"{cell}@{density}"] = best
     return out
+
+
+def capacity_table():
+    """The largest hidden size the Triton kernel packs within its on-chip budget."""
+    return _largest_hidden(
+        lambda cell, g, hidden, blocks, slots: (
+            g * (hidden // blocks) * slots <= sr.MAX_SLOTS_PER_BLOCK
+        )
+    )
 
 
 def mosaic_capacity_table(batch=4):
     """The same for the Mosaic forward (weights and the float16 state in shared memory)."""
     from jaxpp.kernels.sparse_rnn import _kernel, _mosaic
 
-    out = {}
-    for cell in ("lstm", "gru", "tanh"):
-        g = GATES[cell]
-        for density in (0.05, 0.1, 0.3):
-            best = None
-            for hidden in range(256, 16385, 128):
-                blocks = sr.default_num_blocks(hidden)
-                slots = 32 * math.ceil(round(density * hidden) / 32)
-                base = _kernel.KernelConfig(
-                    cell=cell, hidden=hidden, gates=g, blocks=blocks, units=hidden // blocks,
-                    slots=slots, transpose_slots=slots, batch=batch, steps=256, num_warps=16,
-                )  # fmt: skip
-                try:
-                    _mosaic.check(_mosaic.MosaicConfig(base))
-                    best = hidden
-                except ValueError:
-                    pass
-            out[f"{cell}@{density}"] = best
-    return out
+    def holds(cell, g, hidden, blocks, slots):
+        base = _kernel.KernelConfig(
+            cell=cell, hidden=hidden, gates=g, blocks=blocks, units=hidden // blocks,
+            slots=slots, transpose_slots=slots, batch=batch, steps=256, num_warps=16,
+        )  # fmt: skip
+        try:
+            _mosaic.check(_mosaic.MosaicConfig(base))
+        except ValueError:
+            return False
+        return True
+
+    return _largest_hidden(holds)
 
 
 def main() -> None:
