@@ -304,6 +304,9 @@ class MeasuredCosts:
     weight-gradient part of `backward_s` (zero-bubble schedules split it off).
     `optimizer_s_per_param_byte` (optional, default 0) is the measured time of the step's
     work outside the microbatch loop (the optimizer update) per parameter byte a GPU holds.
+    `head_forward_s` / `head_backward_s` (optional, default 0) are the LM head's and loss's
+    time per microbatch on one GPU beyond the layers: a pipeline runs them on its last
+    stage only, SPMD layouts spread them over the devices like the layers.
 
     Example:
         >>> m = example_costs()
@@ -325,6 +328,8 @@ class MeasuredCosts:
     embedding_param_bytes: float = 0.0
     state_bytes_per_param_byte: float = 8.0
     optimizer_s_per_param_byte: float = 0.0
+    head_forward_s: float = 0.0
+    head_backward_s: float = 0.0
     collectives: tuple[Collective, ...] = ()
     measured: bool = True
     note: str = ""
@@ -371,6 +376,7 @@ def costs_from_dict(data: Mapping[str, Any]) -> MeasuredCosts:
          "boundary_activation_bytes": .., "embedding_param_bytes": 0 (optional),
          "memory": {"gpu_bytes": .., "state_bytes_per_param_byte": 8 (optional)},
          "optimizer_s_per_param_byte": 0 (optional),
+         "head": {"forward_s": .., "backward_s": ..} (optional, default 0),
          "collectives": [{"op": "all_reduce", "bytes": .., "gpus": 2, "seconds": ..}]}
 
     `state_bytes_per_param_byte` is everything a GPU keeps per parameter byte when it
@@ -429,6 +435,8 @@ def costs_from_dict(data: Mapping[str, Any]) -> MeasuredCosts:
         gpu_bytes=memory["gpu_bytes"],
         state_bytes_per_param_byte=memory.get("state_bytes_per_param_byte", 8.0),
         optimizer_s_per_param_byte=data.get("optimizer_s_per_param_byte", 0.0),
+        head_forward_s=data.get("head", {}).get("forward_s", 0.0),
+        head_backward_s=data.get("head", {}).get("backward_s", 0.0),
         collectives=tuple(collectives),
         measured=bool(data.get("measured", True)),
         note=str(data.get("note", "")),

@@ -33,7 +33,12 @@ ASSUMPTIONS = (
     "kernel under plain jax.jit without shard_map or custom_partitioning is not sharded: "
     "XLA gathers its inputs and runs it on the whole batch on every GPU; the measured 8B "
     "spmd/fsdp4/acc4 row of 2026-11-21 does, so the model under-predicts it)",
-    "PP: layers split evenly over stages; a stage-boundary send costs latency + "
+    "the LM head and loss (measured head_forward_s/head_backward_s, else 0) run on the "
+    "last PP stage; SPMD layouts spread them over the batch and TP (vocab-parallel) like "
+    "the layers",
+    "PP: layers split over stages to balance the ranks' work, the head counted on the last "
+    "stage's rank (whole layers; jaxpp.flax layouts allow such splits; validation against "
+    "measured runs uses the even split they ran); a stage-boundary send costs latency + "
     "(boundary bytes / tp) / bandwidth of the two ranks' link; DP all-reduce of each "
     "pipeline rank's params after the last backward",
     "a schedule that splits backward without a measured weight_grad_s takes W = B / 2",
@@ -169,6 +174,7 @@ def predict(
     cluster: _cluster.Cluster,
     *,
     overlap: float = 0.0,
+    even_layers: bool = False,
     _bound_only: bool = False,
 ) -> Prediction:
     """Predicts one step of `layout` on `cluster` from measured per-layer costs.
@@ -178,6 +184,8 @@ def predict(
         costs: the measured inputs.
         cluster: the machine; `layout.num_gpus` must fit in it.
         overlap: fraction of data-parallel communication that may hide behind compute.
+        even_layers: for pp > 1, split the layers evenly over the stages (as the measured
+            runs did) instead of balancing the ranks' work with the head on the last stage.
 
     Raises:
         ValueError: the layout needs more GPUs than the cluster has, tp exceeds a node, the
@@ -206,6 +214,8 @@ def predict(
             weight_grad_s=weight,
             activation_bytes=costs.activation_bytes * grow,
             boundary_activation_bytes=costs.boundary_activation_bytes * grow,
+            head_forward_s=costs.head_forward_s * grow,
+            head_backward_s=costs.head_backward_s * grow,
         )
     scales = _cluster.collective_scales(costs, cluster)
     tp, dp = layout.tp, layout.dp
@@ -220,7 +230,8 @@ def predict(
     tp_pass = 2 * collective(_cluster.all_reduce_time, costs.boundary_activation_bytes, tp_group)
     forward = costs.forward_s / tp + tp_pass
     backward = costs.backward_s / tp + tp_pass
-    compute = m * costs.num_layers * (costs.forward_s + costs.backward_s) / tp
+    head = (costs.head_forward_s + costs.head_backward_s) / tp
+    compute = m * (costs.num_layers * (costs.forward_s + costs.backward_s) / tp + head)
     mult = costs.state_bytes_per_param_byte
     if layout.pp > 1:
         return _predict_pipeline(
@@ -234,9 +245,10 @@ def predict(
             collective,
             dp_group,
             overlap,
+            even_layers,
             _bound_only,
         )
-    per_mb = costs.num_layers * (forward + backward)
+    per_mb = costs.num_layers * (forward + backward) + head
     params = costs.total_param_bytes / tp
     activations = costs.num_layers * costs.activation_bytes / tp
     if layout.fsdp:
@@ -255,20 +267,38 @@ def predict(
 
 
 def _predict_pipeline(
-    layout, costs, cluster, m, forward, backward, compute, collective, dp_group, overlap, bound_only
+    layout,
+    costs,
+    cluster,
+    m,
+    forward,
+    backward,
+    compute,
+    collective,
+    dp_group,
+    overlap,
+    even_layers,
+    bound_only,
 ) -> Prediction:
     tp = layout.tp
     schedule = _build(layout.schedule, layout.pp, m)
     stages = schedule.num_stages
-    layers = [costs.num_layers // stages + (s < costs.num_layers % stages) for s in range(stages)]
+    head_f, head_b = costs.head_forward_s / tp, costs.head_backward_s / tp
+    head_layers = (head_f + head_b) / (forward + backward) if forward + backward else 0.0
+    if even_layers:
+        layers = split_layers(costs.num_layers, schedule.placement, 0.0)
+    else:
+        layers = split_layers(costs.num_layers, schedule.placement, head_layers)
     weight = costs.weight_grad_s / tp if costs.weight_grad_s is not None else None
     weight = backward / 2 if weight is None else weight
+    last = stages - 1
     per_stage = {
         s: {
-            K.FORWARD: n * forward,
-            K.BACKWARD: n * backward,
-            K.INPUT_GRAD: n * (backward - weight),
-            K.WEIGHT_GRAD: n * weight,
+            K.FORWARD: n * forward + (head_f if s == last else 0.0),
+            K.BACKWARD: n * backward + (head_b if s == last else 0.0),
+            # The head's backward splits into input and weight gradients as a layer's does.
+            K.INPUT_GRAD: (n + (head_b / backward if s == last else 0.0)) * (backward - weight),
+            K.WEIGHT_GRAD: (n + (head_b / backward if s == last else 0.0)) * weight,
         }
         for s, n in enumerate(layers)
     }
@@ -283,6 +313,7 @@ def _predict_pipeline(
         makespan, bubble, peaks = 0.0, 0.0, _peaks(schedule, sim_costs)
         for rank in range(layout.pp):
             work = sum(n for s, n in enumerate(layers) if schedule.placement[s] == rank)
+            work += head_layers if schedule.placement[last] == rank else 0.0
             makespan = max(makespan, m * work * (forward + backward))
     else:
         makespan, bubble, peaks = _pipeline(schedule, sim_costs, transfer)
@@ -354,6 +385,45 @@ def _check_layout(layout: Layout, costs: _cluster.MeasuredCosts, cluster: _clust
                 f"layout {layout.describe()} has {stages} stages but the model has "
                 f"{costs.num_layers} layers. Fix: fewer pipeline ranks."
             )
+
+
+def split_layers(
+    num_layers: int, placement: Sequence[int], head_layers: float = 0.0
+) -> tuple[int, ...]:
+    """Whole layers per stage: the even split, then layers moved off the last stage while
+    that lowers the busiest rank's work (`head_layers`: the head's cost in layers, on the
+    last stage's rank). Every stage keeps at least one layer.
+
+    Example:
+        >>> split_layers(40, (0, 1, 2, 3)), split_layers(40, (0, 1, 2, 3), 1.4)
+        ((10, 10, 10, 10), (11, 10, 10, 9))
+    """
+    stages = len(placement)
+    layers = [num_layers // stages + (s < num_layers % stages) for s in range(stages)]
+    ranks = max(placement) + 1
+    last = stages - 1
+
+    def loads(split):
+        work = [0.0] * ranks
+        for s, n in enumerate(split):
+            work[placement[s]] += n
+        work[placement[last]] += head_layers
+        return work
+
+    while layers[last] > 1:
+        work = loads(layers)
+        lightest = min(range(ranks), key=work.__getitem__)
+        targets = [s for s in range(last) if placement[s] == lightest]
+        if not targets:
+            break
+        target = min(targets, key=layers.__getitem__)
+        moved = list(layers)
+        moved[last] -= 1
+        moved[target] += 1
+        if max(loads(moved)) >= max(work):
+            break
+        layers = moved
+    return tuple(layers)
 
 
 def _stages_per_rank(name: str) -> int:

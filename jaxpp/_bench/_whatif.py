@@ -66,8 +66,9 @@ class Validation:
 def cluster_costs(results: Mapping[str, Any], name: str) -> dict[str, Any]:
     """The `jaxpp-cluster-costs/1` dict measured by jaxpp row `name` of `results`.
 
-    Per-layer times are the mean over stages of each stage's measured task time divided
-    by its layers (times TP inside a stage, to give one GPU's time); the optimizer time
+    Per-layer times are the mean over the stages before the last of each stage's measured
+    task time divided by its layers (times TP inside a stage, to give one GPU's time); the
+    LM head's (`head`) is what the last stage takes beyond its layers; the optimizer time
     is `outside_loop_seconds` per parameter byte of the fullest rank. (The rows in
     `benchmarks/results/` up to `pipeline_2026-11-22_s6` hold the sum over all ranks there,
     not the longest rank's: their optimizer term is about `ranks` times too large.)
@@ -81,7 +82,7 @@ def cluster_costs(results: Mapping[str, Any], name: str) -> dict[str, Any]:
         >>> results = json.loads(pathlib.Path(path).read_text())
         >>> costs = cluster_costs(results, "jaxpp/1f1b/pp2/mb16/noremat")
         >>> costs["num_layers"], costs["microbatch_size"], round(costs["layer"]["forward_s"], 5)
-        (24, 2, 0.00162)
+        (24, 2, 0.00161)
     """
     row = _row(results, name)
     config = _configs.parse_config(name)
@@ -93,13 +94,23 @@ def cluster_costs(results: Mapping[str, Any], name: str) -> dict[str, Any]:
             f"row {name!r} has measured costs for {len(per_stage)} stages, expected {stages}."
         )
     layers = preset.num_layers / stages
-    forward = _mean(per_stage, ("F",)) / layers * config.model
+    # Per-layer times from the stages without the LM head (all but the last); the head's
+    # time is what the last stage takes beyond its layers.
+    last = str(stages - 1)
+    body = {s: kinds for s, kinds in per_stage.items() if s != last} or per_stage
+    forward = _mean(body, ("F",)) / layers * config.model
     # A zero-bubble first stage has no input gradient to compute: its W is its whole
     # backward. So the backward is B, or I + W, or that W alone; the weight-gradient time
     # comes from the stages that split their backward into I and W.
-    backward = _mean(per_stage, ("B",), ("I", "W"), ("W",)) / layers * config.model
-    split = {s: kinds for s, kinds in per_stage.items() if "I" in kinds and "W" in kinds}
+    backward_kinds = (("B",), ("I", "W"), ("W",))
+    backward = _mean(body, *backward_kinds) / layers * config.model
+    split = {s: kinds for s, kinds in body.items() if "I" in kinds and "W" in kinds}
     weight = _mean(split, ("W",)) / layers * config.model if split else None
+    tail = {last: per_stage[last]}
+    head = {
+        "forward_s": max(0.0, _mean(tail, ("F",)) * config.model - forward * layers),
+        "backward_s": max(0.0, _mean(tail, *backward_kinds) * config.model - backward * layers),
+    }
     microbatch = preset.global_batch // config.microbatches // config.data
     tokens = microbatch * preset.seq_len
     layer_bytes = COMPUTE_BYTES * _memory.layer_params(preset)
@@ -136,6 +147,7 @@ def cluster_costs(results: Mapping[str, Any], name: str) -> dict[str, Any]:
             "state_bytes_per_param_byte": STATE_BYTES_PER_PARAM_BYTE,
         },
         "optimizer_s_per_param_byte": float(row.get("outside_loop_seconds") or 0.0) / held,
+        "head": head,
     }
 
 
@@ -161,7 +173,7 @@ def validate(results: Mapping[str, Any], name: str, *, overlap: float = 0.0) -> 
     layout = schedules.Layout(
         tp=config.model, pp=config.ranks, dp=config.data, schedule=config.schedule
     )
-    prediction = schedules.predict(layout, costs, cluster, overlap=overlap)
+    prediction = schedules.predict(layout, costs, cluster, overlap=overlap, even_layers=True)
     return Validation(name, float(_row(results, name)["step_s"]), prediction.step_s, prediction)
 
 
@@ -256,7 +268,7 @@ def format_validations(checks: Sequence[Validation]) -> str:
         >>> results = json.loads(pathlib.Path(path).read_text())
         >>> checks = validate_all(results, costs_from="jaxpp/zb-h1/pp4/mb32/noremat")
         >>> print(format_validations(checks).splitlines()[3])
-        jaxpp/zb-h1/pp4/mb32/noremat    2.034 s     2.148 s   +5.6%
+        jaxpp/zb-h1/pp4/mb32/noremat    2.034 s     2.232 s   +9.7%
     """
     width = max([len(c.name) for c in checks] + [len("configuration")])
     lines = [f"{'configuration':<{width}}  {'measured':>9}  {'predicted':>10}  {'error':>6}"]

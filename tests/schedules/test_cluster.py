@@ -407,3 +407,37 @@ def test_predict_adds_optimizer_time_per_held_param_byte():
         assert extra == pytest.approx(held * rate, rel=1e-9), layout
     data = {**_cluster.example_costs_dict(), "optimizer_s_per_param_byte": rate}
     assert costs_from_dict(data).optimizer_s_per_param_byte == rate
+
+
+def test_split_layers_moves_layers_off_the_head_stage_only_while_it_helps():
+    from jaxpp.schedules._cluster_model import split_layers
+
+    assert split_layers(40, (0, 1, 2, 3)) == (10, 10, 10, 10)
+    assert split_layers(40, (0, 1, 2, 3), 0.6) == (10, 10, 10, 10)  # moving one would be worse
+    assert split_layers(40, (0, 1, 2, 3), 2.5) == (11, 11, 10, 8)
+    # V placement: the last stage shares rank 0 with the first; layers go to rank 1's stages.
+    assert split_layers(24, (0, 1, 1, 0), 3.0) == (6, 7, 6, 5)
+    assert split_layers(8, (0, 1), 20.0) == (7, 1)  # every stage keeps a layer
+
+
+def test_head_runs_on_the_last_pipeline_stage_and_is_spread_under_spmd():
+    from jaxpp.schedules import _cluster_model
+
+    base = _cluster.example_costs()
+    head = dataclasses.replace(base, head_forward_s=0.002, head_backward_s=0.004)
+    one = _cluster.Cluster(1, 2)
+    # SPMD (dp2): every microbatch pays the head once, on the replica that runs it.
+    dp = _cluster_model.Layout(dp=2)
+    m = base.global_batch // 2
+    step = {c: _cluster_model.predict(dp, c, one).step_s for c in (base, head)}
+    extra = step[head] - step[base]
+    assert extra == pytest.approx(m * 0.006)
+    # PP (1F1B over 2 ranks, 2 layers per stage): the last stage is busier by the head; the
+    # balanced split moves a layer off it, the even split (what a measured run used) does not.
+    pp = _cluster_model.Layout(pp=2, schedule="1f1b")
+    even = _cluster_model.predict(pp, head, one, even_layers=True)
+    balanced = _cluster_model.predict(pp, head, one)
+    plain = _cluster_model.predict(pp, base, one)
+    assert even.step_s > balanced.step_s > plain.step_s
+    microbatches = base.global_batch // base.microbatch_size
+    assert even.step_s - plain.step_s >= 0.9 * microbatches * 0.006  # the head, every microbatch
