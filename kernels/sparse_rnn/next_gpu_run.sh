@@ -44,9 +44,9 @@ sweep() {  # sweep LIMIT CELL: the grid for one cell (bar cases first), stops st
 }
 
 repo=$PWD
-JAX_PLATFORMS=cuda,cpu slot 150 gpu_tests_bwd3 bash -c "cd /tmp && python3 -m pytest -o addopts='' \
+JAX_PLATFORMS=cuda,cpu slot 140 gpu_tests_bwd3 bash -c "cd /tmp && python3 -m pytest -o addopts='' \
   -q -rA -p no:cacheprovider '$repo/tests/gpu/test_sparse_rnn_gpu.py' -k 'mosaic and bwd3'" \
   2>&1 | tail -n 20 | tee "$OUT/gpu_tests_bwd3.log"
-sweep 230 lstm
+sweep 260 lstm
 sweep 150 tanh
 echo "== done at ${SECONDS}s"
