@@ -59,7 +59,9 @@ def sparse_rnn(
             Hopper, see NOTES.md), "step" (one Pallas launch per step; interpret mode on
             CPU), "reference" (dense masked `lax.scan`), or "auto": on Hopper the Mosaic
             forward where it fits (shared memory, padded batch <= 8; 2x the Triton forward's
-            speed measured on an H100), else persistent on GPU, reference elsewhere.
+            speed measured on an H100) unless a Triton-forward option is set (`state_dtype`,
+            `prefetch`, `unroll`, `num_stages`, `resident_chunks`), else persistent on GPU,
+            reference elsewhere.
         num_warps: warps per block of the Triton kernels.
         num_stages: software-pipelining depth of the kernels' chunk loops.
         resident_chunks: chunks of 32 non-zeros per row held in registers across all steps
@@ -136,7 +138,10 @@ def sparse_rnn(
         num_warps, num_stages, resident_chunks, max_spins, state_dtype, prefetch, unroll,
         dm_dtype, backward_fold, backward_preload,
     )  # fmt: skip
-    if auto and implementation == "persistent" and _on_hopper():
+    triton_forward = _sets_triton_forward_option(
+        state_dtype, prefetch, unroll, num_stages, resident_chunks
+    )
+    if auto and implementation == "persistent" and not triton_forward and _on_hopper():
         mosaic_cfg = _config(weights, cell, x_proj.shape, "mosaic", *config_args)
         if _mosaic_fits(mosaic_cfg, slot_order):
             implementation = "mosaic"
@@ -341,6 +346,13 @@ _HOPPER_KINDS = ("H100", "H200", "H800", "H20", "GH200")
 def _on_hopper() -> bool:
     device = jax.devices()[0]
     return device.platform == "gpu" and any(k in device.device_kind for k in _HOPPER_KINDS)
+
+
+def _sets_triton_forward_option(state_dtype, prefetch, unroll, num_stages, resident_chunks):
+    """Whether the caller changed an option only the Triton forward has (then "auto" keeps it)."""
+    return (state_dtype, prefetch, unroll, num_stages, resident_chunks) != (
+        "auto", False, None, 1, 0,
+    )  # fmt: skip
 
 
 def _mosaic_fits(cfg: _kernel.KernelConfig, slot_order: str) -> bool:

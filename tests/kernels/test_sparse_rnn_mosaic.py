@@ -220,3 +220,10 @@ def test_auto_picks_mosaic_only_where_it_fits():
     assert fits(2304, 4, 0.3)
     assert not fits(4096, 4, 0.1)
     assert not fits(2304, 16, 0.3)
+    # A Triton-forward option set by the caller keeps the Triton forward under "auto".
+    defaults = dict(state_dtype="auto", prefetch=False, unroll=None, num_stages=1,
+                    resident_chunks=0)  # fmt: skip
+    assert not _api._sets_triton_forward_option(**defaults)
+    for name, value in [("state_dtype", "float32"), ("prefetch", True), ("unroll", 2),
+                        ("num_stages", 2), ("resident_chunks", 4)]:  # fmt: skip
+        assert _api._sets_triton_forward_option(**(defaults | {name: value})), name
