@@ -285,23 +285,21 @@ def _predict_pipeline(
     stages = schedule.num_stages
     head_f, head_b = costs.head_forward_s / tp, costs.head_backward_s / tp
     head_layers = (head_f + head_b) / (forward + backward) if forward + backward else 0.0
-    if even_layers:
-        layers = split_layers(costs.num_layers, schedule.placement, 0.0)
-    else:
-        layers = split_layers(costs.num_layers, schedule.placement, head_layers)
+    layers = split_layers(costs.num_layers, schedule.placement, 0.0 if even_layers else head_layers)
     weight = costs.weight_grad_s / tp if costs.weight_grad_s is not None else None
     weight = backward / 2 if weight is None else weight
     last = stages - 1
-    per_stage = {
-        s: {
-            K.FORWARD: n * forward + (head_f if s == last else 0.0),
-            K.BACKWARD: n * backward + (head_b if s == last else 0.0),
-            # The head's backward splits into input and weight gradients as a layer's does.
-            K.INPUT_GRAD: (n + (head_b / backward if s == last else 0.0)) * (backward - weight),
-            K.WEIGHT_GRAD: (n + (head_b / backward if s == last else 0.0)) * weight,
+    per_stage = {}
+    for s, n in enumerate(layers):
+        head = s == last
+        # The head's backward splits into input and weight gradients as a layer's does.
+        backwards = n + (head_b / backward if head else 0.0)
+        per_stage[s] = {
+            K.FORWARD: n * forward + (head_f if head else 0.0),
+            K.BACKWARD: n * backward + (head_b if head else 0.0),
+            K.INPUT_GRAD: backwards * (backward - weight),
+            K.WEIGHT_GRAD: backwards * weight,
         }
-        for s, n in enumerate(layers)
-    }
     sim_costs = _simulate.Costs(per_stage=per_stage)
     hop = costs.boundary_activation_bytes / tp
     rank_gpu = [layout.gpu(0, r, 0) for r in range(layout.pp)]

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from sparse_rnn_problems import GATES, problem, rel
+from sparse_rnn_problems import GATES, export_backward, export_cuda, problem, rel
 
 from jaxpp.kernels import sparse_rnn as sr
 from jaxpp.kernels.sparse_rnn import _kernel
@@ -172,17 +172,6 @@ def test_dm_dtype_with_slabs_not_line_aligned_raises(monkeypatch):
         )  # fmt: skip
 
 
-def _export_cuda(fn, *args):
-    dev = jax.sharding.AbstractDevice(
-        device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu"
-    )
-    mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=dev)
-    checks = [jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
-    with jax.sharding.use_abstract_mesh(mesh):
-        exported = jax.export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=checks)(*args)
-    return exported.mlir_module()
-
-
 @pytest.mark.parametrize(
     "cell,dm_dtype,unroll,fold",
     [
@@ -206,16 +195,7 @@ def test_persistent_backward_options_lower_for_cuda(cell, dm_dtype, unroll, fold
         dm_dtype=dm_dtype, backward_fold=bool(fold), backward_preload=fold == "preload",
     )  # fmt: skip
     assert len(cfg.folded_groups) == bool(fold)
-    f32, spec = jnp.float32, jax.ShapeDtypeStruct
-    gh = gates * hidden
-    state = spec(((steps + 1) * hidden, batch), f32)
-    twords = spec((blocks * 4 * units, _kernel.CHUNK), jnp.int32)
-    text = _export_cuda(
-        lambda g, x, m, h, c, tw: _kernel.backward_persistent(cfg, g, x, m, h, c, tw),
-        spec((steps * hidden, batch), f32), spec((steps * gh, batch), f32),
-        spec((steps * gh, batch), f32), state, state, twords,
-    )  # fmt: skip
-    assert "sparse_rnn_backward_persistent" in text
+    assert "sparse_rnn_backward_persistent" in export_backward(cfg)
 
 
 @pytest.mark.parametrize("implementation", ["persistent", "mosaic"])
@@ -240,7 +220,7 @@ def test_api_gradient_with_backward_options_lowers_for_cuda(monkeypatch, impleme
         spec((4, 8, 4 * 288), jnp.float32), spec((4, 288), jnp.float32),
         spec((4, 288), jnp.float32), spec(weights.values.shape, weights.values.dtype),
     )  # fmt: skip
-    text = _export_cuda(jax.grad(loss, argnums=(0, 1, 2, 3)), *args)
+    text = export_cuda(jax.grad(loss, argnums=(0, 1, 2, 3)), *args)
     assert "sparse_rnn_backward_persistent" in text
     assert "stablehlo.case" in text  # the float32 fallback's branch
 

@@ -6,7 +6,7 @@ Triton's own compiler, so layout or register problems still show only on a GPU).
 import jax
 import jax.numpy as jnp
 import pytest
-from sparse_rnn_problems import GATES, problem, rel
+from sparse_rnn_problems import GATES, export_backward, export_cuda, problem, rel
 
 from jaxpp.kernels import sparse_rnn as sr
 from jaxpp.kernels.sparse_rnn import _kernel
@@ -70,20 +70,6 @@ def test_state_dtype_unknown_raises_with_choices():
         sr.sparse_rnn(x, h0, weights, cell="tanh", implementation="step", state_dtype="int8")
 
 
-def _abstract_h100_mesh():
-    dev = jax.sharding.AbstractDevice(
-        device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu"
-    )
-    return jax.sharding.AbstractMesh((1,), ("x",), abstract_device=dev)
-
-
-def _export_cuda(fn, *args):
-    checks = [jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
-    with jax.sharding.use_abstract_mesh(_abstract_h100_mesh()):
-        exported = jax.export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=checks)(*args)
-    return exported.mlir_module()
-
-
 @pytest.mark.parametrize(
     "cell,state_dtype,prefetch,resident,unroll",
     [("lstm", *v) for v in _VARIANTS] + [("gru", "float16", True, 0, 2)],
@@ -102,18 +88,12 @@ def test_persistent_variant_lowers_for_cuda(cell, state_dtype, prefetch, residen
     spec = jax.ShapeDtypeStruct
     state = spec(((steps + 1) * hidden, batch), f32)
     words = spec((blocks * gates * 3 * units, _kernel.CHUNK), jnp.int32)
-    fwd = _export_cuda(
+    fwd = export_cuda(
         lambda x, w, h, c: _kernel.forward_persistent(cfg, x, w, h, c),
         spec((steps * gh, batch), f32), words, state, state,
     )  # fmt: skip
     assert "sparse_rnn_forward_persistent" in fwd
-    twords = spec((blocks * 4 * units, _kernel.CHUNK), jnp.int32)
-    bwd = _export_cuda(
-        lambda g, x, m, h, c, tw: _kernel.backward_persistent(cfg, g, x, m, h, c, tw),
-        spec((steps * hidden, batch), f32), spec((steps * gh, batch), f32),
-        spec((steps * gh, batch), f32), state, state, twords,
-    )  # fmt: skip
-    assert "sparse_rnn_backward_persistent" in bwd
+    assert "sparse_rnn_backward_persistent" in export_backward(cfg)
 
 
 def test_state_dtype_with_slabs_not_line_aligned_raises_before_launch(monkeypatch):
