@@ -259,18 +259,8 @@ def _implementation(w, cell, batch, kw):
     """The kernel a variant runs: its own `implementation`, or what "auto" picks here."""
     from jaxpp.kernels.sparse_rnn import _api
 
-    chosen = kw.get("implementation", "auto")
-    if chosen != "auto":
-        return chosen
-    if jax.default_backend() != "gpu":
-        return "reference"
-    try:  # a matrix no kernel holds raises here; its row records the kernel's own error
-        cfg = _api._config(w, cell, (batch, STEPS, GATES[cell] * w.hidden_size), "mosaic", 16,
-                           1, 0, 1 << 20)  # fmt: skip
-    except ValueError:
-        return "persistent"
-    fits = _api._on_hopper() and _api._mosaic_fits(cfg, kw.get("slot_order", "packed"))
-    return "mosaic" if fits else "persistent"
+    shape = (batch, STEPS, GATES[cell] * w.hidden_size)
+    return _api.chosen_implementation(w, cell, shape, **kw)
 
 
 def _reference_fn(w, cell):

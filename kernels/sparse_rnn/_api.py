@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 
 import jax
 import jax.numpy as jnp
@@ -120,9 +121,12 @@ def sparse_rnn(
         raise ValueError(
             f"implementation={implementation!r} is not one of {IMPLEMENTATIONS}. Fix: pick one."
         )
-    auto = implementation == "auto"
-    if auto:
-        implementation = "persistent" if jax.default_backend() == "gpu" else "reference"
+    config_args = (
+        num_warps, num_stages, resident_chunks, max_spins, state_dtype, prefetch, unroll,
+        dm_dtype, backward_fold, backward_preload,
+    )  # fmt: skip
+    if implementation == "auto":
+        implementation = _auto_implementation(weights, cell, x_proj.shape, slot_order, config_args)
     if implementation in ("persistent", "mosaic") and jax.default_backend() != "gpu":
         raise ValueError(
             f"implementation={implementation!r} spins on GPU atomics and cannot run on the "
@@ -134,17 +138,6 @@ def sparse_rnn(
     if implementation == "reference":
         hs = _reference.sparse_rnn_reference(x_proj, h0, weights.to_dense(), cell=cell, c0=c0)
         return hs.astype(x_proj.dtype)
-    config_args = (
-        num_warps, num_stages, resident_chunks, max_spins, state_dtype, prefetch, unroll,
-        dm_dtype, backward_fold, backward_preload,
-    )  # fmt: skip
-    triton_forward = _sets_triton_forward_option(
-        state_dtype, prefetch, unroll, num_stages, resident_chunks
-    )
-    if auto and implementation == "persistent" and not triton_forward and _on_hopper():
-        mosaic_cfg = _config(weights, cell, x_proj.shape, "mosaic", *config_args)
-        if _mosaic_fits(mosaic_cfg, slot_order):
-            implementation = "mosaic"
     cfg = _config(weights, cell, x_proj.shape, implementation, *config_args)
     if implementation == "mosaic":
         cfg = _mosaic.MosaicConfig(cfg, slot_order)
@@ -341,6 +334,50 @@ def _kernel_values(values: jax.Array) -> jax.Array:
 
 #: Device kinds (substrings) where "auto" picks the Mosaic GPU forward (sm_90a only).
 _HOPPER_KINDS = ("H100", "H200", "H800", "H20", "GH200")
+
+
+def chosen_implementation(weights, cell: str, x_shape, **options) -> str:
+    """The implementation `sparse_rnn(x_proj, h0, weights, cell=cell, **options)` runs here for
+    an `x_proj` of shape `x_shape`: `options["implementation"]`, or what "auto" picks.
+
+    Example:
+        >>> from jaxpp.kernels.sparse_rnn import SparseRecurrentWeights
+        >>> w = SparseRecurrentWeights.prune(np.ones((8, 8)), 0.5, num_gates=1)
+        >>> chosen_implementation(w, "tanh", (2, 3, 8))  # on a CPU
+        'reference'
+    """
+    args = inspect.signature(sparse_rnn).bind_partial(**options)
+    args.apply_defaults()
+    a = args.arguments
+    if a["implementation"] != "auto":
+        return a["implementation"]
+    config_args = tuple(a[name] for name in _CONFIG_OPTIONS)
+    return _auto_implementation(weights, cell, x_shape, a["slot_order"], config_args)
+
+
+# `sparse_rnn`'s options `_config` takes, in its order.
+_CONFIG_OPTIONS = (
+    "num_warps", "num_stages", "resident_chunks", "max_spins", "state_dtype", "prefetch",
+    "unroll", "dm_dtype", "backward_fold", "backward_preload",
+)  # fmt: skip
+
+
+def _auto_implementation(weights, cell, x_shape, slot_order, config_args) -> str:
+    """ "auto": reference off the GPU; on Hopper the Mosaic forward where it fits and no
+    Triton-forward option is set; else the Triton kernel."""
+    if jax.default_backend() != "gpu":
+        return "reference"
+    o = dict(zip(_CONFIG_OPTIONS, config_args, strict=True))
+    triton_forward = _sets_triton_forward_option(
+        o["state_dtype"], o["prefetch"], o["unroll"], o["num_stages"], o["resident_chunks"]
+    )
+    if triton_forward or not _on_hopper():
+        return "persistent"
+    try:
+        mosaic_cfg = _config(weights, cell, x_shape, "mosaic", *config_args)
+    except ValueError:  # no kernel holds it: the persistent build raises the error next
+        return "persistent"
+    return "mosaic" if _mosaic_fits(mosaic_cfg, slot_order) else "persistent"
 
 
 def _on_hopper() -> bool:
