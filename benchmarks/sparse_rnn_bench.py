@@ -348,11 +348,15 @@ QUICK_VARIANTS = [
 
 # Named variants of the persistent kernel for `--mode variants` (kernels/sparse_rnn/NOTES.md
 # models each). All use column order (`bank_aware=False`), the fastest layout measured. `default`
-# is `sparse_rnn`'s default: `f16_u2` where the 16-bit slabs are line-aligned (every bar case),
-# else `v3`.
+# is `sparse_rnn`'s default: on Hopper `mosaic_packed_bwd3` where the Mosaic forward fits, else
+# `f16_u2_bwd3` where the 16-bit slabs are line-aligned (every bar case), else `v3` with the
+# backward levers.
+# The plain backward (no `dm` copy, no fold, no preload): `sparse_rnn`'s defaults before
+# session 8; the variants below name each backward lever they add.
+_PLAIN_BACKWARD = dict(dm_dtype="float32", backward_fold=False, backward_preload=False)
 _V3 = dict(
     implementation="persistent", num_warps=16, num_stages=1, bank_aware=False,
-    state_dtype="float32", unroll=1,
+    state_dtype="float32", unroll=1, **_PLAIN_BACKWARD,
 )  # fmt: skip
 VARIANTS = {
     # `sparse_rnn`'s default ("auto"): on Hopper the Mosaic forward where it fits, else Triton.
@@ -385,9 +389,13 @@ VARIANTS = {
     ),
     # The Mosaic GPU forward (weights + float16 h in shared memory; the Triton backward). It
     # cannot hold H=4096 d=10% (240 KiB > 227 KiB of shared memory): that row records the error.
-    "mosaic": dict(implementation="mosaic", bank_aware=False),  # conflict-free slot order
-    "mosaic_packed": dict(implementation="mosaic", bank_aware=False, slot_order="packed"),
-    "mosaic_nw32": dict(implementation="mosaic", bank_aware=False, num_warps=32),
+    "mosaic": dict(  # conflict-free slot order
+        implementation="mosaic", bank_aware=False, slot_order="conflict_free", **_PLAIN_BACKWARD
+    ),
+    "mosaic_packed": dict(
+        implementation="mosaic", bank_aware=False, slot_order="packed", **_PLAIN_BACKWARD
+    ),
+    "mosaic_nw32": dict(implementation="mosaic", bank_aware=False, num_warps=32, **_PLAIN_BACKWARD),
     "mosaic_bwd3": dict(
         implementation="mosaic",
         bank_aware=False,
@@ -438,8 +446,9 @@ def run_quick(log, results):
     return dict(QUICK_VARIANTS)[best] | {"name": best}
 
 
-def run_sweep(log, results, variant, budget_s, cells=("lstm", "tanh")):
-    """The bar's configurations first, then the rest of the grid while the budget lasts."""
+def run_sweep(log, results, variant, budget_s, cells=("lstm", "tanh"), batches=(4, 1, 16)):
+    """The bar's configurations first, then the rest of the grid (`batches` in that order)
+    while the budget lasts."""
     start = time.time()
     name = variant.pop("name")
     variant = (name, variant)
@@ -448,7 +457,7 @@ def run_sweep(log, results, variant, budget_s, cells=("lstm", "tanh")):
     grid += [
         (cell, hidden, batch, density)
         for cell in cells
-        for batch in (4, 1, 16)
+        for batch in batches
         for hidden in (2304, 4096, 1152)
         for density in (0.3, 0.1, 0.05)
     ]
@@ -535,6 +544,9 @@ def main() -> None:
     )
     parser.add_argument("--sweep-variant", default="default", help="the named variant swept")
     parser.add_argument("--cells", default="lstm,tanh", help="cells of --mode sweep")
+    parser.add_argument(
+        "--batches", default="4,1,16", help="batch sizes of --mode sweep, in the order swept"
+    )
     args = parser.parse_args()
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -566,7 +578,8 @@ def main() -> None:
     if "quick" in modes:
         variant = run_quick(log, results)
     if "sweep" in modes:
-        run_sweep(log, results, variant, args.budget_s, tuple(args.cells.split(",")))
+        batches = tuple(int(b) for b in args.batches.split(","))
+        run_sweep(log, results, variant, args.budget_s, tuple(args.cells.split(",")), batches)
     if "variants" in modes:
         baselines = tuple(b for b in args.baselines.split(",") if b)
         run_variants(log, results, [v for v in args.variants.split(",") if v], baselines)

@@ -1,16 +1,15 @@
 # The next H100 call of the sparse RNN (kernels/sparse_rnn/NOTES.md, "The next GPU run"): the
-# GPU tests of the Mosaic forward with the three backward levers (after they pass, the levers
-# can become the default: 24.57 against 29.41 us/step forward+backward at the headline size,
-# session 7), then the issue's whole sweep with the default ("auto": the Mosaic forward on
-# Hopper where it fits, else the Triton kernel; every forward row checked against the float32
-# reference) and its baselines in the same process, LSTM then tanh. Session 7 measured the bar
-# cases and most of tanh (results/sparse_rnn_2026-11-22_s7/); cases beyond the on-chip capacity
-# are now recorded without pruning (the LSTM H=4096 d=30% prune alone took minutes).
+# rest of the issue's sweep with `sparse_rnn`'s default (session 8 made the three backward
+# levers the default: dm_dtype="auto", backward_fold=True, backward_preload=True; their GPU
+# tests passed on an H100 in session 8). Each cell's process measures the bar cases first
+# (so the forward+backward with the new default is in the same run as its baselines), then
+# batch 16 and batch 1, the rows sessions 7 and 8 left out (results/sparse_rnn_2026-11-22_s8/
+# holds batch 4 and part of batch 1). First the GPU tests of the default path (11 tests).
 # One device call of at most 9.5 minutes. From the repository root, on the GPU machine:
 #     source benchmarks/gpu_env.sh && bash kernels/sparse_rnn/next_gpu_run.sh
 # Every step runs in its own process under `timeout`, capped by what is left of BUDGET_S, so a
 # step that hangs or compiles for minutes costs only its own slot. Results: $OUT/<name>/
-# (JSON + log per process) and $OUT/gpu_tests_bwd3.log.
+# (JSON + log per process) and $OUT/gpu_tests_default.log.
 BUDGET_S=${BUDGET_S:-560}
 OUT=${OUT:-/tmp/sparse_rnn_out}
 mkdir -p "$OUT"
@@ -29,24 +28,18 @@ slot() {  # slot SECONDS NAME COMMAND...: run COMMAND with min(SECONDS, time lef
   timeout "$limit" "$@" || echo "== $name: exit $?"
 }
 
-bench() {  # bench LIMIT NAME [extra flags]: the bar's three LSTM cases for one named variant
-  local limit=$1 name=$2
-  shift 2
-  slot "$limit" "$name" python3 benchmarks/sparse_rnn_bench.py --mode variants --variants "$name" \
-    --out "$OUT/$name" "$@"
-}
-
-sweep() {  # sweep LIMIT CELL: the grid for one cell (bar cases first), stops starting cases
-  # 25 s before its limit
+sweep() {  # sweep LIMIT CELL [flags]: the grid for one cell (bar cases first), stops starting
+  # cases 25 s before its limit
   local limit=$1 cell=$2
+  shift 2
   slot "$limit" "sweep_$cell" python3 benchmarks/sparse_rnn_bench.py --mode sweep --cells "$cell" \
-    --budget-s $((limit - 25)) --out "$OUT/sweep_$cell"
+    --budget-s $((limit - 25)) --out "$OUT/sweep_$cell" "$@"
 }
 
 repo=$PWD
-JAX_PLATFORMS=cuda,cpu slot 140 gpu_tests_bwd3 bash -c "cd /tmp && python3 -m pytest -o addopts='' \
-  -q -rA -p no:cacheprovider '$repo/tests/gpu/test_sparse_rnn_gpu.py' -k 'mosaic and bwd3'" \
-  2>&1 | tail -n 20 | tee "$OUT/gpu_tests_bwd3.log"
-sweep 260 lstm
-sweep 150 tanh
+JAX_PLATFORMS=cuda,cpu slot 130 gpu_tests_default bash -c "cd /tmp && python3 -m pytest -o addopts='' \
+  -q -rA -p no:cacheprovider '$repo/tests/gpu/test_sparse_rnn_gpu.py' -k 'long_sequence and not variant'" \
+  2>&1 | tail -n 20 | tee "$OUT/gpu_tests_default.log"
+sweep 280 lstm --batches 16,1
+sweep 150 tanh --batches 16,1
 echo "== done at ${SECONDS}s"

@@ -73,6 +73,9 @@ def test_persistent_long_sequence_matches_reference(cell, hidden, batch, density
 
 # Kernel variants (kernels/sparse_rnn/NOTES.md), each against the reference over 300 steps,
 # most promising first (a time-limited run gets through those).
+# The plain backward (no dm copy, fold or preload): `sparse_rnn`'s default backward before
+# session 8, which made the three levers the default. Every named variant starts from it.
+_PLAIN = dict(dm_dtype="float32", backward_fold=False, backward_preload=False)
 _VARIANTS = {
     "f32": dict(state_dtype="float32"),  # the float32-state fallback of the default (v3)
     "f16_pf": dict(state_dtype="float16", prefetch=True),
@@ -106,7 +109,7 @@ _VARIANTS = {
 @pytest.mark.parametrize("variant", list(_VARIANTS))
 def test_persistent_variant_long_sequence_matches_reference(variant, cell, hidden, batch, density):
     weights, x, h0, c0, ct = _problem(cell, hidden, batch, density, 300, seed=hidden + batch)
-    kw = _VARIANTS[variant]
+    kw = _PLAIN | _VARIANTS[variant]
 
     def loss(impl, x, h0, c0, values):
         opts = dict(implementation=impl, **(kw if impl == "persistent" else {}))
@@ -206,23 +209,22 @@ def test_persistent_spin_bound_exceeded_poisons_output_with_nan():
 # The Mosaic GPU forward (implementation="mosaic"; kernels/sparse_rnn/NOTES.md): weights and a
 # float16 h in shared memory; its backward is the Triton persistent one. First compiled here
 # (the raw IR only lowers on a CPU), so the LSTM headline case comes first.
-# The three backward levers (float16 dm copy, folded row group, inputs loaded before the wait)
-# behind the Mosaic forward: its backward runs the Triton kernel with the float32-state config.
-_BWD3 = dict(dm_dtype="float16", backward_fold=True, backward_preload=True)
+# `backward` is {} for `sparse_rnn`'s default backward or _PLAIN for the plain one; behind the
+# Mosaic forward the backward runs the Triton kernel with the float32-state config.
 
 
 @pytest.mark.parametrize(
     "cell,hidden,batch,density,slot_order,backward",
     [
-        ("lstm", 2304, 4, 0.3, "conflict_free", {}),
+        ("lstm", 2304, 4, 0.3, "conflict_free", _PLAIN),
+        ("lstm", 2304, 4, 0.3, "packed", _PLAIN),
+        ("tanh", 4096, 1, 0.1, "conflict_free", _PLAIN),
+        ("gru", 512, 3, 0.2, "conflict_free", _PLAIN),
         ("lstm", 2304, 4, 0.3, "packed", {}),
-        ("tanh", 4096, 1, 0.1, "conflict_free", {}),
-        ("gru", 512, 3, 0.2, "conflict_free", {}),
-        ("lstm", 2304, 4, 0.3, "packed", _BWD3),
-        ("gru", 512, 3, 0.2, "packed", _BWD3),
-        ("tanh", 1152, 2, 0.1, "packed", _BWD3),
+        ("gru", 512, 3, 0.2, "packed", {}),
+        ("tanh", 1152, 2, 0.1, "packed", {}),
     ],
-    ids=lambda v: "bwd3" if v == _BWD3 else ("plain" if v == {} else None),
+    ids=lambda v: "plain" if v == _PLAIN else ("default" if v == {} else None),
 )
 def test_mosaic_long_sequence_matches_reference(cell, hidden, batch, density, slot_order, backward):
     weights, x, h0, c0, ct = _problem(cell, hidden, batch, density, 300, seed=hidden + batch)
