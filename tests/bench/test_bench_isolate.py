@@ -105,6 +105,34 @@ def test_isolate_config_timeout_records_phase_and_goes_on(tmp_path, monkeypatch,
     assert "timeout: stopped by --config-timeout" in out.with_suffix(".md").read_text()
 
 
+_FINISHING_CHILD = textwrap.dedent(
+    """
+    import pathlib, sys, time
+    from jaxpp._bench import _report
+    name = sys.argv[1]
+    out = pathlib.Path(sys.argv[0]).with_name("bench.json")
+    print(f"[+0.1s] {name}: first step ...", flush=True)
+    print(f"[+0.2s] {name}: first step 0.1 s", flush=True)
+    row = {"name": name, "kind": "spmd", "status": "wrong", "error": "first-step loss 8.4"}
+    _report.add_row(out, row, preset="tiny")
+    print(f"[+0.3s] {name}: wrong in phase after first step: first-step loss 8.4", flush=True)
+    time.sleep(60)  # still finishing (tables, plot) when the timeout ends it
+    """
+)
+
+
+def test_isolate_timeout_after_the_verdict_keeps_the_childs_row(tmp_path, monkeypatch, capsys):
+    """A child ended by --config-timeout after it wrote its row (the 8B SPMD TP4 row of
+    session 8: its wrong-loss verdict came 2 s before the limit) keeps that row, not a
+    `timeout` row hiding the verdict."""
+    name = "spmd/dp2/acc1/noremat"
+    code, out = _run_fake_children(tmp_path, monkeypatch, _FINISHING_CHILD, name, "2")
+    assert code == 1
+    assert "ended after its verdict (wrong) while finishing" in capsys.readouterr().out
+    (row,) = _report.load_rows(out, preset="tiny")
+    assert row["status"] == "wrong" and row["error"] == "first-step loss 8.4"
+
+
 _HANGING_CHILD = textwrap.dedent(
     """
     import sys, time

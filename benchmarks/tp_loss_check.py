@@ -1,0 +1,152 @@
+"""Which part of an SPMD layout changes its first-step loss on a GPU: a bisect.
+
+Session 8 measured `spmd/tp4/acc4/noremat@overlap` on the 8B preset (4x H200) at a first-step
+loss of 8.41 against the single-device reference's 11.2175 (FSDP rows match it; the same
+layout on 8 virtual CPU devices matches the reference exactly). This script runs the
+layout's first train step with one thing changed at a time (the XLA flag preset, the
+attention kernel, the accumulation loop, the tensor-parallel width; FSDP as a control), each
+in its own process (XLA reads its flags once per process), on a shallower copy of the preset
+(`--layers`), and prints every loss against the one-device reference of the same model:
+
+    python benchmarks/tp_loss_check.py --model 8b --layers 2 --devices 4 --out /tmp/tp.json
+
+A variant is `CONFIG:ATTENTION` (`spmd/tp4/acc4/noremat@overlap:xla`); the default list is
+below. On a machine without a GPU it runs on virtual CPU devices (the GPU's XLA flags are
+then ignored): `--model tiny --layers 1 --devices 4`.
+"""
+
+import argparse
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+
+DEFAULT_VARIANTS = (
+    "spmd/tp4/acc4/noremat@overlap:auto",  # session 8's wrong row, shallower
+    "spmd/tp4/acc4/noremat:auto",  # without the XLA flag preset
+    "spmd/tp4/acc4/noremat@overlap:xla",  # without the Pallas attention kernel
+    "spmd/tp4/acc1/noremat@overlap:auto",  # without the accumulation loop
+    "spmd/tp4/acc4/noremat:xla",  # neither flags nor kernel
+    "spmd/tp2/acc4/noremat@overlap:auto",  # two-way tensor parallelism
+    "spmd/fsdp4/acc4/noremat@overlap:auto",  # control: matched at 8B
+)
+RTOL = 0.02  # the bench's gate (`jaxpp._bench._run.run_config`)
+
+
+def _problem(model: str, layers: int):
+    from jaxpp._bench import _configs, _run
+
+    preset = _configs.PRESETS[model]
+    if layers:
+        preset = dataclasses.replace(preset, num_layers=layers)
+    return _run.Problem(preset=preset)
+
+
+def one(model: str, layers: int, variant: str) -> dict:
+    """The first-step loss of `variant` ("reference:ATTENTION": one device, forward only)."""
+    import jax
+
+    from jaxpp._bench import _configs, _run
+
+    name, attention = variant.split(":")
+    problem = _problem(model, layers)
+    start = time.perf_counter()
+    if name == "reference":
+        loss = _run.reference_loss(problem, attention=attention)
+    else:
+        config = _configs.parse_config(name)
+        step, state, batch = _run.build(config, problem, attention=attention, accumulate="scan")
+        _, loss = step(state, batch)
+        loss = float(loss)
+    return dict(
+        variant=variant, loss=loss, seconds=round(time.perf_counter() - start, 1),
+        platform=jax.devices()[0].platform, device_kind=jax.devices()[0].device_kind,
+        xla_flags=os.environ.get("XLA_FLAGS", ""),
+    )  # fmt: skip
+
+
+def run_all(args) -> list[dict]:
+    """Each variant (and the two references) in its own process, under `args.timeout` each."""
+    from jaxpp import _cli_bench
+    from jaxpp._bench import _configs
+
+    env = _cli_bench.child_environment()
+    # Only the CPU backend reads this flag: on a GPU machine the GPUs are the devices.
+    env = _cli_bench.with_xla_flags(
+        env, (f"--xla_force_host_platform_device_count={args.devices}",)
+    )
+    variants = ["reference:auto", "reference:xla", *args.variants.split(",")]
+    rows = []
+    for variant in variants:
+        name = variant.split(":")[0]
+        flags = () if name == "reference" else _configs.parse_config(name).xla_flags
+        command = [sys.executable, __file__, "--one", variant, "--model", args.model]
+        command += ["--layers", str(args.layers)]
+        try:
+            done = subprocess.run(
+                command, env=_cli_bench.with_xla_flags(env, flags), capture_output=True,
+                text=True, timeout=args.timeout,
+            )  # fmt: skip
+        except subprocess.TimeoutExpired:
+            rows.append(dict(variant=variant, error=f"no loss within --timeout {args.timeout} s"))
+            print(f"{variant}: timed out after {args.timeout} s", flush=True)
+            continue
+        found = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
+        if done.returncode or not found:
+            tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
+            rows.append(dict(variant=variant, error=f"exit {done.returncode}: {' / '.join(tail)}"))
+            print(f"{variant}: failed ({rows[-1]['error'][:300]})", flush=True)
+            continue
+        rows.append(json.loads(found[-1]))
+        print(f"{variant}: loss {rows[-1]['loss']:.6g} ({rows[-1]['seconds']} s)", flush=True)
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    """Every variant's loss against the one-device reference with the same attention."""
+    refs = {r["variant"].split(":")[1]: r["loss"] for r in rows if "loss" in r
+            and r["variant"].startswith("reference:")}  # fmt: skip
+    lines = [
+        "| variant | first-step loss | reference | rel. diff | verdict |",
+        "|---|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        if r["variant"].startswith("reference:"):
+            continue
+        ref = refs.get(r["variant"].split(":")[1])
+        if "loss" not in r or ref is None:
+            lines.append(f"| {r['variant']} | - | - | - | {r.get('error', 'no reference')[:120]} |")
+            continue
+        diff = abs(r["loss"] - ref) / abs(ref)
+        verdict = "matches" if diff <= RTOL else "WRONG"
+        lines.append(f"| {r['variant']} | {r['loss']:.6g} | {ref:.6g} | {diff:.2e} | {verdict} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="8b", choices=("tiny", "2b", "8b"))
+    parser.add_argument("--layers", type=int, default=2, help="0: the preset's own depth")
+    parser.add_argument("--devices", type=int, default=4, help="virtual CPU devices off a GPU")
+    parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS))
+    parser.add_argument("--timeout", type=float, default=240.0, help="seconds per variant")
+    parser.add_argument("--out", default=None, help="JSON of every row")
+    parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.one:
+        print(json.dumps(one(args.model, args.layers, args.one)), flush=True)
+        return 0
+    rows = run_all(args)
+    text = table(rows)
+    print(text)
+    if args.out:
+        meta = dict(model=args.model, layers=args.layers, date=time.strftime("%Y-%m-%d %H:%M"))
+        with open(args.out, "w") as f:
+            json.dump(dict(**meta, rows=rows, table=text), f, indent=1)
+    return 1 if "WRONG" in text or any("error" in r for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
