@@ -141,7 +141,6 @@ import faulthandler
 import os
 import pathlib
 import queue
-import re
 import signal
 import subprocess
 import sys
@@ -606,7 +605,7 @@ def _run_child(
             if found is not None:
                 tracker.see(found)
             precompile = _phases.precompile_text(line) or precompile
-            verdict = _verdict(line) or verdict
+            verdict = _phases.verdict(line) or verdict
         returncode = process.wait()
     except (TimeoutError, _Stopped):
         stopped_in = tracker.phase
@@ -616,22 +615,6 @@ def _run_child(
     reader.join(timeout=5)
     process.stdout.close()
     return _Child(returncode, tracker.phase, tracker.seconds, stopped_in, precompile, verdict)
-
-
-_VERDICT = re.compile(r"^\[\+[0-9.]+s\] \S+: (?P<status>ok|wrong|failed|skipped)\b")
-
-
-def _verdict(line: str) -> str | None:
-    """The status in a child's verdict line (printed right after it wrote its row), else None.
-
-    Example:
-        >>> _verdict("[+9.0s] spmd/tp4/acc4/noremat: wrong in phase first step: loss ...")
-        'wrong'
-        >>> _verdict("[+9.0s] spmd/tp4/acc4/noremat: first step 3.3 s") is None
-        True
-    """
-    found = _VERDICT.match(line)
-    return None if found is None else found["status"]
 
 
 def _pump(stream, lines: queue.Queue) -> None:

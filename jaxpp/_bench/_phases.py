@@ -98,6 +98,23 @@ def precompile_text(line: str) -> str | None:
     return None if found is None else found["text"]
 
 
+_VERDICT_LINE = re.compile(r"^\[\+[0-9.]+s\] \S+: (?P<status>ok|wrong|failed|skipped)\b")
+
+
+def verdict(line: str) -> str | None:
+    """The status of a configuration's verdict line (a child prints it right after it wrote
+    its row), else None.
+
+    Example:
+        >>> verdict("[+9.0s] spmd/tp4/acc4/noremat: wrong in phase first step: loss ...")
+        'wrong'
+        >>> verdict("[+9.0s] spmd/tp4/acc4/noremat: first step 3.3 s") is None
+        True
+    """
+    found = _VERDICT_LINE.match(line)
+    return None if found is None else found["status"]
+
+
 class PhaseClock:
     """Times named phases of one label (a configuration, or `SETUP`) and prints them.
 
