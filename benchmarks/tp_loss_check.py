@@ -24,6 +24,11 @@ import sys
 import time
 
 DEFAULT_VARIANTS = (
+    # The attention kernel alone ("auto": Mosaic on Hopper) against XLA's, on one device's
+    # shard of a microbatch [batch, seq, heads, head_dim]: TP4's (8 of 32 heads, 8
+    # sequences; no GPU test had covered more than 2 sequences) and FSDP4's (matched).
+    "attention:8x2048x8x128",
+    "attention:2x2048x32x128",
     "spmd/tp4/acc4/noremat@overlap:auto",  # session 8's wrong row, shallower
     "spmd/tp4/acc4/noremat:auto",  # without the XLA flag preset
     "spmd/tp4/acc4/noremat@overlap:xla",  # without the Pallas attention kernel
@@ -33,6 +38,7 @@ DEFAULT_VARIANTS = (
     "spmd/fsdp4/acc4/noremat@overlap:auto",  # control: matched at 8B
 )
 RTOL = 0.02  # the bench's gate (`jaxpp._bench._run.run_config`)
+ATTENTION_RTOL = 1e-2  # the kernel's GPU tests' forward bound (bf16 inputs, f32 reference)
 
 
 def _problem(model: str, layers: int):
@@ -45,7 +51,8 @@ def _problem(model: str, layers: int):
 
 
 def one(model: str, layers: int, variant: str) -> dict:
-    """The first-step loss of `variant` ("reference:ATTENTION": one device, forward only)."""
+    """The first-step loss of `variant` ("reference:ATTENTION": one device, forward only),
+    or for "attention:BxTxHxD" the attention kernel's relative error against XLA's."""
     import jax
 
     from jaxpp._bench import _configs, _run
@@ -53,18 +60,38 @@ def one(model: str, layers: int, variant: str) -> dict:
     name, attention = variant.split(":")
     problem = _problem(model, layers)
     start = time.perf_counter()
-    if name == "reference":
-        loss = _run.reference_loss(problem, attention=attention)
+    result = {}
+    if name == "attention":
+        result["attention_error"] = _attention_error(tuple(int(n) for n in attention.split("x")))
+    elif name == "reference":
+        result["loss"] = _run.reference_loss(problem, attention=attention)
     else:
         config = _configs.parse_config(name)
         step, state, batch = _run.build(config, problem, attention=attention, accumulate="scan")
         _, loss = step(state, batch)
-        loss = float(loss)
+        result["loss"] = float(loss)
     return dict(
-        variant=variant, loss=loss, seconds=round(time.perf_counter() - start, 1),
+        variant=variant, **result, seconds=round(time.perf_counter() - start, 1),
         platform=jax.devices()[0].platform, device_kind=jax.devices()[0].device_kind,
         xla_flags=os.environ.get("XLA_FLAGS", ""),
     )  # fmt: skip
+
+
+def _attention_error(shape: tuple[int, ...]) -> float:
+    """Relative error of the "auto" attention (causal) against XLA's in float32, on random
+    bf16 inputs of `shape` [batch, seq, heads, head_dim]."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxpp.kernels.attention import dot_product_attention
+
+    keys = jax.random.split(jax.random.key(0), 3)
+    q, k, v = (jax.random.normal(key, shape, jnp.bfloat16) for key in keys)
+    ours = jax.jit(lambda q, k, v: dot_product_attention(q, k, v, causal=True))(q, k, v)
+    f32 = [x.astype(jnp.float32) for x in (q, k, v)]
+    ref = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True))(*f32)
+    diff = jnp.linalg.norm((ours.astype(jnp.float32) - ref).ravel())
+    return float(diff / jnp.linalg.norm(ref.ravel()))
 
 
 def run_all(args) -> list[dict]:
@@ -81,7 +108,8 @@ def run_all(args) -> list[dict]:
     rows = []
     for variant in variants:
         name = variant.split(":")[0]
-        flags = () if name == "reference" else _configs.parse_config(name).xla_flags
+        plain = name in ("reference", "attention")
+        flags = () if plain else _configs.parse_config(name).xla_flags
         command = [sys.executable, __file__, "--one", variant, "--model", args.model]
         command += ["--layers", str(args.layers)]
         try:
@@ -100,7 +128,8 @@ def run_all(args) -> list[dict]:
             print(f"{variant}: failed ({rows[-1]['error'][:300]})", flush=True)
             continue
         rows.append(json.loads(found[-1]))
-        print(f"{variant}: loss {rows[-1]['loss']:.6g} ({rows[-1]['seconds']} s)", flush=True)
+        value = rows[-1].get("loss", rows[-1].get("attention_error"))
+        print(f"{variant}: {value:.6g} ({rows[-1]['seconds']} s)", flush=True)
     return rows
 
 
@@ -114,6 +143,11 @@ def table(rows: list[dict]) -> str:
     ]
     for r in rows:
         if r["variant"].startswith("reference:"):
+            continue
+        if "attention_error" in r:  # the kernel alone: its output against XLA's
+            err = r["attention_error"]
+            verdict = "matches" if err <= ATTENTION_RTOL else "WRONG"
+            lines.append(f"| {r['variant']} (vs XLA) | - | - | {err:.2e} | {verdict} |")
             continue
         ref = refs.get(r["variant"].split(":")[1])
         if "loss" not in r or ref is None:

@@ -16,15 +16,16 @@ def _module():
 
 def test_every_variant_runs_in_its_own_process_and_matches_on_cpu(tmp_path, capsys):
     out = tmp_path / "tp.json"
-    variants = "spmd/tp4/acc4/noremat@overlap:xla,spmd/tp2/acc2/noremat:auto"
+    variants = "attention:2x16x4x8,spmd/tp4/acc4/noremat@overlap:xla,spmd/tp2/acc2/noremat:auto"
     argv = ["--model", "tiny", "--layers", "1", "--devices", "4", "--variants", variants]
     assert _module().main([*argv, "--out", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
     assert [r["variant"] for r in rows] == ["reference:auto", "reference:xla", *variants.split(",")]
-    flags = rows[2]["xla_flags"]  # the @overlap preset reached that child only
+    assert 0 < rows[2]["attention_error"] < 1e-2  # XLA's on a CPU: bf16 output rounding
+    flags = rows[3]["xla_flags"]  # the @overlap preset reached that child only
     assert "--xla_gpu_enable_pipelined_all_reduce=true" in flags
-    assert "pipelined_all_reduce" not in rows[3]["xla_flags"]
-    assert capsys.readouterr().out.count("| matches |") == 2
+    assert "pipelined_all_reduce" not in rows[4]["xla_flags"]
+    assert capsys.readouterr().out.count("| matches |") == 3
 
 
 def test_table_flags_a_loss_off_the_reference():
@@ -34,8 +35,10 @@ def test_table_flags_a_loss_off_the_reference():
         {"variant": "spmd/fsdp4/acc4/noremat@overlap:auto", "loss": 11.2176},
         {"variant": "spmd/tp4/acc4/noremat:xla", "loss": 11.2},  # no xla reference measured
         {"variant": "spmd/tp2/acc4/noremat:auto", "error": "exit 1: OOM"},
+        {"variant": "attention:8x2048x8x128", "attention_error": 0.3},
     ]
     lines = _module().table(rows).splitlines()[2:]
     assert "| WRONG |" in lines[0] and "2.50e-01" in lines[0]
     assert "| matches |" in lines[1]
     assert lines[2].endswith("| no reference |") and lines[3].endswith("| exit 1: OOM |")
+    assert "(vs XLA)" in lines[4] and lines[4].endswith("| WRONG |")
