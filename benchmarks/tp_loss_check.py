@@ -95,7 +95,8 @@ def _attention_error(shape: tuple[int, ...]) -> float:
 
 
 def run_all(args) -> list[dict]:
-    """Each variant (and the two references) in its own process, under `args.timeout` each."""
+    """Each variant (and the two references) in its own process, under `args.timeout` each;
+    `args.out` is rewritten after every one (a cut-off run keeps what it measured)."""
     from jaxpp import _cli_bench
     from jaxpp._bench import _configs
 
@@ -107,6 +108,8 @@ def run_all(args) -> list[dict]:
     variants = ["reference:auto", "reference:xla", *args.variants.split(",")]
     rows = []
     for variant in variants:
+        if rows:
+            write(args, rows)
         name = variant.split(":")[0]
         plain = name in ("reference", "attention")
         flags = () if plain else _configs.parse_config(name).xla_flags
@@ -159,6 +162,16 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def write(args, rows: list[dict]) -> str:
+    """The table of `rows`; with `args.out`, also the JSON of every row and the table."""
+    text = table(rows)
+    if args.out:
+        meta = dict(model=args.model, layers=args.layers, date=time.strftime("%Y-%m-%d %H:%M"))
+        with open(args.out, "w") as f:
+            json.dump(dict(**meta, rows=rows, table=text), f, indent=1)
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="8b", choices=("tiny", "2b", "8b"))
@@ -173,12 +186,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(one(args.model, args.layers, args.one)), flush=True)
         return 0
     rows = run_all(args)
-    text = table(rows)
+    text = write(args, rows)
     print(text)
-    if args.out:
-        meta = dict(model=args.model, layers=args.layers, date=time.strftime("%Y-%m-%d %H:%M"))
-        with open(args.out, "w") as f:
-            json.dump(dict(**meta, rows=rows, table=text), f, indent=1)
     return 1 if "WRONG" in text or any("error" in r for r in rows) else 0
 
 

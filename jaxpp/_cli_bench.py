@@ -93,8 +93,10 @@ limit 126). On nvidia-h200-x4 (8B):
     # after each call: cp $files_at/bench_cache.tgz.* and $files_at/bench_8b_4xgpu.json into
     # benchmarks/.bench_cache/ (the JSON into results/), carry=["benchmarks/.bench_cache"]
     # call A (first): which part makes SPMD TP4's loss wrong, one change per process on a
-    # 2-layer copy of the 8B model (~7 x 40 s): `source benchmarks/gpu_env.sh && cd /tmp &&
-    #   python3 $REPO/benchmarks/tp_loss_check.py --model 8b --layers 2 --out $OUT/tp.json`
+    # 2-layer copy of the 8B model (the kernel alone on two shard shapes, two references,
+    # seven layouts: 11 processes of ~30-60 s; the JSON is rewritten after each):
+    #   `source benchmarks/gpu_env.sh && R=$PWD && cd /tmp &&
+    #   python3 $R/benchmarks/tp_loss_check.py --model 8b --layers 2 --out $OUT/tp.json`
     # (if no variant is wrong at 2 layers, --layers 8); fix what it shows, then rerun the TP
     # row in call D. Until then TP rows do not count as baselines.
     # call B: FSDP inside two stages (ZBV's fill and the head share halve) [91.6]
