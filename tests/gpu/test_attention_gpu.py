@@ -144,6 +144,13 @@ def test_mosaic_attention_real_size_matches_reference(head_dim, causal):
     _check(2048, 2048, 2048 // head_dim // 2, 2048 // head_dim // 2, head_dim, causal)
 
 
+def test_mosaic_attention_tensor_parallel_shard_matches_reference():
+    # One GPU's shard under the 8B preset's SPMD TP4 (8 sequences, 8 of 32 heads): that
+    # layout's first-step loss was wrong on 4x H200 (session 8; benchmarks/tp_loss_check.py)
+    # and no test had run more than 2 sequences per call.
+    _check(2048, 2048, 8, 8, 128, True, batch=8)
+
+
 @pytest.mark.parametrize("causal", (False, True))
 def test_mosaic_attention_ragged_gqa_matches_reference(causal):
     _check(1000, 1000, 8, 2, 128, causal)
