@@ -58,15 +58,14 @@ def one(model: str, layers: int, variant: str) -> dict:
     from jaxpp._bench import _configs, _run
 
     name, attention = variant.split(":")
-    problem = _problem(model, layers)
     start = time.perf_counter()
     result = {}
     if name == "attention":
         result["attention_error"] = _attention_error(tuple(int(n) for n in attention.split("x")))
     elif name == "reference":
-        result["loss"] = _run.reference_loss(problem, attention=attention)
+        result["loss"] = _run.reference_loss(_problem(model, layers), attention=attention)
     else:
-        config = _configs.parse_config(name)
+        config, problem = _configs.parse_config(name), _problem(model, layers)
         step, state, batch = _run.build(config, problem, attention=attention, accumulate="scan")
         _, loss = step(state, batch)
         result["loss"] = float(loss)

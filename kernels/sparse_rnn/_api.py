@@ -384,11 +384,8 @@ def _auto_implementation(weights, cell, x_shape, slot_order, config_args) -> str
     Triton-forward option is set; else the Triton kernel."""
     if jax.default_backend() != "gpu":
         return "reference"
-    o = dict(zip(_CONFIG_OPTIONS, config_args, strict=True))
-    triton_forward = _sets_triton_forward_option(
-        o["state_dtype"], o["prefetch"], o["unroll"], o["num_stages"], o["resident_chunks"]
-    )
-    if triton_forward or not _on_hopper():
+    options = dict(zip(_CONFIG_OPTIONS, config_args, strict=True))
+    if _sets_triton_forward_option(**options) or not _on_hopper():
         return "persistent"
     try:
         mosaic_cfg = _config(weights, cell, x_shape, "mosaic", *config_args)
@@ -402,11 +399,14 @@ def _on_hopper() -> bool:
     return device.platform == "gpu" and any(k in device.device_kind for k in _HOPPER_KINDS)
 
 
-def _sets_triton_forward_option(state_dtype, prefetch, unroll, num_stages, resident_chunks):
-    """Whether the caller changed an option only the Triton forward has (then "auto" keeps it)."""
-    return (state_dtype, prefetch, unroll, num_stages, resident_chunks) != (
-        "auto", False, None, 1, 0,
-    )  # fmt: skip
+_TRITON_FORWARD_OPTIONS = ("state_dtype", "prefetch", "unroll", "num_stages", "resident_chunks")
+
+
+def _sets_triton_forward_option(**options) -> bool:
+    """Whether the caller changed from `sparse_rnn`'s default an option only the Triton forward
+    has (then "auto" keeps the Triton kernel)."""
+    defaults = inspect.signature(sparse_rnn).parameters
+    return any(options[name] != defaults[name].default for name in _TRITON_FORWARD_OPTIONS)
 
 
 def _mosaic_fits(cfg: _kernel.KernelConfig, slot_order: str) -> bool:
