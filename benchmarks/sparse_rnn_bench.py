@@ -446,19 +446,23 @@ def run_quick(log, results):
     return dict(QUICK_VARIANTS)[best] | {"name": best}
 
 
-def run_sweep(log, results, variant, budget_s, cells=("lstm", "tanh"), batches=(4, 1, 16)):
-    """The bar's configurations first, then the rest of the grid (`batches` in that order)
-    while the budget lasts."""
+def run_sweep(
+    log, results, variant, budget_s, cells=("lstm", "tanh"), batches=(4, 1, 16),
+    hiddens=(2304, 4096, 1152), bar_first=True,
+):  # fmt: skip
+    """The bar's configurations first (unless `bar_first` is False: filling in cells an
+    earlier run left out), then the rest of the grid (`batches`, then `hiddens`, in that
+    order) while the budget lasts."""
     start = time.time()
     name = variant.pop("name")
     variant = (name, variant)
     grid = [("lstm", 2304, 4, 0.3), ("lstm", 4096, 4, 0.1), ("tanh", 2304, 4, 0.3)]
-    grid = [case for case in grid if case[0] in cells]
+    grid = [case for case in grid if case[0] in cells and bar_first]
     grid += [
         (cell, hidden, batch, density)
         for cell in cells
         for batch in batches
-        for hidden in (2304, 4096, 1152)
+        for hidden in hiddens
         for density in (0.3, 0.1, 0.05)
     ]
     seen, dense_done = set(), set()
@@ -547,6 +551,13 @@ def main() -> None:
     parser.add_argument(
         "--batches", default="4,1,16", help="batch sizes of --mode sweep, in the order swept"
     )
+    parser.add_argument(
+        "--hiddens", default="2304,4096,1152", help="hidden sizes of --mode sweep, in order"
+    )
+    parser.add_argument(
+        "--no-bar-first", action="store_true",
+        help="--mode sweep without the bar's cases first (filling in an earlier run's gaps)",
+    )  # fmt: skip
     args = parser.parse_args()
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -579,7 +590,9 @@ def main() -> None:
         variant = run_quick(log, results)
     if "sweep" in modes:
         batches = tuple(int(b) for b in args.batches.split(","))
-        run_sweep(log, results, variant, args.budget_s, tuple(args.cells.split(",")), batches)
+        hiddens = tuple(int(h) for h in args.hiddens.split(","))
+        run_sweep(log, results, variant, args.budget_s, tuple(args.cells.split(",")), batches,
+                  hiddens, bar_first=not args.no_bar_first)  # fmt: skip
     if "variants" in modes:
         baselines = tuple(b for b in args.baselines.split(",") if b)
         run_variants(log, results, [v for v in args.variants.split(",") if v], baselines)

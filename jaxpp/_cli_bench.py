@@ -898,6 +898,9 @@ def _run_here(args: argparse.Namespace, configs: tuple, out: str) -> int:
             row["error"] = f"{type(e).__name__}: {e}"
         if config.xla:
             row["xla_flags"] = list(config.xla_flags)
+        # XLA:GPU compiles differently under a different memory limit (session 9: SPMD TP4 at
+        # 8B computed a wrong loss at 0.9 and the right one at 0.75), so each row says its own.
+        row["mem_fraction"] = os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION")
         if row["status"] != "ok":
             row["phase"] = clock.current
             row.update(clock.details)  # e.g. how far the compile-ahead got

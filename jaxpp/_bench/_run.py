@@ -614,7 +614,10 @@ def run_config(
             f"{config.name}: first-step loss {first_loss:.6g} differs from the single-device "
             f"reference {reference:.6g} by more than {tolerance:g} (relative). Its speed is not "
             f"reported. Fix: the layout or schedule computes a different step; check its "
-            f"shardings against jax.jit on one device."
+            f"shardings against jax.jit on one device, and rerun it with another "
+            f"XLA_PYTHON_CLIENT_MEM_FRACTION and without its XLA flag preset "
+            f"(benchmarks/tp_loss_check.py): on a GPU a step has come out wrong at one memory "
+            f"limit and right at another."
         )
     with clock.phase("warm-up"):
         for _ in range(warmup - 1):

@@ -1,10 +1,11 @@
 # The next H100 call of the sparse RNN (kernels/sparse_rnn/NOTES.md, "The next GPU run"): the
-# rest of the issue's sweep with `sparse_rnn`'s default (session 8 made the three backward
-# levers the default: dm_dtype="auto", backward_fold=True, backward_preload=True; their GPU
-# tests passed on an H100 in session 8). Each cell's process measures the bar cases first
-# (so the forward+backward with the new default is in the same run as its baselines), then
-# batch 16 and batch 1, the rows sessions 7 and 8 left out (results/sparse_rnn_2026-11-22_s8/
-# holds batch 4 and part of batch 1). First the GPU tests of the default path (11 tests).
+# LSTM cells of the issue's sweep that no run has measured yet with `sparse_rnn`'s default
+# (session 9 measured the bar cases, all of batch 16 for tanh and most for LSTM; with
+# sessions 7 and 8, tanh is complete). Missing: LSTM batch 1 at hidden 1152 and 4096 (and
+# 2304 at 5%), LSTM batch 16 at hidden 1152 (and 4096 at 5%); the sweep takes them first
+# (`--no-bar-first`, hidden order 1152,4096,2304), then re-measures what is done while the
+# budget lasts. First the GPU tests of the default path (11 tests; in session 9 the first
+# 8 passed in a 130 s slot on a cold machine, the slot is 200 s now).
 # One device call of at most 9.5 minutes. From the repository root, on the GPU machine:
 #     source benchmarks/gpu_env.sh && bash kernels/sparse_rnn/next_gpu_run.sh
 # Every step runs in its own process under `timeout`, capped by what is left of BUDGET_S, so a
@@ -37,9 +38,8 @@ sweep() {  # sweep LIMIT CELL [flags]: the grid for one cell (bar cases first), 
 }
 
 repo=$PWD
-JAX_PLATFORMS=cuda,cpu slot 130 gpu_tests_default bash -c "cd /tmp && python3 -m pytest -o addopts='' \
+JAX_PLATFORMS=cuda,cpu slot 200 gpu_tests_default bash -c "cd /tmp && python3 -m pytest -o addopts='' \
   -q -rA -p no:cacheprovider '$repo/tests/gpu/test_sparse_rnn_gpu.py' -k 'long_sequence and not variant'" \
   2>&1 | tail -n 20 | tee "$OUT/gpu_tests_default.log"
-sweep 280 lstm --batches 16,1
-sweep 150 tanh --batches 16,1
+sweep 340 lstm --batches 1,16 --hiddens 1152,4096,2304 --no-bar-first
 echo "== done at ${SECONDS}s"

@@ -28,6 +28,22 @@ def test_every_variant_runs_in_its_own_process_and_matches_on_cpu(tmp_path, caps
     assert capsys.readouterr().out.count("| matches |") == 3
 
 
+def test_a_variant_can_leave_out_preset_flags_and_skip_the_references(tmp_path, capsys):
+    out = tmp_path / "tp.json"
+    variant = "spmd/tp2/acc2/noremat@overlap:xla:pipelined_all_reduce+double_buffering"
+    argv = ["--model", "tiny", "--layers", "1", "--devices", "4", "--variants", variant]
+    # A reference far off the tiny model's loss (~ln 64): the row is flagged WRONG.
+    fraction = ["--mem-fraction", "0.5"]
+    assert _module().main([*argv, "--reference-loss", "40.0", *fraction, "--out", str(out)]) == 1
+    (row,) = json.loads(out.read_text())["rows"]  # no reference processes ran
+    assert 3 < row["loss"] < 6
+    assert "--xla_gpu_enable_pipelined_all_gather=true" in row["xla_flags"]
+    assert "pipelined_all_reduce" not in row["xla_flags"]
+    assert "double_buffering" not in row["xla_flags"]
+    assert row["mem_fraction"] == "0.5"
+    assert "| 40 |" in capsys.readouterr().out
+
+
 def test_table_flags_a_loss_off_the_reference():
     rows = [
         {"variant": "reference:auto", "loss": 11.2175},
