@@ -1,8 +1,25 @@
-"""Test setup: 8 virtual CPU devices, set before JAX starts its backends."""
+"""Test setup: 8 virtual CPU devices, set before JAX starts its backends.
+
+A run of only the GPU tests (`pytest -o addopts='' tests/gpu/...` on a GPU machine) keeps
+JAX's own platform choice: forcing the CPU there would skip every GPU test silently.
+"""
 
 import os
+import pathlib
 
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
-_flag = "--xla_force_host_platform_device_count=8"
-if _flag not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
+_GPU_TESTS = pathlib.Path(__file__).resolve().parent / "gpu"
+
+
+def _only_gpu_tests(args: list[str]) -> bool:
+    paths = [pathlib.Path(a.split("::")[0]).resolve() for a in args]
+    return bool(paths) and all(p == _GPU_TESTS or _GPU_TESTS in p.parents for p in paths)
+
+
+def pytest_configure(config):
+    # Before any test module imports JAX (collection comes after this hook).
+    if _only_gpu_tests(config.args):
+        return
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    flag = "--xla_force_host_platform_device_count=8"
+    if flag not in os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flag).strip()
