@@ -81,7 +81,8 @@ class SparseLSTM(_SparseRNN):
 
     Returns all hidden states `(batch, steps, hidden_size)`. Initialize outside `jax.jit`
     (pruning runs on the host). `implementation="auto"` runs the persistent kernel on a GPU and
-    the dense masked reference elsewhere.
+    the dense masked reference elsewhere. Faster than a dense LSTM at batch 1-4, slower at
+    batch 16 (measured on an H100; `sparse_rnn`).
 
     Example:
         >>> layer = SparseLSTM(hidden_size=8, density=0.5)
