@@ -83,39 +83,39 @@ s + compile 100 s (2B) / 167-197 s (8B) unrolled + steps 10-20 s; jaxpp init 10-
 `JAXPP_PRECOMPILE=all`) + steps and profile 15-35 s.
 
 The plan for the next session (calls of <= 9.5 min; predicted GiB per device in brackets,
-limit 126). On nvidia-h200-x4 (8B):
+limit 126 at fraction 0.9, 105 at 0.75). On nvidia-h200-x4 (8B):
 
     # every bench call starts with (the device tool carries no environment between calls):
     export BENCH_MODEL=8b BENCH_DEVICES=4 BENCH_LIMIT=540 BENCH_CONFIG_TIMEOUT=300
     export BENCH_ARGS="--steps 10 --warmup 1 --reference-loss 11.2175"
-    # before the first call: cp benchmarks/results/pipeline_2026-11-22_s8/callD_4xh200/
+    # before the first call: cp benchmarks/results/pipeline_2026-11-22_s9/callC_4xh200/
     #   bench_8b_4xgpu.json benchmarks/.bench_cache/results/   (so the table holds all rows)
     # after each call: cp $files_at/bench_cache.tgz.* and $files_at/bench_8b_4xgpu.json into
     # benchmarks/.bench_cache/ (the JSON into results/), carry=["benchmarks/.bench_cache"]
-    # call A (first): which part makes SPMD TP4's loss wrong, one change per process on a
-    # 2-layer copy of the 8B model (the kernel alone on two shard shapes, two references,
-    # seven layouts: 11 processes of ~30-60 s; the JSON is rewritten after each):
-    #   `source benchmarks/gpu_env.sh && R=$PWD && cd /tmp &&
-    #   python3 $R/benchmarks/tp_loss_check.py --model 8b --layers 2 --out $OUT/tp.json;
-    #   python3 -m pytest -o addopts='' -q $R/tests/gpu/test_attention_gpu.py -k tensor_parallel`
-    # (the kernel's gradients on TP4's shard; in interpret mode on a CPU, 8 x 256 x 8 x 128,
-    # its forward matches XLA's: 1.9e-3, bf16 rounding)
-    # (if no variant is wrong at 2 layers, --layers 8); fix what it shows, then rerun the TP
-    # row in call D. Until then TP rows do not count as baselines.
-    # call B: FSDP inside two stages (ZBV's fill and the head share halve) [91.6]
-    C=jaxpp/zbv/pp2-fsdp2/mb16/noremat
+    # call A: the SPMD TP baselines at fraction 0.75, where session 9 measured TP4's loss
+    # right (at 0.9, the other rows' setting, the compiled step is wrong; README "Session 9")
+    C=spmd/tp4/acc4/noremat@overlap,spmd/fsdp2-tp2/acc4/noremat@overlap  # [90.0, 82.4]
+    BENCH_MEM_FRACTION=0.75 BENCH_CONFIGS=$C bash benchmarks/pipeline_gpu_run.sh bench
+    # call B: what goes wrong at 0.9, two variants of ~190 s compile each (full depth):
+    #   `source benchmarks/gpu_env.sh && R=$PWD && cd /tmp && timeout 560 python3
+    #   $R/benchmarks/tp_loss_check.py --model 8b --layers 0 --reference-loss 11.2175
+    #   --mem-fraction 0.9 --timeout 270 --out $OUT/tp09.json --variants
+    #   spmd/tp4/acc4/noremat@overlap:xla,spmd/tp4/acc4/noremat:auto`
+    # (xla right -> the Mosaic kernel's custom call under that schedule: ours to fix; no-flags
+    # right -> a preset flag: bisect with a third field, e.g. `...@overlap:auto:
+    # pipelined_all_reduce`; both wrong -> XLA:GPU alone: report upstream with the HLO)
+    # and, a minute: `python3 -m pytest -o addopts='' -q $R/tests/gpu/test_attention_gpu.py
+    #   -k tensor_parallel` (the conftest no longer forces the CPU for tests/gpu alone).
+    # With device time left: the 2-stage candidates, each a call of its own:
+    C=jaxpp/zbv/pp2-fsdp2/mb16/noremat  # [91.6]
     JAXPP_PRECOMPILE=all BENCH_CONFIGS=$C bash benchmarks/pipeline_gpu_run.sh bench
-    # call C: TP inside two stages; it compiled 10 of 12 programs in 248 s, so one call of
-    # its own, BENCH_CONFIG_TIMEOUT=540 [90.3]
-    C=jaxpp/zb-h1/pp2-tp2/mb16/noremat
-    JAXPP_PRECOMPILE=all BENCH_CONFIGS=$C bash benchmarks/pipeline_gpu_run.sh bench
-    # call D: after call A's fix, the unrolled SPMD TP layout
-    C=spmd/tp4/acc4/noremat@overlap
-    BENCH_CONFIGS=$C bash benchmarks/pipeline_gpu_run.sh bench
+    C=jaxpp/zb-h1/pp2-tp2/mb16/noremat  # [90.3]; compiled 10 of 12 programs in 248 s
+    BENCH_CONFIG_TIMEOUT=540 JAXPP_PRECOMPILE=all BENCH_CONFIGS=$C \
+        bash benchmarks/pipeline_gpu_run.sh bench
 
 On nvidia-h200-x2 (2B; BENCH_MODEL=2b BENCH_DEVICES=2, --reference-loss 10.90778), the rows
-still missing: the unrolled DP baseline (and TP after call A's fix) and the rest of the jaxpp
-schedules (one call, ~500 s): spmd/dp2/acc2/noremat@overlap, spmd/tp2/acc2/noremat@overlap,
+still missing: the unrolled DP baseline (and TP, at BENCH_MEM_FRACTION=0.75) and the rest of
+jaxpp's schedules (one call, ~500 s): spmd/dp2/acc2/noremat@overlap, spmd/tp2/acc2/noremat@overlap,
 jaxpp/interleaved-1f1b/pp2/mb8/noremat, jaxpp/1f1b/pp2/mb8/noremat; then bigger microbatches
 (mb32 -> mb16 -> mb8 gained 12% and 8%): jaxpp/zbv/pp2/mb4/noremat [~110],
 jaxpp/zbv/pp2/mb4/remat. In every call read each row's `precompile_misses` (0 expected),
