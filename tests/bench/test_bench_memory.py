@@ -170,20 +170,22 @@ def test_the_docstring_plan_names_configurations_predicted_to_fit(monkeypatch):
 
     doc = _cli_bench.__doc__
     found = re.findall(r"--model (\w+) --devices (\d+) --isolate.*?--configs\s+([^\s\\]+)", doc)
-    found = [(model, devices, names, "") for model, devices, names in found]
-    # the 8B plan's driver calls, with the compile-ahead setting a call names
+    found = [(model, devices, names, {}) for model, devices, names in found]
+    # the 8B plan's driver calls, with the settings a call names before BENCH_CONFIGS
+    # (the compile-ahead, the memory fraction)
     calls = re.findall(
-        r"^    C=(\S+)\n    (?:JAXPP_PRECOMPILE=(\w+) )?BENCH_CONFIGS=", doc, flags=re.MULTILINE
+        r"^    C=(\S+)(?:\s+#[^\n]*)?\n    ((?:\w+=\S+ )*)BENCH_CONFIGS=", doc, flags=re.MULTILINE
     )
     assert len(found) == 1 and len(calls) == 3
-    found += [("8b", "4", names, precompile) for names, precompile in calls]
-    for model, devices, names, precompile in found:
-        if precompile:
-            monkeypatch.setenv("JAXPP_PRECOMPILE", precompile)
+    found += [("8b", "4", names, dict(re.findall(r"(\w+)=(\S+)", env))) for names, env in calls]
+    assert found[1][3] == {"BENCH_MEM_FRACTION": "0.75"}  # the TP rows (README "Session 9")
+    for model, devices, names, env in found:
+        if "JAXPP_PRECOMPILE" in env:
+            monkeypatch.setenv("JAXPP_PRECOMPILE", env["JAXPP_PRECOMPILE"])
         else:
             monkeypatch.delenv("JAXPP_PRECOMPILE", raising=False)
         kind = "h100" if devices == "1" else "h200"
-        limit = _memory.usable_bytes(kind, fraction=0.9)
+        limit = _memory.usable_bytes(kind, fraction=float(env.get("BENCH_MEM_FRACTION", 0.9)))
         preset = _configs.PRESETS[model]
         for name in names.split(","):
             config = _configs.parse_config(name)
