@@ -1,20 +1,12 @@
 """The test setup forces 8 virtual CPU devices, except for a run of only the GPU tests."""
 
-import importlib.util
 import pathlib
 
 HERE = pathlib.Path(__file__).resolve().parent
 
 
-def _conftest():
-    spec = importlib.util.spec_from_file_location("tests_conftest", HERE / "conftest.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_only_a_run_of_gpu_tests_keeps_jax_platform_choice():
-    only = _conftest()._only_gpu_tests
+def test_only_a_run_of_gpu_tests_keeps_jax_platform_choice(load_file):
+    only = load_file("tests/conftest.py")._only_gpu_tests
     gpu = HERE / "gpu" / "test_attention_gpu.py"
     assert only([str(gpu)])  # config.args: the positional paths and node ids alone
     assert only([f"{gpu}::test_mosaic_attention_tensor_parallel_shard_matches_reference"])

@@ -1,7 +1,6 @@
 """The cluster what-if model against the measured 2B 1F1B run on 2x H200 (2026-11-21)."""
 
 import dataclasses
-import importlib.util
 import json
 import pathlib
 
@@ -10,7 +9,8 @@ import pytest
 from jaxpp import schedules
 from jaxpp._bench import _whatif
 
-RESULTS = pathlib.Path("benchmarks/results/pipeline_2026-11-21/bench_2b_2xh200_partial.json")
+REPO = pathlib.Path(__file__).resolve().parents[2]
+RESULTS = REPO / "benchmarks/results/pipeline_2026-11-21/bench_2b_2xh200_partial.json"
 NAME = "jaxpp/1f1b/pp2/mb16/noremat"
 
 
@@ -56,9 +56,7 @@ def test_cluster_costs_of_a_missing_or_spmd_row_raise(results):
         _whatif.cluster_costs(spmd, "spmd/tp2/acc1/noremat")
 
 
-RESULTS_8B = pathlib.Path(
-    "benchmarks/results/pipeline_2026-11-21_s4/call3_4xh200/bench_8b_4xgpu.json"
-)
+RESULTS_8B = REPO / "benchmarks/results/pipeline_2026-11-21_s4/call3_4xh200/bench_8b_4xgpu.json"
 ZB = "jaxpp/zb-h1/pp4/mb32/noremat"
 FSDP = "spmd/fsdp4/acc4/noremat"
 
@@ -151,10 +149,8 @@ def test_cluster_costs_of_the_8b_zb_h1_row_take_w_from_the_split_stages_only(res
     assert costs["head"]["backward_s"] == pytest.approx(last - sum(backward) / 3)
 
 
-def test_cluster_whatif_cli_from_bench_prints_every_row_then_the_sweep(capsys):
-    spec = importlib.util.spec_from_file_location("cluster_whatif", "benchmarks/cluster_whatif.py")
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
+def test_cluster_whatif_cli_from_bench_prints_every_row_then_the_sweep(load_file, capsys):
+    cli = load_file("benchmarks/cluster_whatif.py")
     argv = ["--from-bench", str(RESULTS_8B), "--config", ZB, "--gpus", "4"]
     assert cli.main([*argv, "--cluster", "nodes=1,gpus_per_node=4", "--schedules", "zb-h1"]) == 0
     out = capsys.readouterr().out

@@ -1,20 +1,14 @@
 """benchmarks/sparse_rnn_bench.py's sweep order, on CPU (the timings themselves need a GPU)."""
 
-import importlib.util
-import pathlib
-
-SCRIPT = pathlib.Path(__file__).resolve().parents[2] / "benchmarks" / "sparse_rnn_bench.py"
+import pytest
 
 
-def _module():
-    spec = importlib.util.spec_from_file_location("sparse_rnn_bench", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+@pytest.fixture
+def bench(load_file):
+    return load_file("benchmarks/sparse_rnn_bench.py")
 
 
-def _swept(monkeypatch, **kwargs):
-    bench = _module()
+def _swept(bench, monkeypatch, **kwargs):
     calls = []
 
     def record(log, results, hidden, batch, density, cell, *, backward, variants, baselines):
@@ -25,8 +19,8 @@ def _swept(monkeypatch, **kwargs):
     return calls
 
 
-def test_the_sweep_measures_the_bar_cases_first_with_their_baselines(monkeypatch):
-    calls = _swept(monkeypatch, cells=("lstm",), batches=(4,))
+def test_the_sweep_measures_the_bar_cases_first_with_their_baselines(bench, monkeypatch):
+    calls = _swept(bench, monkeypatch, cells=("lstm",), batches=(4,))
     assert calls[0] == ("lstm", 2304, 4, 0.3, False, ("dense", "cudnn", "bcoo"))
     assert calls[1] == ("lstm", 2304, 4, 0.3, True, ("dense", "cudnn"))  # forward+backward
     assert calls[2][:5] == ("lstm", 4096, 4, 0.1, False)
@@ -35,9 +29,9 @@ def test_the_sweep_measures_the_bar_cases_first_with_their_baselines(monkeypatch
     assert ("lstm", 4096, 4, 0.3) not in cases  # over the on-chip capacity: no launch
 
 
-def test_filling_gaps_skips_the_bar_cases_and_follows_the_given_order(monkeypatch):
+def test_filling_gaps_skips_the_bar_cases_and_follows_the_given_order(bench, monkeypatch):
     calls = _swept(
-        monkeypatch, cells=("lstm",), batches=(1, 16), hiddens=(1152, 4096), bar_first=False
+        bench, monkeypatch, cells=("lstm",), batches=(1, 16), hiddens=(1152, 4096), bar_first=False
     )
     order = [c[:4] for c in calls]
     assert order[:3] == [("lstm", 1152, 1, d) for d in (0.3, 0.1, 0.05)]

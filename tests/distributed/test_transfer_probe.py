@@ -5,7 +5,6 @@ by hand (runtime/NOTES.md gives the command), not here.
 """
 
 import doctest
-import importlib.util
 import pathlib
 
 import pytest
@@ -14,11 +13,8 @@ PROBE = pathlib.Path(__file__).resolve().parents[2] / "benchmarks" / "transfer_p
 
 
 @pytest.fixture(scope="module")
-def probe():
-    spec = importlib.util.spec_from_file_location("transfer_probe", PROBE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def probe(load_file):
+    return load_file("benchmarks/transfer_probe.py")
 
 
 def test_docstring_examples(probe):
