@@ -59,6 +59,13 @@ RTOL = 0.02  # the bench's gate (`jaxpp._bench._run.run_config`)
 ATTENTION_RTOL = 1e-2  # the kernel's GPU tests' forward bound (bf16 inputs, f32 reference)
 
 
+def _fields(variant: str) -> tuple[str, str, tuple[str, ...]]:
+    """`CONFIG:ATTENTION[:DROP+DROP]` -> (config or "reference"/"attention", attention,
+    substrings of the preset flags to leave out)."""
+    name, attention, *rest = variant.split(":")
+    return name, attention, tuple(rest[0].split("+")) if rest else ()
+
+
 def _problem(model: str, layers: int):
     from jaxpp._bench import _configs, _run
 
@@ -75,7 +82,7 @@ def one(model: str, layers: int, variant: str) -> dict:
 
     from jaxpp._bench import _configs, _run
 
-    name, attention = variant.split(":")[:2]
+    name, attention, _ = _fields(variant)
     start = time.perf_counter()
     result = {}
     if name == "attention":
@@ -132,12 +139,10 @@ def run_all(args) -> list[dict]:
     for variant in variants:
         if rows:
             write(args, rows)
-        name = variant.split(":")[0]
+        name, _, dropped = _fields(variant)
         plain = name in ("reference", "attention")
         flags = () if plain else _configs.parse_config(name).xla_flags
-        if variant.count(":") == 2:  # leave out the preset's flags that these name
-            dropped = variant.split(":")[2].split("+")
-            flags = tuple(f for f in flags if not any(d in f for d in dropped))
+        flags = tuple(f for f in flags if not any(d in f for d in dropped))
         command = [sys.executable, __file__, "--one", variant, "--model", args.model]
         command += ["--layers", str(args.layers)]
         try:
@@ -164,7 +169,7 @@ def run_all(args) -> list[dict]:
 def table(rows: list[dict], reference: float | None = None) -> str:
     """Every variant's loss against the one-device reference with the same attention (or
     against `reference` for all)."""
-    refs = {r["variant"].split(":")[1]: r["loss"] for r in rows if "loss" in r
+    refs = {_fields(r["variant"])[1]: r["loss"] for r in rows if "loss" in r
             and r["variant"].startswith("reference:")}  # fmt: skip
     if reference is not None:
         refs = {"auto": reference, "xla": reference}
@@ -180,7 +185,7 @@ def table(rows: list[dict], reference: float | None = None) -> str:
             verdict = "matches" if err <= ATTENTION_RTOL else "WRONG"
             lines.append(f"| {r['variant']} (vs XLA) | - | - | {err:.2e} | {verdict} |")
             continue
-        ref = refs.get(r["variant"].split(":")[1])
+        ref = refs.get(_fields(r["variant"])[1])
         if "loss" not in r or ref is None:
             lines.append(f"| {r['variant']} | - | - | - | {r.get('error', 'no reference')[:120]} |")
             continue
