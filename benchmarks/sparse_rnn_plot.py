@@ -30,7 +30,8 @@ def load(srcs: list[str]) -> tuple[dict, dict[tuple, dict[str, float]], dict[tup
     errors: dict[tuple, str] = {}
     env = {}
     for src in srcs:
-        data = json.loads(open(src).read())
+        with open(src) as f:
+            data = json.load(f)
         env = data["environment"]
         for r in data["results"]:
             case = (r["cell"], r["hidden"], r["batch"], r["density"], r["backward"])
@@ -102,8 +103,14 @@ def plot(env: dict, cases: dict[tuple, dict[str, float]], dst: str) -> None:
     fig.savefig(dst, dpi=120)
 
 
-def main(dst: str, *srcs: str) -> None:
-    env, cases, errors = load(list(srcs))
+def main(*args: str) -> None:
+    if len(args) < 2 or not args[0].endswith(".png") or any(a.startswith("-") for a in args):
+        raise SystemExit(
+            "usage: python benchmarks/sparse_rnn_plot.py OUT.png RESULTS.json [MORE.json ...]\n"
+            "(the plot goes to OUT.png, the markdown table to standard output)"
+        )
+    dst, *srcs = args
+    env, cases, errors = load(srcs)
     plot(env, cases, dst)
     print(table(cases, errors))
 
