@@ -122,8 +122,9 @@ PY
           "$(ls "$carried"/results/)"
       fi
       note "start: $cache: $(cache_size)"
-      # BENCH_MEM_FRACTION=0.75 for SPMD TP rows: at 0.9 the 8B TP4 step compiles wrong
-      # (first-step loss 3/4 of the reference; right at 0.75; session 9, tp_loss_check.py).
+      # BENCH_MEM_FRACTION=0.75 for SPMD TP rows: at 0.9 the 8B TP4 step under @overlap
+      # compiles wrong (first-step loss 3/4 of the reference; right at 0.75, or at 0.9 without
+      # --xla_gpu_enable_pipelined_all_reduce; sessions 9-10, tp_loss_check.py).
       XLA_PYTHON_CLIENT_MEM_FRACTION=${BENCH_MEM_FRACTION:-0.9} CUDA_VISIBLE_DEVICES=$(seq -s, 0 $((devices - 1))) \
         run "bench_${BENCH_MODEL:-2b}" "${BENCH_LIMIT:-540}" python3 -m jaxpp.cli bench \
         pipeline --model "${BENCH_MODEL:-2b}" --devices "$devices" --isolate \

@@ -65,48 +65,44 @@ subfolder if the whole is over 45 MiB). Between calls the lead copies
 `$files_at/bench_cache.tgz.*` and `$files_at/bench_*xgpu.json` (into `results/`) to
 `benchmarks/.bench_cache/` and passes `carry=["benchmarks/.bench_cache"]`.
 
-Measured (4x H200, 8B; `benchmarks/results/pipeline_2026-11-22_s8/callD_4xh200/` holds every
+Measured (4x H200, 8B; `benchmarks/results/pipeline_2026-11-22_s10/callA_4xh200/` holds every
 row so far): spmd/fsdp4/acc4/noremat@overlap 39,648 tokens/s (1.653 s), without @overlap
-37,963; jaxpp/dualpipev/pp4/mb16/noremat 35,939 (0.906x), zbv mb16 35,635 (0.899x), zb-h1
-mb16 35,126 (0.886x), zb-h1 mb32 32,217, interleaved-1f1b mb32 31,868, 1f1b mb32 30,872;
-zbv/pp2-dp2/mb16 ran out of memory (the estimate then said 112.6 GiB; refitted since:
-150.5), zb-h1/pp2-tp2/mb16 did not finish compiling ahead within 248 s (10 of 12 programs),
-and **spmd/tp4/acc4/noremat@overlap computed a wrong first-step loss (8.41 vs the reference
-11.2175; FSDP rows match it; the same layout on 8 CPU devices matches exactly)**. Measured
+37,963; spmd/tp4/acc4/noremat@overlap 36,947 (1.774 s; at fraction 0.75, below);
+jaxpp/dualpipev/pp4/mb16/noremat 35,939 (0.906x), zbv mb16 35,635 (0.899x), zb-h1 mb16 35,126
+(0.886x), zb-h1 mb32 32,217, interleaved-1f1b mb32 31,868, 1f1b mb32 30,872; zbv/pp2-dp2/mb16
+ran out of memory (the estimate then said 112.6 GiB; refitted since: 150.5),
+zb-h1/pp2-tp2/mb16 did not finish compiling ahead within 248 s (10 of 12 programs),
+spmd/fsdp2-tp2/acc4/noremat@overlap did not finish compiling within 246 s. **TP4 under
+`@overlap` at fraction 0.9 computes a wrong first-step loss** (8.41171 vs 11.2175, one of the 4
+accumulated microbatch losses lost); at 0.9 it is right without the preset and right with the
+preset minus `--xla_gpu_enable_pipelined_all_reduce` (session 10, `tp_loss_check.py`), so
+XLA:GPU's pipelined all-reduce under that memory limit is what breaks it. Measured
 (2x H200, 2B; `results/pipeline_2026-11-22_s7/call3_2xh200/` holds every row):
 spmd/fsdp2/acc2/noremat@overlap 85,107 (0.770 s); jaxpp/dualpipev/pp2/mb8/noremat 72,926
-(0.857x), zbv mb8 72,774, zb-h1 mb8 70,653, mb16 rows 66,651-67,673, zbv mb32 59,116; the
+(0.857x), zbv mb8 72,774, zb-h1 mb8 70,653, mb16 rows 66,651-67,673, zbv mb4 with remat 61,960
+(session 10, `results/pipeline_2026-11-22_s10/callC_2xh200/`), zbv mb32 59,116; the
 scanned SPMD layouts (`-scan`) ran 1.31x slower than unrolled (fsdp2-scan 1.011 s, dp2-scan
 1.279, tp2-scan 1.365): do not use them as baselines. Costs per configuration: SPMD init 8-15
-s + compile 100 s (2B) / 167-197 s (8B) unrolled + steps 10-20 s; jaxpp init 10-25 s + trace
+s + compile 100 s (2B) / 167-212 s (8B) unrolled + steps 10-20 s; jaxpp init 10-25 s + trace
 5-15 s + precompile 56-124 s (one-device ranks; pp2-dp2 201 s compiling ahead with
 `JAXPP_PRECOMPILE=all`) + steps and profile 15-35 s.
 
-The plan for the next session (calls of <= 9.5 min; predicted GiB per device in brackets,
-limit 126 at fraction 0.9, 105 at 0.75). On nvidia-h200-x4 (8B):
+What is left to measure (calls of <= 9.5 min; predicted GiB per device in brackets, limit
+126 at fraction 0.9, 105 at 0.75), each a call of its own on nvidia-h200-x4 (8B):
 
     # every bench call starts with (the device tool carries no environment between calls):
     export BENCH_MODEL=8b BENCH_DEVICES=4 BENCH_LIMIT=540 BENCH_CONFIG_TIMEOUT=300
     export BENCH_ARGS="--steps 10 --warmup 1 --reference-loss 11.2175"
-    # before the first call: cp benchmarks/results/pipeline_2026-11-22_s9/callC_4xh200/
+    # before the first call: cp benchmarks/results/pipeline_2026-11-22_s10/callA_4xh200/
     #   bench_8b_4xgpu.json benchmarks/.bench_cache/results/   (so the table holds all rows)
     # after each call: cp $files_at/bench_cache.tgz.* and $files_at/bench_8b_4xgpu.json into
     # benchmarks/.bench_cache/ (the JSON into results/), carry=["benchmarks/.bench_cache"]
-    # call A: the SPMD TP baselines at fraction 0.75, where session 9 measured TP4's loss
-    # right (at 0.9, the other rows' setting, the compiled step is wrong; README "Session 9")
-    C=spmd/tp4/acc4/noremat@overlap,spmd/fsdp2-tp2/acc4/noremat@overlap  # [90.0, 82.4]
-    BENCH_MEM_FRACTION=0.75 BENCH_CONFIGS=$C bash benchmarks/pipeline_gpu_run.sh bench
-    # call B: what goes wrong at 0.9, two variants of ~190 s compile each (full depth):
-    #   `source benchmarks/gpu_env.sh && R=$PWD && cd /tmp && timeout 560 python3
-    #   $R/benchmarks/tp_loss_check.py --model 8b --layers 0 --reference-loss 11.2175
-    #   --mem-fraction 0.9 --timeout 270 --out $OUT/tp09.json --variants
-    #   spmd/tp4/acc4/noremat@overlap:xla,spmd/tp4/acc4/noremat:auto`
-    # (xla right -> the Mosaic kernel's custom call under that schedule: ours to fix; no-flags
-    # right -> a preset flag: bisect with a third field, e.g. `...@overlap:auto:
-    # pipelined_all_reduce`; both wrong -> XLA:GPU alone: report upstream with the HLO)
-    # and, a minute: `python3 -m pytest -o addopts='' -q $R/tests/gpu/test_attention_gpu.py
-    #   -k tensor_parallel` (the conftest no longer forces the CPU for tests/gpu alone).
-    # With device time left: the 2-stage candidates, each a call of its own:
+    # the last SPMD TP baseline, at fraction 0.75 (TP rows under @overlap are wrong at 0.9:
+    # README "Session 10"); its compile alone took over 246 s:
+    C=spmd/fsdp2-tp2/acc4/noremat@overlap  # [82.4]
+    BENCH_MEM_FRACTION=0.75 BENCH_CONFIG_TIMEOUT=540 BENCH_CONFIGS=$C \
+        bash benchmarks/pipeline_gpu_run.sh bench
+    # the 2-stage jaxpp candidates:
     C=jaxpp/zbv/pp2-fsdp2/mb16/noremat  # [91.6]
     JAXPP_PRECOMPILE=all BENCH_CONFIGS=$C bash benchmarks/pipeline_gpu_run.sh bench
     C=jaxpp/zb-h1/pp2-tp2/mb16/noremat  # [90.3]; compiled 10 of 12 programs in 248 s
@@ -117,8 +113,9 @@ On nvidia-h200-x2 (2B; BENCH_MODEL=2b BENCH_DEVICES=2, --reference-loss 10.90778
 still missing: the unrolled DP baseline (and TP, at BENCH_MEM_FRACTION=0.75) and the rest of
 jaxpp's schedules (one call, ~500 s): spmd/dp2/acc2/noremat@overlap, spmd/tp2/acc2/noremat@overlap,
 jaxpp/interleaved-1f1b/pp2/mb8/noremat, jaxpp/1f1b/pp2/mb8/noremat; then bigger microbatches
-(mb32 -> mb16 -> mb8 gained 12% and 8%): jaxpp/zbv/pp2/mb4/noremat [~110],
-jaxpp/zbv/pp2/mb4/remat. In every call read each row's `precompile_misses` (0 expected),
+(mb32 -> mb16 -> mb8 gained 12% and 8%): jaxpp/zbv/pp2/mb4/noremat [~110] (its remat twin
+ran 61,960 tokens/s in session 10, 0.851x ZBV mb8 without remat: the recompute costs more than
+the larger microbatch wins). In every call read each row's `precompile_misses` (0 expected),
 measured peak against the estimate, and each SPMD row's `collectives`. The same by hand,
 without the driver:
 

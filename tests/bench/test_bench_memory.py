@@ -178,7 +178,7 @@ def test_the_docstring_plan_names_configurations_predicted_to_fit(monkeypatch):
     )
     assert len(found) == 1 and len(calls) == 3
     found += [("8b", "4", names, dict(re.findall(r"(\w+)=(\S+)", env))) for names, env in calls]
-    assert found[1][3] == {"BENCH_MEM_FRACTION": "0.75"}  # the TP rows (README "Session 9")
+    assert found[1][3]["BENCH_MEM_FRACTION"] == "0.75"  # the TP rows (README "Session 10")
     for model, devices, names, env in found:
         if "JAXPP_PRECOMPILE" in env:
             monkeypatch.setenv("JAXPP_PRECOMPILE", env["JAXPP_PRECOMPILE"])
