@@ -17,17 +17,16 @@ third field naming flags of the config's preset to leave out, `+`-separated subs
 reference processes, for full-depth runs (`--layers 0`) where each compile takes minutes.
 `--mem-fraction F` sets XLA_PYTHON_CLIENT_MEM_FRACTION in every child.
 
-What it found (session 9, 4x H200, jax 0.11.2): at 2 layers every variant matched; at full
+What it found (sessions 9-10, 4x H200, jax 0.11.2): at 2 layers every variant matched; at full
 depth `spmd/tp4/acc4/noremat@overlap` gives 11.2175 (right) under the default fraction 0.75
 and 8.41171 (wrong: 3/4 of it, as if one of the 4 accumulated microbatch losses were lost)
-under 0.9, the bench's setting. So the step compiled under the larger memory limit is
-wrong. Not yet bisected at 0.9: XLA's passes alone (no flag preset), one preset flag, or the
-Mosaic attention kernel's custom call under a different buffer schedule (`:xla` not run at
-0.9). One call of ~10 min on 4x H200 (each full-depth compile ~190 s):
+under 0.9. At 0.9 the same step is right without the preset (`spmd/tp4/acc4/noremat:auto`)
+and right with the preset minus `--xla_gpu_enable_pipelined_all_reduce`; the `:xla` variant
+does not fit at full depth. Each full-depth compile takes ~200 s; the reproducer:
 
     python benchmarks/tp_loss_check.py --model 8b --layers 0 --reference-loss 11.2175 \
-        --mem-fraction 0.9 --timeout 260 --variants spmd/tp4/acc4/noremat@overlap:xla,\
-    spmd/tp4/acc4/noremat:auto,spmd/tp4/acc4/noremat@overlap:auto:pipelined_all_reduce
+        --mem-fraction 0.9 --timeout 270 --variants spmd/tp4/acc4/noremat@overlap:auto,\
+    spmd/tp4/acc4/noremat@overlap:auto:pipelined_all_reduce
 
 On a machine without a GPU it runs on virtual CPU devices (the GPU's XLA flags are then
 ignored): `--model tiny --layers 1 --devices 4`.
